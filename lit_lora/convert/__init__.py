@@ -1,0 +1,1 @@
+"""Model import (Hugging Face directories, GGUF files) and export (HF directory, PEFT adapter)."""

@@ -1,0 +1,191 @@
+"""LoRA: a low-rank update beside a frozen linear layer, y = W x + s * B A dropout(x), s = alpha / r.
+
+A starts Kaiming-uniform and B at zero, so a freshly wrapped model computes exactly what the base did.
+`apply_lora` swaps targeted `nn.Linear`s for `LoRALinear`s that share (never copy) the base tensors, so
+state-dict names of the base weights do not change and the adapter is just the `lora_A`/`lora_B` tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_lora.errors import UserError
+
+# Target name -> attribute name of the linear layer (in Block.self_attn, Block.mlp, or the model for "head").
+TARGETS = {
+    "query": "q_proj",
+    "key": "k_proj",
+    "value": "v_proj",
+    "output": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+    "head": "lm_head",
+}
+TARGET_GROUPS = {"attention": ["query", "key", "value", "output"], "mlp": ["gate", "up", "down"]}
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise UserError(f"LoRA rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        expanded: list[str] = []
+        for t in self.targets:
+            for name in TARGET_GROUPS.get(t, [t]):
+                if name not in TARGETS:
+                    valid = ", ".join([*TARGETS, *TARGET_GROUPS])
+                    raise UserError(f"unknown LoRA target {t!r}; valid targets: {valid}")
+                if name not in expanded:
+                    expanded.append(name)
+        self.targets = expanded
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear whose weight and bias are the base layer's own tensors, plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float, dtype: torch.dtype = torch.float32) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # shared, not copied
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
+        self.scaling = scaling
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        lora_x = self.lora_dropout(x).to(self.lora_A.dtype)
+        return y + (F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A in fp32, shaped like the weight (out, in)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the weight (idempotent). Exact up to rounding to the weight's dtype."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.lora_A.shape[0]}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def target_layers(model: nn.Module, targets: list[str]) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute name) of every linear layer a target list selects."""
+    found = []
+    for name in targets:
+        attr = TARGETS[name]
+        if name == "head":
+            found.append((model, attr))
+            continue
+        for block in model.layers:
+            parent = block.self_attn if hasattr(block.self_attn, attr) else block.mlp
+            found.append((parent, attr))
+    return found
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Wrap the targeted layers of `model` in place; the base tensors are shared, not copied."""
+    if "head" in config.targets and model.config.tie_embeddings:
+        raise UserError(
+            "LoRA on the output head is not supported for models with tied embeddings "
+            "(merging it would also change the input embeddings); drop 'head' from the targets"
+        )
+    for parent, attr in target_layers(model, config.targets):
+        layer = getattr(parent, attr)
+        if isinstance(layer, LoRALinear):
+            raise ValueError(f"{attr} already carries LoRA")
+        setattr(parent, attr, LoRALinear(layer, config.r, config.scaling, config.dropout, dtype))
+    model.lora_config = config
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the LoRA tensors, under the model's own parameter names."""
+    return {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into the model's LoRA parameters; names and shapes must match exactly."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"adapter does not fit this model: {len(missing)} LoRA tensors missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); was it trained with other targets or another base?"
+        )
+    with torch.no_grad():
+        for name, param in own.items():
+            if state[name].shape != param.shape:
+                raise UserError(
+                    f"adapter tensor {name} has shape {tuple(state[name].shape)}, the model expects "
+                    f"{tuple(param.shape)}: the adapter was trained for another base model or rank"
+                )
+            param.copy_(state[name])
+
+
+def merge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear (merged first unless merge=False)."""
+    for module in list(model.modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                if merge:
+                    child.merge()
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                linear.weight, linear.bias = child.weight, child.bias
+                setattr(module, attr, linear)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
