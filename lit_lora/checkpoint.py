@@ -22,7 +22,6 @@ from typing import Any, Iterator
 
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lit_lora.errors import UserError
@@ -227,14 +226,42 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; the checkpoint is incomplete, convert it again")
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
 def iter_safetensors(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from one safetensors file, one tensor at a time; a damaged file is a UserError."""
+    """(name, tensor) from one safetensors file, one tensor at a time; a damaged file is a UserError.
+
+    Reads with plain file reads into fresh tensors instead of memory-mapping, so loading a checkpoint in
+    another dtype holds one source tensor at a time, not the whole mapped file, in resident memory.
+    """
+    path = Path(path)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
-    except (SafetensorError, OSError) as e:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+            start = 8 + n
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                if start + end > size:
+                    raise ValueError(f"tensor {name} runs past the end of the file")
+                t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+                f.seek(start + begin)
+                buffer = t.reshape(-1).view(torch.uint8).numpy()
+                if f.readinto(memoryview(buffer)) != end - begin or buffer.nbytes != end - begin:
+                    raise ValueError(f"tensor {name} is incomplete")
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                yield name, t.to(device)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"cannot read {path}: {e} (the file is truncated or not safetensors)") from None
 
 
