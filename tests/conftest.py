@@ -70,3 +70,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Path:
+    """Read-only: the real SmolLM2-135M-Instruct, imported once by our `download` into the cache and reused
+    across runs ($LIT_LORA_CACHE/checkpoints/smollm2-135m-instruct). Skips when it cannot be downloaded."""
+    from lit_lora.checkpoint import MODEL_CONFIG
+    from lit_lora.download import cache_dir, download
+    from lit_lora.errors import UserError
+
+    out = cache_dir() / "checkpoints" / "smollm2-135m-instruct"
+    if not (out / MODEL_CONFIG).is_file():
+        try:
+            download("smollm2-135m-instruct", out)
+        except UserError as e:
+            if not (out / MODEL_CONFIG).is_file():  # another test session may have just finished it
+                pytest.skip(f"real model unavailable: {e}")
+    return out
