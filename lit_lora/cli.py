@@ -24,9 +24,137 @@ app = typer.Typer(
 
 
 # ------------------------------------------------------------------------------------------ model import
+@app.command("convert-hf")
+def convert_hf(
+    src_dir: Path = typer.Argument(..., help="Hugging Face model directory: config.json, *.safetensors or "
+                                             "pytorch_model*.bin, tokenizer files."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to create, e.g. checkpoints/NAME."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32; default: keep the source "
+                                                              "tensors' dtype."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+) -> None:
+    """Convert a Hugging Face LLaMA directory into a lit-lora checkpoint, streaming tensor by tensor."""
+    from lit_lora.convert.hf import convert_hf
+
+    print(f"wrote {convert_hf(src_dir, out, dtype, overwrite)}")
+
+
+@app.command("convert-gguf")
+def convert_gguf(
+    file: Path = typer.Argument(..., help="A LLaMA-architecture .gguf file (llama.cpp format)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to create, e.g. checkpoints/NAME."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32; default: fp32 for quantised "
+                                                              "files, the file's own type otherwise."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+) -> None:
+    """Dequantise a GGUF file into a lit-lora checkpoint, tokenizer.json rebuilt from its vocabulary."""
+    from lit_lora.convert.gguf import convert_gguf
+
+    print(f"wrote {convert_gguf(file, out, dtype, overwrite)}")
+
+
+@app.command("download")
+def download(
+    name: str = typer.Argument(..., help="Model to fetch; known: smollm2-135m-instruct."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Checkpoint directory; default checkpoints/NAME."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32; default fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+) -> None:
+    """Download a known model (cached in $LIT_LORA_CACHE, default ~/.cache/lit-lora) and import it."""
+    from lit_lora.download import download
+
+    print(f"wrote {download(name, out, dtype, overwrite)}")
+
 
 
 # ------------------------------------------------------------------------------------------ data preparation
+# Options shared by the three prepare commands (typer reads these OptionInfo objects; reusing them is safe).
+_CHECKPOINT_DIR = typer.Option(..., "--checkpoint_dir", help="Checkpoint whose tokenizer to use, e.g. checkpoints/NAME.")
+_DATA_FILE = typer.Option(None, "--data_file", help="Local JSON/JSONL file to prepare (instead of --url).")
+_TEMPLATE = typer.Option("alpaca", "--template", help="Prompt template: alpaca, chatml (the checkpoint's chat "
+                                                      "format, for instruct models) or plain.")
+_VAL_SIZE = typer.Option(None, "--val_size", help="Examples held out for validation; default 2000.")
+_VAL_FRACTION = typer.Option(None, "--val_fraction", help="Fraction held out for validation (instead of --val_size).")
+_MAX_SEQ_LENGTH = typer.Option(512, "--max_seq_length", help="Longest example in tokens; longer responses are cut "
+                                                             "and keep their EOS.")
+_MASK_INPUTS = typer.Option(True, "--mask_inputs/--no-mask_inputs", help="Train on responses only (prompt labels "
+                                                                          "are -100).")
+_SEED = typer.Option(42, "--seed", help="Seed of the train/val split.")
+
+
+def _prepare(destination: Path, **kwargs) -> None:
+    from lit_lora.data.prepare import prepare, summary
+
+    lines, warnings = summary(prepare(destination=destination, **kwargs), destination)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+@app.command("prepare-alpaca")
+def prepare_alpaca(
+    checkpoint_dir: Path = _CHECKPOINT_DIR,
+    data_file: Optional[Path] = _DATA_FILE,
+    url: Optional[str] = typer.Option(None, "--url", help="Download from here when no --data_file is given; "
+                                                          "default: alpaca-lora's alpaca_data_cleaned_archive.json."),
+    destination: Path = typer.Option(Path("data/alpaca"), "--destination", help="Directory to write."),
+    template: str = _TEMPLATE,
+    val_size: Optional[int] = _VAL_SIZE,
+    val_fraction: Optional[float] = _VAL_FRACTION,
+    max_seq_length: int = _MAX_SEQ_LENGTH,
+    mask_inputs: bool = _MASK_INPUTS,
+    seed: int = _SEED,
+) -> None:
+    """Tokenise the (cleaned) Alpaca data: a JSON list of {instruction, input, output}."""
+    _prepare(destination, checkpoint_dir=checkpoint_dir, data_file=data_file, url=url, format="alpaca",
+             template=template, val_size=val_size, val_fraction=val_fraction, max_seq_length=max_seq_length,
+             mask_inputs=mask_inputs, seed=seed)
+
+
+@app.command("prepare-dolly")
+def prepare_dolly(
+    checkpoint_dir: Path = _CHECKPOINT_DIR,
+    data_file: Optional[Path] = _DATA_FILE,
+    url: Optional[str] = typer.Option(None, "--url", help="Download from here when no --data_file is given; "
+                                                          "default: databricks-dolly-15k.jsonl."),
+    destination: Path = typer.Option(Path("data/dolly"), "--destination", help="Directory to write."),
+    template: str = _TEMPLATE,
+    val_size: Optional[int] = _VAL_SIZE,
+    val_fraction: Optional[float] = _VAL_FRACTION,
+    max_seq_length: int = _MAX_SEQ_LENGTH,
+    mask_inputs: bool = _MASK_INPUTS,
+    seed: int = _SEED,
+) -> None:
+    """Tokenise Dolly-15k: JSONL of {instruction, context, response, category}; context is the input."""
+    _prepare(destination, checkpoint_dir=checkpoint_dir, data_file=data_file, url=url, format="dolly",
+             template=template, val_size=val_size, val_fraction=val_fraction, max_seq_length=max_seq_length,
+             mask_inputs=mask_inputs, seed=seed)
+
+
+@app.command("prepare-json")
+def prepare_json(
+    checkpoint_dir: Path = _CHECKPOINT_DIR,
+    data_file: Optional[Path] = _DATA_FILE,
+    url: Optional[str] = typer.Option(None, "--url", help="Download the file from here instead of --data_file."),
+    format: str = typer.Option("auto", "--format", help="alpaca (instruction/input/output), dolly "
+                                                        "(instruction/context/response) or auto (from the first record)."),
+    field_map: Optional[str] = typer.Option(None, "--field_map", help="Your field names, e.g. "
+                                                                      "instruction=question,input=context,output=answer."),
+    destination: Path = typer.Option(Path("data/custom"), "--destination", help="Directory to write."),
+    template: str = _TEMPLATE,
+    val_size: Optional[int] = _VAL_SIZE,
+    val_fraction: Optional[float] = _VAL_FRACTION,
+    max_seq_length: int = _MAX_SEQ_LENGTH,
+    mask_inputs: bool = _MASK_INPUTS,
+    seed: int = _SEED,
+) -> None:
+    """Tokenise your own JSON list or JSONL of instruction records."""
+    from lit_lora.data.readers import parse_field_map
+
+    _prepare(destination, checkpoint_dir=checkpoint_dir, data_file=data_file, url=url, format=format,
+             field_map=parse_field_map(field_map), template=template, val_size=val_size,
+             val_fraction=val_fraction, max_seq_length=max_seq_length, mask_inputs=mask_inputs, seed=seed)
+
 
 
 # ------------------------------------------------------------------------------------------ training

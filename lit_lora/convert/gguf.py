@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lit_lora.checkpoint import ShardWriter, atomic_dir, finish_checkpoint, parse_dtype, write_json
+from lit_lora.convert.hf import expected_names
 from lit_lora.errors import UserError
 from lit_lora.model import Config, rope_inv_freq
 
@@ -173,14 +174,6 @@ def iter_gguf_tensors(reader, config: Config) -> Iterator[tuple[str, torch.Tenso
     if missing or seen - expected:
         raise UserError(f"GGUF tensors do not match its metadata: missing {missing[:3]}, "
                         f"unexpected {sorted(seen - expected)[:3]}")
-
-
-def expected_names(config: Config) -> set[str]:
-    from lit_lora.model import LLaMA
-
-    with torch.device("meta"):
-        names = set(LLaMA(config).state_dict())
-    return names - {"lm_head.weight"} if config.tie_embeddings else names
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
