@@ -1,0 +1,232 @@
+"""Turn an instruction file into a prepared directory: template, tokenise, truncate, split, write.
+
+Each example is tokenised as two pieces, prompt (with BOS if the tokenizer wants one) and response, then
+EOS is appended. Keeping the pieces apart gives the exact prompt length for masking, and the response
+tokens decode to exactly the response text. The output depends only on the inputs and the seed, so two
+runs write byte-identical files.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from lit_lora.checkpoint import atomic_dir, check_checkpoint_dir, sha256_file, write_json
+from lit_lora.data.dataset import META, split_path
+from lit_lora.data.readers import Record, is_placeholder_input, read_records
+from lit_lora.data.templates import Template, get_template
+from lit_lora.errors import UserError
+from lit_lora.tokenizer import Tokenizer
+
+# Where prepare-alpaca and prepare-dolly fetch their data when given neither --data_file nor --url.
+DEFAULT_URLS = {
+    "alpaca": "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json",
+    "dolly": "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl",
+}
+FORMAT_VERSION = 1
+TOKENIZE_BATCH = 4096  # records per encode_batch call: large enough for the Rust backend's threads
+EOS_LOSS_WARNING = 0.01  # warn when more than this fraction of the records lose their EOS
+
+
+@contextlib.contextmanager
+def local_copy(data_file: Path | None, url: str | None) -> Iterator[tuple[Path, str]]:
+    """(a readable path, the source name to record): the file itself, or `url` downloaded to a temp file."""
+    if data_file is not None:
+        yield Path(data_file), str(data_file)
+        return
+    if url is None:
+        raise UserError("pass --data_file PATH (or --url URL)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / (Path(urllib.parse.urlparse(url).path).name or "data.json")
+        print(f"downloading {url}")
+        try:
+            urllib.request.urlretrieve(url, path)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise UserError(f"cannot download {url}: {getattr(e, 'reason', e)}; "
+                            f"download it yourself and pass --data_file") from None
+        yield path, url
+
+
+def tokenize(tokenizer: Tokenizer, texts: list[str], desc: str) -> list[list[int]]:
+    """Token ids of many texts, in batches, with a progress bar when the work is long enough to watch."""
+    ids: list[list[int]] = []
+    with tqdm(total=len(texts), desc=desc, unit="rec", disable=len(texts) < 2 * TOKENIZE_BATCH) as bar:
+        for start in range(0, len(texts), TOKENIZE_BATCH):
+            ids.extend(tokenizer.encode_batch(texts[start:start + TOKENIZE_BATCH]))
+            bar.update(min(TOKENIZE_BATCH, len(texts) - start))
+    return ids
+
+
+def check_template(template: Template, tokenizer: Tokenizer, checkpoint_dir: Path) -> None:
+    """ChatML's markers must be single special tokens, or the model sees them as ordinary text."""
+    if template.name == "chatml":
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise UserError(f"template chatml needs the tokens {', '.join(missing)}, which the tokenizer of "
+                            f"{checkpoint_dir} lacks; use --template alpaca or plain")
+
+
+def build_examples(
+    prompts: list[list[int]], responses: list[list[int]], bos: list[int], eos: int, max_seq_length: int
+) -> tuple[list[list[int]], list[int], list[int], dict[str, int]]:
+    """(ids, prompt length, untruncated length) per kept example, and truncation counts.
+
+    A response that does not fit is cut and keeps its EOS, so the model still learns to stop. A prompt that
+    leaves no room for a single response token plus EOS has nothing left to learn from: it is dropped
+    (and counted as having lost its EOS).
+    """
+    examples, prompt_lengths, full_lengths = [], [], []
+    truncated = dropped = 0
+    for prompt, response in zip(prompts, responses):
+        prompt = bos + prompt
+        full_length = len(prompt) + len(response) + 1
+        room = max_seq_length - len(prompt) - 1  # response tokens that fit before EOS
+        if room < 1:
+            dropped += 1
+            continue
+        if len(response) > room:
+            response = response[:room]
+            truncated += 1
+        examples.append(prompt + response + [eos])
+        prompt_lengths.append(len(prompt))
+        full_lengths.append(full_length)
+    return examples, prompt_lengths, full_lengths, {"truncated": truncated, "prompt_too_long": dropped}
+
+
+def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed: int) -> dict[str, np.ndarray]:
+    """Random train/val split fixed by `seed`; each split keeps the file's order."""
+    if val_size is not None and val_fraction is not None:
+        raise UserError("pass either --val_size or --val_fraction, not both")
+    if val_fraction is not None:
+        if not 0 <= val_fraction < 1:
+            raise UserError(f"--val_fraction {val_fraction} must be at least 0 and below 1")
+        val_size = round(n * val_fraction)
+    if val_size is None or val_size < 0:
+        raise UserError(f"--val_size {val_size} must be 0 or more")
+    if val_size >= n:
+        raise UserError(f"--val_size {val_size} leaves no training examples out of {n}; "
+                        f"pass a smaller --val_size or a --val_fraction")
+    order = np.random.default_rng(seed).permutation(n)
+    return {"train": np.sort(order[val_size:]), "val": np.sort(order[:val_size])}
+
+
+def write_split(path: Path, examples: list[list[int]], prompt_lengths: list[int], indices: np.ndarray) -> int:
+    chosen = [examples[i] for i in indices]
+    offsets = np.zeros(len(chosen) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in chosen], out=offsets[1:])
+    tensors = {
+        "tokens": np.fromiter(itertools.chain.from_iterable(chosen), dtype=np.int32, count=int(offsets[-1])),
+        "offsets": offsets,
+        "prompt_lengths": np.array([prompt_lengths[i] for i in indices], dtype=np.int32),
+    }
+    save_file(tensors, str(path), metadata={"format": "lit-lora-data", "format_version": str(FORMAT_VERSION)})
+    return int(offsets[-1])
+
+
+def length_stats(lengths: list[int]) -> dict[str, int]:
+    a = np.array(lengths)
+    return {"min": int(a.min()), "median": int(np.median(a)), "p95": int(np.percentile(a, 95)), "max": int(a.max())}
+
+
+def clean(records: list[Record]) -> tuple[list[Record], dict[str, int]]:
+    """Placeholder inputs ("<noinput>" and its spellings) become empty; records with no output are dropped:
+    they would teach the model to answer with nothing but EOS."""
+    kept, placeholders, empty = [], 0, 0
+    for r in records:
+        if not r.output.strip():
+            empty += 1
+            continue
+        if is_placeholder_input(r.input):
+            placeholders += 1
+            r = Record(r.instruction, "", r.output)
+        kept.append(r)
+    return kept, {"empty_output": empty, "placeholder_input": placeholders}
+
+
+def prepare(
+    checkpoint_dir: Path,
+    destination: Path,
+    data_file: Path | None = None,
+    url: str | None = None,
+    format: str = "auto",
+    field_map: dict[str, str] | None = None,
+    template: str = "alpaca",
+    val_size: int | None = None,
+    val_fraction: float | None = None,
+    max_seq_length: int = 512,
+    mask_inputs: bool = True,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Prepare `data_file` (or `url`) into `destination`; returns the meta.json written there."""
+    prompt_template = get_template(template)
+    tokenizer = Tokenizer(check_checkpoint_dir(checkpoint_dir))
+    check_template(prompt_template, tokenizer, checkpoint_dir)
+    if tokenizer.eos_id is None:
+        raise UserError(f"the tokenizer of {checkpoint_dir} has no EOS token; cannot mark where responses end")
+    if val_size is None and val_fraction is None:
+        val_size = 2000
+    if data_file is not None and url is not None:
+        raise UserError("pass either --data_file or --url, not both")
+    with local_copy(data_file, url or DEFAULT_URLS.get(format)) as (path, source_name):
+        records, fields = read_records(path, format, field_map)
+        source = {"path": source_name, "sha256": sha256_file(path), "fields": fields}
+
+    records, cleaned = clean(records)
+    if not records:
+        raise UserError(f"{source_name}: every record has an empty output; nothing to train on")
+    prompts = tokenize(tokenizer, [prompt_template.prompt(r.instruction, r.input) for r in records], "prompts")
+    responses = tokenize(tokenizer, [r.output for r in records], "responses")
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    examples, prompt_lengths, full_lengths, cut = build_examples(prompts, responses, bos, tokenizer.eos_id,
+                                                                 max_seq_length)
+    if not examples:
+        shortest = min(len(bos) + len(p) for p in prompts)
+        raise UserError(f"--max_seq_length {max_seq_length} is too small for any prompt: the shortest prompt "
+                        f"is {shortest} tokens, and a response needs at least 2 more")
+    splits = split_indices(len(examples), val_size, val_fraction, seed)
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "template": prompt_template.name,
+        "tokenizer": tokenizer.identity(),
+        "mask_inputs": mask_inputs,
+        "max_seq_length": max_seq_length,
+        "seed": seed,
+        "source": source,
+        "counts": {"records": len(records) + cleaned["empty_output"], **cleaned, **cut,
+                   "examples": len(examples), "train": len(splits["train"]), "val": len(splits["val"])},
+        "lengths_before_truncation": length_stats(full_lengths),
+    }
+    with atomic_dir(destination, overwrite=True) as tmp:
+        meta["tokens"] = {split: write_split(split_path(tmp, split), examples, prompt_lengths, indices)
+                          for split, indices in splits.items()}
+        write_json(tmp / META, meta)
+    return meta
+
+
+def summary(meta: dict[str, Any], destination: Path) -> tuple[list[str], list[str]]:
+    """(lines to print, warnings) describing a prepare run."""
+    c, s = meta["counts"], meta["lengths_before_truncation"]
+    lines = [
+        f"read {c['records']} records from {meta['source']['path']}: {c['examples']} examples "
+        f"({c['train']} train, {c['val']} val) written to {destination}",
+        f"token lengths before truncation: min {s['min']}, median {s['median']}, p95 {s['p95']}, max {s['max']}",
+        f"truncated to --max_seq_length {meta['max_seq_length']}: {c['truncated']} (response cut, EOS kept), "
+        f"{c['prompt_too_long']} dropped (prompt alone too long, EOS lost)",
+        f"dropped {c['empty_output']} with an empty output; {c['placeholder_input']} placeholder inputs "
+        f"(like <noinput>) treated as no input",
+    ]
+    warnings = []
+    if c["prompt_too_long"] > EOS_LOSS_WARNING * c["records"]:
+        warnings.append(f"{c['prompt_too_long']} of {c['records']} examples lost their EOS because the prompt "
+                        f"alone is longer than --max_seq_length {meta['max_seq_length']}; consider raising it")
+    return lines, warnings

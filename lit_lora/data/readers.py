@@ -1,0 +1,127 @@
+"""Reading instruction records from JSON or JSONL into (instruction, input, output) triples.
+
+Alpaca and Dolly are presets of one reader: a format is just the names its records use for our three fields.
+Every problem is a UserError naming the file, the record (1-based) and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lit_lora.errors import UserError
+
+FIELDS = ("instruction", "input", "output")
+REQUIRED = ("instruction", "output")  # a record without input is an instruction on its own
+FORMATS = {
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
+    "dolly": {"instruction": "instruction", "input": "context", "output": "response"},
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+
+
+def parse_field_map(text: str | None) -> dict[str, str]:
+    """"instruction=question,output=answer" -> {"instruction": "question", "output": "answer"}."""
+    if not text:
+        return {}
+    mapping = {}
+    for item in text.split(","):
+        ours, sep, theirs = (part.strip() for part in item.partition("="))
+        if not sep or not ours or not theirs:
+            raise UserError(f"--field_map entry {item.strip()!r} is not FIELD=NAME (e.g. instruction=question)")
+        if ours not in FIELDS:
+            raise UserError(f"--field_map names unknown field {ours!r}; the fields are {', '.join(FIELDS)}")
+        mapping[ours] = theirs
+    return mapping
+
+
+def load_json_records(path: Path) -> list[tuple[str, Any]]:
+    """(where, record) pairs from a JSON list or a JSONL file; `where` is "record N" or "line N"."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty")
+    if Path(path).suffix != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            # Several objects one per line is JSONL whatever the file is called; anything else is broken.
+            if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
+                raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        else:
+            if not isinstance(data, list):
+                raise UserError(f"{path} holds a JSON {type(data).__name__}, not a list of records "
+                                f"(expected [{{\"instruction\": ..., \"output\": ...}}, ...] or JSONL)")
+            return [(f"record {i + 1}", record) for i, record in enumerate(data)]
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n} is not valid JSON: {e.msg} at column {e.colno}") from None
+    return records
+
+
+def detect_format(path: Path, record: Any, field_map: dict[str, str]) -> str:
+    """Alpaca or Dolly, by the name the first record gives its output (a --field_map for it settles it)."""
+    if "output" in field_map:
+        return "alpaca"
+    if isinstance(record, dict):
+        for name, fields in FORMATS.items():
+            if fields["output"] in record:
+                return name
+    raise UserError(f"{path}: cannot tell the format from the first record (no 'output' or 'response' field); "
+                    f"pass --format or --field_map")
+
+
+def read_records(path: Path, format: str = "auto", field_map: dict[str, str] | None = None
+                 ) -> tuple[list[Record], dict[str, str]]:
+    """Every record of `path`, and the field names read (the format's, overridden by `field_map`)."""
+    if format not in (*FORMATS, "auto"):
+        raise UserError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}, auto")
+    raw = load_json_records(path)
+    if not raw:
+        raise UserError(f"{path} contains no records")
+    field_map = field_map or {}
+    if format == "auto":
+        format = detect_format(path, raw[0][1], field_map)
+    names = {**FORMATS[format], **field_map}
+    return [_to_record(path, where, record, names) for where, record in raw], names
+
+
+def _to_record(path: Path, where: str, record: Any, names: dict[str, str]) -> Record:
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: {where} is a JSON {type(record).__name__}, not an object with fields")
+    values = {}
+    for field in FIELDS:
+        value = record.get(names[field])
+        if value is None and field in REQUIRED:
+            raise UserError(f"{path}: {where} has no {names[field]!r} field"
+                            + (f" (present: {', '.join(map(repr, record))})" if record else " (it is empty)"))
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{path}: {where}: {names[field]!r} is a {type(value).__name__}, expected a string")
+        values[field] = value or ""
+    return Record(**values)
+
+
+# Alpaca's generator wrote "<noinput>" when a task had no input, and the data keeps many spellings of it:
+# "<No Input>", "No input.", "[noinput]", "\<noinput\>", "No input required". They mean "no input".
+_PLACEHOLDER = re.compile(r"no\s*input(\s*(required|needed))?", re.IGNORECASE)
+
+
+def is_placeholder_input(text: str) -> bool:
+    return bool(text) and _PLACEHOLDER.fullmatch(re.sub(r"[^\w\s]", "", text).strip()) is not None
