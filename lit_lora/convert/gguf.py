@@ -161,8 +161,8 @@ def iter_gguf_tensors(reader, config: Config) -> Iterator[tuple[str, torch.Tenso
         if name is None:
             continue
         # GGUF lists dimensions innermost first: (in, out) for a weight matrix.
-        array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        tensor = torch.from_numpy(np.ascontiguousarray(array.reshape([int(d) for d in reversed(t.shape)])))
+        array = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: F32 data is a read-only mmap
         if name.endswith("q_proj.weight"):
             tensor = unpermute_rope_rows(tensor, config.n_heads)
         elif name.endswith("k_proj.weight"):
