@@ -78,7 +78,7 @@ def check_template(template: Template, tokenizer: Tokenizer, checkpoint_dir: Pat
 def build_examples(
     prompts: list[list[int]], responses: list[list[int]], bos: list[int], eos: int, max_seq_length: int
 ) -> tuple[list[list[int]], list[int], list[int], dict[str, int]]:
-    """(ids, prompt length, untruncated length) per kept example, and truncation counts.
+    """(ids, prompt length) per kept example, untruncated length per record, and truncation counts.
 
     A response that does not fit is cut and keeps its EOS, so the model still learns to stop. A prompt that
     leaves no room for a single response token plus EOS has nothing left to learn from: it is dropped
@@ -88,7 +88,7 @@ def build_examples(
     truncated = dropped = 0
     for prompt, response in zip(prompts, responses):
         prompt = bos + prompt
-        full_length = len(prompt) + len(response) + 1
+        full_lengths.append(len(prompt) + len(response) + 1)
         room = max_seq_length - len(prompt) - 1  # response tokens that fit before EOS
         if room < 1:
             dropped += 1
@@ -98,7 +98,6 @@ def build_examples(
             truncated += 1
         examples.append(prompt + response + [eos])
         prompt_lengths.append(len(prompt))
-        full_lengths.append(full_length)
     return examples, prompt_lengths, full_lengths, {"truncated": truncated, "prompt_too_long": dropped}
 
 
@@ -128,7 +127,8 @@ def write_split(path: Path, examples: list[list[int]], prompt_lengths: list[int]
         "offsets": offsets,
         "prompt_lengths": np.array([prompt_lengths[i] for i in indices], dtype=np.int32),
     }
-    save_file(tensors, str(path), metadata={"format": "lit-lora-data", "format_version": str(FORMAT_VERSION)})
+    # One metadata key only: safetensors writes several in hash-map order, which differs from run to run.
+    save_file(tensors, str(path), metadata={"format": f"lit-lora-data-v{FORMAT_VERSION}"})
     return int(offsets[-1])
 
 

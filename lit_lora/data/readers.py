@@ -113,7 +113,7 @@ def _to_record(path: Path, where: str, record: Any, names: dict[str, str]) -> Re
             raise UserError(f"{path}: {where} has no {names[field]!r} field"
                             + (f" (present: {', '.join(map(repr, record))})" if record else " (it is empty)"))
         if value is not None and not isinstance(value, str):
-            raise UserError(f"{path}: {where}: {names[field]!r} is a {type(value).__name__}, expected a string")
+            raise UserError(f"{path}: {where}: {names[field]!r} must be a string, not {type(value).__name__}")
         values[field] = value or ""
     return Record(**values)
 
