@@ -155,6 +155,14 @@ def test_field_map_for_custom_names(tiny_checkpoint, tmp_path):
     assert Tokenizer(tiny_checkpoint).decode(labels[labels != IGNORE_INDEX]).isdigit()
 
 
+def test_url_is_downloaded_then_prepared(tiny_checkpoint, tmp_path):
+    url = ALPACA.resolve().as_uri()  # file:// goes through urllib like https:// would, without a network
+    run_cli(["prepare-alpaca", "--checkpoint_dir", str(tiny_checkpoint), "--url", url,
+             "--destination", str(tmp_path / "out"), "--val_fraction", "0.2"])
+    meta = PreparedDataset(tmp_path / "out", "val").meta
+    assert meta["source"]["path"] == url and (meta["counts"]["train"], meta["counts"]["val"]) == (7, 2)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def run_cli(args: list[str]) -> None:
     """Run the `lit-lora` program in this process (an import of torch per subprocess would be slow)."""

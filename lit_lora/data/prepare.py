@@ -33,6 +33,7 @@ DEFAULT_URLS = {
     "dolly": "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl",
 }
 FORMAT_VERSION = 1
+DEFAULT_VAL_SIZE = 2000  # alpaca-lora's choice
 TOKENIZE_BATCH = 4096  # records per encode_batch call: large enough for the Rust backend's threads
 EOS_LOSS_WARNING = 0.01  # warn when more than this fraction of the records lose their EOS
 
@@ -109,7 +110,9 @@ def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed
         if not 0 <= val_fraction < 1:
             raise UserError(f"--val_fraction {val_fraction} must be at least 0 and below 1")
         val_size = round(n * val_fraction)
-    if val_size is None or val_size < 0:
+    elif val_size is None:
+        val_size = DEFAULT_VAL_SIZE
+    if val_size < 0:
         raise UserError(f"--val_size {val_size} must be 0 or more")
     if val_size >= n:
         raise UserError(f"--val_size {val_size} leaves no training examples out of {n}; "
@@ -172,14 +175,13 @@ def prepare(
     check_template(prompt_template, tokenizer, checkpoint_dir)
     if tokenizer.eos_id is None:
         raise UserError(f"the tokenizer of {checkpoint_dir} has no EOS token; cannot mark where responses end")
-    if val_size is None and val_fraction is None:
-        val_size = 2000
     if data_file is not None and url is not None:
         raise UserError("pass either --data_file or --url, not both")
     with local_copy(data_file, url or DEFAULT_URLS.get(format)) as (path, source_name):
         records, fields = read_records(path, format, field_map)
         source = {"path": source_name, "sha256": sha256_file(path), "fields": fields}
 
+    n_records = len(records)
     records, cleaned = clean(records)
     if not records:
         raise UserError(f"{source_name}: every record has an empty output; nothing to train on")
@@ -202,7 +204,7 @@ def prepare(
         "max_seq_length": max_seq_length,
         "seed": seed,
         "source": source,
-        "counts": {"records": len(records) + cleaned["empty_output"], **cleaned, **cut,
+        "counts": {"records": n_records, **cleaned, **cut,
                    "examples": len(examples), "train": len(splits["train"]), "val": len(splits["val"])},
         "lengths_before_truncation": length_stats(full_lengths),
     }
@@ -227,6 +229,7 @@ def summary(meta: dict[str, Any], destination: Path) -> tuple[list[str], list[st
     ]
     warnings = []
     if c["prompt_too_long"] > EOS_LOSS_WARNING * c["records"]:
-        warnings.append(f"{c['prompt_too_long']} of {c['records']} examples lost their EOS because the prompt "
-                        f"alone is longer than --max_seq_length {meta['max_seq_length']}; consider raising it")
+        warnings.append(f"{c['prompt_too_long']} of {c['records']} records lost their EOS (and were dropped): "
+                        f"their prompt leaves no room for a response within --max_seq_length "
+                        f"{meta['max_seq_length']}; consider raising it")
     return lines, warnings
