@@ -229,7 +229,8 @@ def test_real_alpaca_5000(shared_data, real_tokenizer_dir, tmp_path):
     assert c["placeholder_input"] >= 46  # SOURCES.txt counts 46 "<No Input>"-like ones; we catch more spellings
     records, _ = read_records(shared_data / "alpaca_5000.json", "alpaca")
     val = PreparedDataset(tmp_path / "alpaca", "val")
-    by_prompt = {get_template("alpaca").prompt(r.instruction, "" if is_placeholder_input(r.input) else r.input): r.output
+    template = get_template("alpaca")
+    by_prompt = {template.prompt(r.instruction, "" if is_placeholder_input(r.input) else r.input): r.output
                  for r in records}
     tokenizer = Tokenizer(real_tokenizer_dir)
     for i in range(0, len(val), 97):  # a sample: decoding all 5000 would only repeat the fixture tests

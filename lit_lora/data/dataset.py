@@ -71,8 +71,8 @@ class PreparedDataset(torch.utils.data.Dataset):
             raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         path = split_path(self.directory, split)
         if not (self.directory / META).is_file() or not path.is_file():
-            raise UserError(f"{self.directory} holds no prepared {split} data; "
-                            f"run `prepare-alpaca` (or prepare-dolly / prepare-json) with --destination {self.directory}")
+            raise UserError(f"{self.directory} holds no prepared {split} data; run `prepare-alpaca` "
+                            f"(or prepare-dolly / prepare-json) with --destination {self.directory}")
         self.meta: dict[str, Any] = json.loads((self.directory / META).read_text())
         self.mask_inputs = bool(self.meta["mask_inputs"])
         self._open()

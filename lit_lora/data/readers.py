@@ -29,7 +29,7 @@ class Record:
 
 
 def parse_field_map(text: str | None) -> dict[str, str]:
-    """"instruction=question,output=answer" -> {"instruction": "question", "output": "answer"}."""
+    """Parse --field_map: "instruction=question,output=answer" -> {"instruction": "question", "output": "answer"}."""
     if not text:
         return {}
     mapping = {}
