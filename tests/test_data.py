@@ -210,6 +210,16 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_pat
     assert not out.exists() and not any(p.name.startswith(".out") for p in out.parent.glob("*") if out.parent.exists())
 
 
+def test_failed_run_leaves_earlier_data_untouched(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    prepare(tiny_checkpoint, out, data_file=ALPACA, val_size=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="too small"):
+        prepare(tiny_checkpoint, out, data_file=DOLLY, val_size=2, max_seq_length=4)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 # ---------------------------------------------------------------------------------------------- the real files
 @pytest.fixture(scope="module")
 def real_tokenizer_dir(request, tiny_checkpoint) -> Path:
