@@ -1,0 +1,202 @@
+"""The fine-tuning configuration: dataclasses, read from YAML, with single keys overridden from the command line.
+
+    finetune-lora --config configs/tiny.yaml --train.micro_batch_size 2 --lora.r 16
+
+Every key is checked against the dataclass field it sets: an unknown key names the closest valid one, and a
+value of the wrong type names the type expected. What is checked here is the shape of the config; whether the
+paths exist and the numbers fit together is checked by `finetune` before training starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lit_lora.errors import UserError
+
+PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "32-true")
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass
+class LoRASection:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    use_rslora: bool = False
+
+
+@dataclass
+class TrainSection:
+    global_batch_size: int = 128  # examples per optimizer step, over all devices and accumulation steps
+    micro_batch_size: int = 4  # examples per forward/backward on one device
+    epochs: int | None = 5  # stop after this many passes over the training split ...
+    max_steps: int | None = None  # ... or after this many optimizer steps, whichever comes first
+    learning_rate: float = 3e-4
+    min_lr: float = 0.0  # the cosine schedule ends here
+    warmup_steps: int = 100  # linear warmup from 0 to learning_rate
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float | None = 1.0  # max gradient norm; null disables clipping
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    group_by_length: bool = True  # batch examples of similar length together (less padding)
+    packing: bool = False  # lay a micro-batch's examples end to end (block-diagonal attention)
+    loss_chunk_size: int = 1024  # target tokens per chunk of the output-head + cross-entropy computation
+    save_interval: int = 200  # steps between resumable checkpoints
+    log_interval: int = 1  # steps between metrics.csv rows
+
+
+@dataclass
+class EvalSection:
+    interval: int = 100  # steps between validations (and at the end)
+    max_batches: int | None = None  # micro-batches of the validation split to use; null = all
+    prompt: str = "Give three tips for staying healthy."  # instruction of the logged greedy sample
+    max_new_tokens: int = 64
+
+
+@dataclass
+class TrainConfig:
+    checkpoint_dir: str = "checkpoints/model"
+    data_dir: str = "data/prepared"
+    out_dir: str = "out/lora"
+    precision: str = "bf16-mixed"
+    accelerator: str = "auto"  # cpu, cuda, auto
+    devices: int = 1  # processes per node
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 1337
+    lora: LoRASection = field(default_factory=LoRASection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        t = self.train
+        if t.epochs is None and t.max_steps is None:
+            raise UserError("set train.epochs or train.max_steps (or both)")
+        for key in ("global_batch_size", "micro_batch_size", "save_interval", "log_interval", "loss_chunk_size"):
+            if getattr(t, key) < 1:
+                raise UserError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if len(t.betas) != 2:
+            raise UserError(f"train.betas must be two numbers, got {t.betas}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(path: Path | str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config in `path` (None: the defaults) with `--dotted.key value` overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} must hold a mapping of config keys")
+    for key, value in parse_overrides(overrides or []):
+        section = data
+        *parents, leaf = key.split(".")
+        for name in parents:
+            section = section.setdefault(name, {})
+            if not isinstance(section, dict):
+                raise UserError(f"cannot set --{key}: {name} is not a section")
+        section[leaf] = value
+    return build(TrainConfig, data, prefix="")
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """['--train.lr', '1e-4', '--lora.r=16'] -> [('train.lr', 0.0001), ('lora.r', 16)], values read as YAML."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise UserError(f"unexpected argument {arg!r}; overrides look like --train.micro_batch_size 2")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise UserError(f"{arg} needs a value")
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key, value))
+    return pairs
+
+
+def build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass `cls` from `data`, checking every key and value type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(f"{prefix}{key}", valid + all_keys(), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(valid)}"
+            raise UserError(f"unknown config key {prefix}{key}{hint}")
+        kind = hints[key]
+        if is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise UserError(f"config key {prefix}{key} is a section; give it as {prefix}{key}.<key>")
+            kwargs[key] = build(kind, value, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = check_type(value, kind, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def check_type(value: Any, kind: Any, key: str) -> Any:
+    """`value` if it fits the annotation `kind` (ints are accepted for floats), else a UserError."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return check_type(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key {key} must be a list, got {value!r}")
+        return [check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a path or prompt that YAML read as a number
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"config key {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
