@@ -158,6 +158,28 @@ def prepare_json(
 
 
 # ------------------------------------------------------------------------------------------ training
+@app.command("finetune-lora", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune_lora(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (see configs/); any key can be "
+                                          "overridden after it, dotted for sections: --train.micro_batch_size 2."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest step-* in out_dir, if any) or a "
+                                         "step-XXXXXX checkpoint directory to continue from."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+) -> None:
+    """Fine-tune a LoRA adapter on prepared data; writes checkpoints, metrics and a summary to out_dir."""
+    from lit_lora.train_config import config_to_yaml, load_config
+
+    resolved = load_config(config, ctx.args)
+    if dry_run:
+        print(config_to_yaml(resolved), end="")
+        return
+    from lit_lora.finetune import finetune
+
+    if finetune(resolved, resume)["interrupted"]:
+        sys.exit(130)
+
+
 
 
 # ------------------------------------------------------------------------------------------ generation, merge, export
