@@ -128,7 +128,8 @@ def write_tiny_gguf(path: Path, model: LLaMA, tokenizer_dir: Path, qtype: str = 
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_rope_freq_base(c.rope_base)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                          "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]
     tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
     writer.add_tokenizer_model(tokenizer_kind)
@@ -165,6 +166,10 @@ def write_tiny_gguf(path: Path, model: LLaMA, tokenizer_dir: Path, qtype: str = 
             data = quantize(w, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             w = dequantize(data, gguf.GGMLQuantizationType.Q8_0).reshape(w.shape)
+        elif qtype == "F16" and w.ndim == 2:
+            w = w.astype(np.float16)
+            writer.add_tensor(gguf_name, w)
+            w = w.astype(np.float32)
         else:
             writer.add_tensor(gguf_name, w)
         held[name] = torch.from_numpy(np.ascontiguousarray(w))
@@ -196,6 +201,7 @@ def tiny_source_model(tokenizer_dir: Path, **overrides) -> LLaMA:
     ("F32", dict(tie_embeddings=True)),
     ("F32", dict(tie_embeddings=False, n_kv_heads=4, rope_scaling={"factor": 8.0, **{
         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}})),
+    ("F16", dict(tie_embeddings=False)),
     ("Q8_0", dict(tie_embeddings=True)),
 ])
 def test_convert_gguf_matches_source(tmp_path, qtype, overrides):
@@ -206,7 +212,11 @@ def test_convert_gguf_matches_source(tmp_path, qtype, overrides):
     reference = LLaMA(model.config).eval()
     reference.load_state_dict(held, strict=False)
     reference.tie_weights()
-    converted = load_model(out).eval()
+    if qtype == "F16":  # the checkpoint is all fp16, F32 norms included
+        reference.half().float()
+    # Quantised files become fp32 by default; unquantised ones keep their own type.
+    assert load_model(out).embed_tokens.weight.dtype == (torch.float16 if qtype == "F16" else torch.float32)
+    converted = load_model(out, dtype=torch.float32).eval()
     assert converted.config.tie_embeddings == model.config.tie_embeddings
     assert converted.config.rope_scaling == model.config.rope_scaling
     assert converted.config.norm_eps == model.config.norm_eps

@@ -39,7 +39,7 @@ def convert_hf(
         for path in sources:
             for hf_name, tensor in iter_weights(path, target):
                 name = hf_name.removeprefix("model.")
-                if name == "lm_head.weight" and config.tie_embeddings or name.endswith("rotary_emb.inv_freq"):
+                if (name == "lm_head.weight" and config.tie_embeddings) or name.endswith("rotary_emb.inv_freq"):
                     continue  # a tied head is the embedding; inv_freq buffers are recomputed from the config
                 if name not in expected:
                     raise UserError(f"unexpected tensor {hf_name!r} in {path.name}: it does not belong to the "
