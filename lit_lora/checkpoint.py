@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -324,6 +325,10 @@ def load_adapter(path: Path) -> tuple["LoRAConfig", dict[str, torch.Tensor], dic
     weights = path if path.is_file() else directory / ADAPTER_WEIGHTS
     if not path.exists():
         raise UserError(f"adapter {path} does not exist")
+    from lit_lora.convert.peft import is_peft_adapter, load_peft_adapter
+
+    if not (directory / ADAPTER_CONFIG).is_file() and is_peft_adapter(directory):
+        return load_peft_adapter(directory)  # an adapter trained elsewhere with Hugging Face PEFT
     if not (directory / ADAPTER_CONFIG).is_file() or not weights.is_file():
         raise UserError(f"{path} is not a LoRA adapter: expected {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
     try:
@@ -334,3 +339,23 @@ def load_adapter(path: Path) -> tuple["LoRAConfig", dict[str, torch.Tensor], dic
         raise UserError(f"{directory / ADAPTER_CONFIG} is not a valid adapter config: {e!r}") from None
     state = dict(iter_safetensors(weights))
     return config, state, meta
+
+
+# Fields that decide whether adapter tensors fit a base (name and context length do not).
+_ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
+
+
+def check_adapter_base(meta: dict[str, Any], checkpoint_dir: Path, config: Config) -> None:
+    """Refuse an adapter that records another base; warn when it records no base hash to compare."""
+    recorded = meta.get("base_model") or {}
+    for field in _ARCHITECTURE_FIELDS:
+        if field in recorded and recorded[field] != getattr(config, field):
+            raise UserError(f"the adapter was trained on another model ({field} {recorded[field]} != "
+                            f"{getattr(config, field)} in {checkpoint_dir}); use the base it was trained on")
+    want, have = meta.get("base_content_hash"), load_info(checkpoint_dir).get("content_hash")
+    if want and have and want != have:
+        raise UserError(f"the adapter was trained on another checkpoint than {checkpoint_dir} (content hash "
+                        f"{want[:12]} != {have[:12]}, base was {meta.get('base_checkpoint')}); use that base")
+    if not (want and have):
+        warnings.warn(f"cannot verify that the adapter was trained on {checkpoint_dir} (no base content hash "
+                      f"recorded); only tensor shapes are checked", stacklevel=2)

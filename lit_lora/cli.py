@@ -183,6 +183,78 @@ def finetune_lora(
 
 
 # ------------------------------------------------------------------------------------------ generation, merge, export
+@app.command("generate")
+def generate(
+    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The instruction to answer."),
+    input: str = typer.Option("", "--input", help="Optional input/context for the instruction."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts_file", help="Text file with one prompt per line, "
+                                                "generated as one left-padded batch (instead of --prompt)."),
+    lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="Adapter directory or file (ours or "
+                                                   "a PEFT adapter directory); repeat to answer with each in turn."),
+    template: str = typer.Option("auto", "--template", help="alpaca, chatml, plain or auto (the adapter's "
+                                 "template; else chatml for ChatML tokenizers; else plain)."),
+    max_new_tokens: int = typer.Option(200, "--max_new_tokens", help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(200, "--top_k", help="Sample among the k most likely tokens (>= 1)."),
+    top_p: float = typer.Option(1.0, "--top_p", help="Nucleus sampling: keep the smallest set with this mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (per adapter)."),
+    num_samples: int = typer.Option(1, "--num_samples", help="Answers to generate per prompt."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated "
+                                "(single prompt only)."),
+    precision: str = typer.Option("bf16-true", "--precision", help="bf16-true or 32-true."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model step (slow warm-up on CPU)."),
+) -> None:
+    """Generate text with a base checkpoint, optionally through one or more LoRA adapters.
+
+    The answer goes to stdout; "Time for inference" and "Memory used" go to stderr.
+    """
+    from lit_lora.generate import Sampling, run_generate
+
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    run_generate(checkpoint_dir, prompt, input, prompts_file, lora_path or [], template, sampling, seed,
+                 num_samples, stream, precision, compile)
+
+
+@app.command("merge-lora")
+def merge_lora(
+    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint the adapter was trained on."),
+    lora_path: Path = typer.Option(..., "--lora_path", help="Adapter directory or file (ours or PEFT's)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to create, e.g. checkpoints/NAME-merged."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32; default: the base's dtype."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+) -> None:
+    """Fold a LoRA adapter into the base weights (W + alpha/r B A) and write a standalone checkpoint."""
+    from lit_lora.merge import merge_checkpoint
+
+    print(f"wrote {merge_checkpoint(checkpoint_dir, lora_path, out, dtype, overwrite)}")
+
+
+@app.command("export-hf")
+def export_hf(
+    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Checkpoint to export (merge adapters first)."),
+    out: Path = typer.Option(..., "--out", help="Hugging Face model directory to create."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+) -> None:
+    """Write a checkpoint as a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
+    from lit_lora.convert.export import export_hf
+
+    print(f"wrote {export_hf(checkpoint_dir, out, overwrite)}")
+
+
+@app.command("export-peft")
+def export_peft(
+    lora_path: Path = typer.Option(..., "--lora_path", help="Adapter directory or file to export."),
+    out: Path = typer.Option(..., "--out", help="PEFT adapter directory to create."),
+    base_model_name_or_path: Optional[str] = typer.Option(None, "--base_model_name_or_path", help="Hub id or path "
+                                                          "of the HF base recorded in adapter_config.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+) -> None:
+    """Write an adapter as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
+    from lit_lora.convert.export import export_peft
+
+    print(f"wrote {export_peft(lora_path, out, base_model_name_or_path, overwrite)}")
+
 
 
 # ------------------------------------------------------------------------------------------ entry points

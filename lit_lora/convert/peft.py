@@ -1,0 +1,118 @@
+"""PEFT's LoRA adapter format, both ways: the one place that knows PEFT's file and tensor names.
+
+    DIR/adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    DIR/adapter_model.safetensors    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight  (r, in)
+                                     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight  (out, r)
+
+Our module names are Hugging Face's without the `model.` prefix and our LoRA tensors are laid out as PEFT's
+(A (r, in), B (out, r)), so the mapping is a rename and nothing is transposed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lit_lora.checkpoint import iter_safetensors, write_json
+from lit_lora.errors import UserError
+from lit_lora.lora import TARGET_GROUPS, TARGETS, LoRAConfig
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # PeftModel wraps LlamaForCausalLM, which holds the decoder as `.model`
+_MODULE_TO_TARGET = {module: target for target, module in TARGETS.items()}
+
+
+def is_peft_adapter(directory: Path) -> bool:
+    return (Path(directory) / PEFT_CONFIG).is_file()
+
+
+def to_peft_key(name: str) -> str:
+    """`layers.0.self_attn.q_proj.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    hf_name = name if name.startswith("lm_head.") else f"model.{name}"
+    return f"{_PREFIX}{hf_name}.weight"
+
+
+def from_peft_key(key: str) -> str:
+    """The inverse of `to_peft_key`."""
+    name = key.removeprefix(_PREFIX).removesuffix(".weight")
+    return name.removeprefix("model.")
+
+
+def peft_config(config: LoRAConfig, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """adapter_config.json for a plain LoRA on a causal LM (the fields PEFT, vLLM and llama.cpp read)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": [TARGETS[t] for t in config.targets],
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def write_peft_adapter(directory: Path, config: LoRAConfig, state: dict[str, torch.Tensor],
+                       base_model_name_or_path: str | None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into an existing (temporary) directory."""
+    tensors = {to_peft_key(name): t.contiguous() for name, t in state.items()}
+    save_file(tensors, str(Path(directory) / PEFT_WEIGHTS), metadata={"format": "pt"})
+    write_json(Path(directory) / PEFT_CONFIG, peft_config(config, base_model_name_or_path))
+
+
+def _lora_config_from_peft(cfg: dict[str, Any], path: Path) -> LoRAConfig:
+    """Our LoRAConfig for a PEFT config, refusing the PEFT features our plain LoRA layer does not compute."""
+    if cfg.get("peft_type") != "LORA":
+        raise UserError(f"{path} is a PEFT {cfg.get('peft_type')} adapter; only LORA adapters are supported")
+    unsupported = {
+        "use_dora": cfg.get("use_dora"), "bias": cfg.get("bias", "none") != "none",
+        "fan_in_fan_out": cfg.get("fan_in_fan_out"), "rank_pattern": cfg.get("rank_pattern"),
+        "alpha_pattern": cfg.get("alpha_pattern"), "modules_to_save": cfg.get("modules_to_save"),
+        "layers_to_transform": cfg.get("layers_to_transform") is not None, "lora_bias": cfg.get("lora_bias"),
+    }
+    used = [name for name, value in unsupported.items() if value]
+    if used:
+        raise UserError(f"{path} uses PEFT options lit-lora does not support ({', '.join(used)}); "
+                        f"only plain LoRA on linear layers can be imported")
+    modules = cfg.get("target_modules")
+    if modules == "all-linear":  # PEFT's shorthand excludes the output head
+        targets = TARGET_GROUPS["attention"] + TARGET_GROUPS["mlp"]
+    elif isinstance(modules, list) and all(m in _MODULE_TO_TARGET for m in modules):
+        targets = [_MODULE_TO_TARGET[m] for m in modules]
+    else:
+        raise UserError(f"{path}: unsupported target_modules {modules!r}; expected a list of "
+                        f"{', '.join(_MODULE_TO_TARGET)}")
+    return LoRAConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
+                      targets=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+
+
+def load_peft_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(LoRA config, LoRA tensors under our names, metadata) of a PEFT adapter directory.
+
+    PEFT records neither our model config nor a content hash of the base, so the metadata has no
+    `base_content_hash` and the base check can only compare tensor shapes.
+    """
+    directory = Path(directory)
+    path = directory / PEFT_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+        config = _lora_config_from_peft(cfg, path)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a valid PEFT adapter config: {e!r}") from None
+    weights = directory / PEFT_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{directory} has {PEFT_CONFIG} but no {PEFT_WEIGHTS} (PyTorch .bin adapters are not read; "
+                        f"re-save it with safe_serialization=True)")
+    state = {from_peft_key(key): t for key, t in iter_safetensors(weights)}
+    meta = {**config.to_dict(), "scaling": config.scaling, "template": None, "base_content_hash": None,
+            "base_checkpoint": cfg.get("base_model_name_or_path"), "format": "peft"}
+    return config, state, meta

@@ -1,0 +1,271 @@
+"""Text generation with a KV cache, as gpt-fast does it: one prefill pass, then one token per step.
+
+Layers, from the bottom:
+  sample            next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k / top-p sampling
+  generate_tokens   the decode loop over a batch of token prompts, left-padded to a common length
+  TextStream        incremental decoding of one row: only final text comes out (no half UTF-8 characters,
+                    nothing that could be the start of a stop string), and it notices the stop strings
+  complete          prompts in, texts out, optionally streamed
+  run_generate      what the `generate` command does: load the base once, then answer with each adapter
+
+Adapters are merged into the weights for generation (`merge.merge_adapter`) and the original weights are
+put back before the next one: decoding then runs at base speed, and the weights are bit-identical to the
+checkpoint `merge-lora` writes, so both give the same greedy output.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+import torch
+
+from lit_lora.checkpoint import load_model
+from lit_lora.data.templates import Template, get_template
+from lit_lora.errors import UserError
+from lit_lora.merge import load_checked_adapter, merge_adapter, restore_weights
+from lit_lora.model import LLaMA, causal_mask
+from lit_lora.tokenizer import Tokenizer
+
+PRECISIONS = {"bf16-true": torch.bfloat16, "32-true": torch.float32}
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 is greedy
+    top_k: int | None = 200  # None keeps the whole vocabulary
+    top_p: float = 1.0  # nucleus sampling; 1 keeps everything top_k kept
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top_k must be >= 1, got {self.top_k}; use --temperature 0 for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V)."""
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / s.temperature
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > s.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_logits(model: LLaMA, idx: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) of the last position only: the output head is the largest matrix, skip it elsewhere."""
+    return model.lm_head(model.hidden_states(idx, input_pos, mask)[:, -1])
+
+
+def generate_tokens(
+    model: LLaMA, prompts: list[list[int]], sampling: Sampling, pad_id: int = 0,
+    generator: torch.Generator | None = None, forward: Callable = next_logits,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt, (B,), once per step, for up to `sampling.max_new_tokens` steps.
+
+    Prompts are padded on the left to a common length T0, so all rows decode at the same cache position.
+    Pad keys are masked out, and RoPE only sees distances between positions, so the shift changes nothing.
+    The caller decides when to stop (stop ids, stop strings) by no longer asking for tokens.
+    """
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    if T0 >= model.config.max_seq_len:
+        raise UserError(f"the prompt is {T0} tokens, the model's context is {model.config.max_seq_len}; "
+                        f"shorten the prompt")
+    total = min(T0 + sampling.max_new_tokens, model.config.max_seq_len)
+    device = model.embed_tokens.weight.device
+    # Everything the loop touches is allocated here; each step only takes views of it.
+    tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
+    key_valid = torch.ones(B, 1, 1, total, dtype=torch.bool, device=device)  # broadcasts to (B, H, T, S)
+    for b, p in enumerate(prompts):
+        tokens[b, T0 - len(p):T0] = torch.tensor(p, dtype=torch.long)
+        key_valid[b, ..., : T0 - len(p)] = False
+    positions = torch.arange(total, device=device)
+
+    model.set_kv_cache(B, total)
+    try:
+        with torch.inference_mode():
+            # Prefill. A pad query attends to itself only, so no row of the mask is empty (that would be NaN).
+            eye = torch.eye(T0, dtype=torch.bool, device=device)
+            mask = (causal_mask(positions[:T0], T0) & key_valid[..., :T0]) | eye  # (B, 1, T0, T0)
+            token = sample(forward(model, tokens[:, :T0], positions[:T0], mask), sampling, generator)
+            for t in range(T0, total):
+                tokens[:, t] = token
+                yield token
+                if t + 1 < total:
+                    logits = forward(model, tokens[:, t : t + 1], positions[t : t + 1], key_valid[..., : t + 1])
+                    token = sample(logits, sampling, generator)
+    finally:
+        model.set_kv_cache(0)
+
+
+class TextStream:
+    """Decodes one row's tokens as they arrive and says when the row is finished.
+
+    `add` returns only text that is final: a trailing incomplete UTF-8 character ("\\ufffd" when decoded)
+    and any tail that could be the start of a stop string are held back until the next token settles them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_ids: set[int], stop_strings: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, stop_ids, stop_strings
+        self.ids: list[int] = []
+        self.text = ""
+        self.printed = 0
+        self.done = False
+
+    def add(self, token: int) -> str:
+        if token in self.stop_ids:
+            return self.finish()
+        self.ids.append(token)
+        # Decoding all ids each time keeps multi-byte characters and tokenizer-specific spacing right.
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self.finish()
+        safe = len(self.text) - self._held_back()
+        piece, self.printed = self.text[self.printed : safe], max(self.printed, safe)
+        return piece
+
+    def _held_back(self) -> int:
+        held = len(self.text) - len(self.text.rstrip("\ufffd"))
+        for stop in self.stop_strings:
+            for k in range(len(stop) - 1, 0, -1):
+                if self.text.endswith(stop[:k]):
+                    held = max(held, k)
+                    break
+        return held
+
+    def finish(self) -> str:
+        self.done = True
+        piece, self.printed = self.text[self.printed :], len(self.text)
+        return piece
+
+
+def stop_ids_for(tokenizer: Tokenizer, template: Template) -> set[int]:
+    """The tokenizer's end ids plus any stop string that is a single token (ChatML's <|im_end|>)."""
+    ids = set(tokenizer.stop_ids)
+    for s in template.stop_strings:
+        token_id = tokenizer.token_to_id(s)
+        if token_id is not None:
+            ids.add(token_id)
+    return ids
+
+
+def resolve_template(name: str, adapter_template: str | None, tokenizer: Tokenizer) -> Template:
+    """`auto`: the adapter's own template; else ChatML if the tokenizer's chat template is ChatML (an
+    instruct model such as SmolLM2-Instruct); else `plain`, since a base model was tuned in no format."""
+    if name != "auto":
+        return get_template(name)
+    if adapter_template:
+        return get_template(adapter_template)
+    if "<|im_start|>" in (tokenizer.chat_template or ""):
+        return get_template("chatml")
+    return get_template("plain")
+
+
+def complete(
+    model: LLaMA, tokenizer: Tokenizer, prompts: list[list[int]], template: Template, sampling: Sampling,
+    generator: torch.Generator | None = None, stream: TextIO | None = None, forward: Callable = next_logits,
+) -> tuple[list[str], int]:
+    """Texts for a batch of token prompts, and the number of tokens generated. `stream` gets row 0 live."""
+    stop_ids = stop_ids_for(tokenizer, template)
+    rows = [TextStream(tokenizer, stop_ids, template.stop_strings) for _ in prompts]
+    n_generated = 0
+    for step in generate_tokens(model, prompts, sampling, tokenizer.pad_id, generator, forward):
+        for row, token in zip(rows, step.tolist()):
+            if not row.done:
+                n_generated += 1
+                piece = row.add(token)
+                if stream is not None and row is rows[0] and piece:
+                    stream.write(piece)
+                    stream.flush()
+        if all(row.done for row in rows):
+            break
+    for row in rows:
+        piece = row.finish()
+        if stream is not None and row is rows[0] and piece:
+            stream.write(piece)
+    return [row.text for row in rows], n_generated
+
+
+def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    if (prompt is None) == (prompts_file is None):
+        raise UserError("give exactly one of --prompt and --prompts_file")
+    if prompts_file is None:
+        return [prompt]
+    if not Path(prompts_file).is_file():
+        raise UserError(f"prompts file {prompts_file} does not exist")
+    prompts = [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{prompts_file} holds no prompts (one prompt per line)")
+    return prompts
+
+
+def peak_memory_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def run_generate(
+    checkpoint_dir: Path, prompt: str | None = None, input: str = "", prompts_file: Path | None = None,
+    lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
+    num_samples: int = 1, stream: bool = True, precision: str = "bf16-true", compile: bool = False,
+    out: TextIO = sys.stdout, log: TextIO = sys.stderr,
+) -> list[str]:
+    """Answer the prompts with the base (or with each adapter in turn); texts to `out`, timings to `log`.
+
+    With more than one answer (adapters x samples, or a prompts file) each is headed by a `### ...` line.
+    Only a single prompt streams; a batch prints its answers when the batch is done.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+    texts = read_prompts(prompt, prompts_file)
+    model = load_model(checkpoint_dir, PRECISIONS[precision]).eval()
+    tokenizer = Tokenizer(checkpoint_dir)
+    # Load and check every adapter before generating anything, so a bad one fails fast.
+    adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, model.config)) for p in lora_paths]
+    forward = torch.compile(next_logits, dynamic=True) if compile else next_logits
+    many = len(adapters) > 1 or num_samples > 1 or len(texts) > 1
+
+    answers = []
+    for name, lora_config, state, meta in adapters or [("base", None, None, {})]:
+        originals = merge_adapter(model, lora_config, state) if lora_config else {}
+        chosen = resolve_template(template, meta.get("template"), tokenizer)
+        prompts = [tokenizer.encode(chosen.prompt(text, input)) for text in texts]
+        # One generator per adapter, so each adapter's output matches a run of its own with the same seed.
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for i in range(num_samples):
+            if many:
+                print(f"### {name}" + (f", sample {i + 1}" if num_samples > 1 else ""), file=out, flush=True)
+            live = out if stream and len(prompts) == 1 else None
+            t0 = time.perf_counter()
+            results, n_generated = complete(model, tokenizer, prompts, chosen, sampling, generator, live, forward)
+            elapsed = time.perf_counter() - t0
+            for j, result in enumerate(results):
+                if live is None:
+                    print((f"## prompt {j + 1}\n" if len(results) > 1 else "") + result, file=out)
+            if live is not None:
+                print(file=out)
+            answers.extend(results)
+            print(f"Time for inference: {elapsed:.02f} sec total, {n_generated / elapsed:.02f} tokens/sec",
+                  file=log)
+        restore_weights(model, originals)
+    print(f"Memory used: {peak_memory_gb():.02f} GB", file=log)
+    return answers
