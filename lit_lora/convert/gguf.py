@@ -45,16 +45,17 @@ def convert_gguf(path: Path, out: Path, dtype: str | None = None, overwrite: boo
     reader = open_gguf(path)
     meta = read_metadata(reader)
     config = config_from_metadata(meta, reader, name=Path(path).stem)
-    tokenizer = build_tokenizer(meta)  # before writing anything: an unsupported tokenizer is a clean error
+    # Before writing anything, so an unsupported tokenizer is a clean error.
+    tokenizer, tokenizer_config, generation_config = build_tokenizer(meta)
     target = parse_dtype(dtype) or UNQUANTISED_FILE_TYPES.get(meta.get("general.file_type"), torch.float32)
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp)
         for name, tensor in iter_gguf_tensors(reader, config):
             writer.add(name, tensor.to(target))
         files = writer.close()
-        tokenizer["tokenizer"].save(str(tmp / "tokenizer.json"))
-        write_json(tmp / "tokenizer_config.json", tokenizer["tokenizer_config"])
-        write_json(tmp / "generation_config.json", tokenizer["generation_config"])
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        write_json(tmp / "generation_config.json", generation_config)
         finish_checkpoint(tmp, config, files, target, source=f"gguf: {Path(path).name}")
     return Path(out)
 
@@ -200,7 +201,7 @@ def _pre_tokenizer(pre: str):
                     f"{', '.join(DIGIT_SPLITTING_PRE)})")
 
 
-def build_tokenizer(meta: dict[str, Any]) -> dict[str, Any]:
+def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """tokenizer.json (as a `tokenizers.Tokenizer`), tokenizer_config.json and generation_config.json."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
@@ -234,4 +235,4 @@ def build_tokenizer(meta: dict[str, Any]) -> dict[str, Any]:
     generation_config = {key: int(meta[f"tokenizer.ggml.{gguf_key}_token_id"])
                          for key, gguf_key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"))
                          if meta.get(f"tokenizer.ggml.{gguf_key}_token_id") is not None}
-    return {"tokenizer": tokenizer, "tokenizer_config": tokenizer_config, "generation_config": generation_config}
+    return tokenizer, tokenizer_config, generation_config
