@@ -129,6 +129,8 @@ class TextStream:
         self.done = False
 
     def add(self, token: int) -> str:
+        if self.done:
+            return ""
         if token in self.stop_ids:
             return self.finish()
         self.ids.append(token)
@@ -189,7 +191,7 @@ def complete(
     n_generated = 0
     for step in generate_tokens(model, prompts, sampling, tokenizer.pad_id, generator, forward):
         for row, token in zip(rows, step.tolist()):
-            if not row.done:
+            if not row.done:  # a finished row's tokens are padding: not counted, not shown
                 n_generated += 1
                 piece = row.add(token)
                 if stream is not None and row is rows[0] and piece:
@@ -225,13 +227,14 @@ def run_generate(
     checkpoint_dir: Path, prompt: str | None = None, input: str = "", prompts_file: Path | None = None,
     lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
     num_samples: int = 1, stream: bool = True, precision: str = "bf16-true", compile: bool = False,
-    out: TextIO = sys.stdout, log: TextIO = sys.stderr,
+    out: TextIO | None = None, log: TextIO | None = None,
 ) -> list[str]:
     """Answer the prompts with the base (or with each adapter in turn); texts to `out`, timings to `log`.
 
     With more than one answer (adapters x samples, or a prompts file) each is headed by a `### ...` line.
     Only a single prompt streams; a batch prints its answers when the batch is done.
     """
+    out, log = out or sys.stdout, log or sys.stderr
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if num_samples < 1:

@@ -1,0 +1,39 @@
+"""Adapters for tests, built directly (no training): random LoRA tensors written with write_adapter_files."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_lora import cli
+from lit_lora.checkpoint import atomic_dir, load_model, write_adapter_files
+from lit_lora.lora import LoRAConfig, apply_lora, lora_layers
+
+
+def randomize_lora(model, seed: int, scale: float = 0.1) -> None:
+    """Random A and B (B is zero after init, which would make the adapter a no-op)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen) * scale)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * scale)
+
+
+def make_adapter(checkpoint_dir: Path, out: Path, seed: int = 0, targets=("query", "value"), r: int = 4,
+                 alpha: float = 8.0, template: str | None = "chatml") -> Path:
+    model = apply_lora(load_model(checkpoint_dir), LoRAConfig(r=r, alpha=alpha, dropout=0.0, targets=list(targets)))
+    randomize_lora(model, seed)
+    with atomic_dir(out) as tmp:
+        write_adapter_files(tmp, model, checkpoint_dir, template)
+    return out
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `lit-lora ARGS`, run in this process."""
+    monkeypatch.setattr(sys, "argv", ["lit-lora", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
