@@ -48,7 +48,7 @@ class TrainSection:
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     group_by_length: bool = True  # batch examples of similar length together (less padding)
     packing: bool = False  # lay a micro-batch's examples end to end (block-diagonal attention)
-    loss_chunk_size: int = 1024  # target tokens per chunk of the output-head + cross-entropy computation
+    loss_chunk_size: int = 256  # target tokens per chunk of the output head + cross-entropy (256 x vocab fp32)
     save_interval: int = 200  # steps between resumable checkpoints
     log_interval: int = 1  # steps between metrics.csv rows
 
