@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lit_lora.checkpoint import ADAPTER_WEIGHTS, atomic_dir, load_model, write_adapter_files, write_json, write_yaml
+from lit_lora.checkpoint import (ADAPTER_WEIGHTS, atomic_dir, check_checkpoint_dir, iter_safetensors, load_model,
+                                 write_adapter_files, write_json, write_yaml)
 from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.data.templates import get_template
@@ -77,7 +78,7 @@ def check_inputs(config: TrainConfig, train_data, world_size: int) -> None:
     if len(train_data) < t.global_batch_size:
         raise UserError(f"the training split has {len(train_data)} examples, fewer than one global batch "
                         f"({t.global_batch_size}); lower train.global_batch_size")
-    ours = Tokenizer(config.checkpoint_dir).identity()
+    ours = Tokenizer(check_checkpoint_dir(config.checkpoint_dir)).identity()
     theirs = train_data.meta.get("tokenizer")
     if theirs != ours:
         raise UserError(
@@ -313,8 +314,6 @@ def restore(fabric: L.Fabric, path: Path, model, optimizer, config: TrainConfig)
     if state["global_batch_size"] != config.train.global_batch_size or state["seed"] != config.seed:
         raise UserError(f"{path} was trained with another global_batch_size or seed; resume with the same config")
     with full_params(fabric, model):
-        from lit_lora.checkpoint import iter_safetensors
-
         load_lora_state_dict(model.module, dict(iter_safetensors(path / ADAPTER_WEIGHTS)))
     from lightning.fabric.strategies import FSDPStrategy
 
