@@ -19,14 +19,16 @@ import torch
 from lit_lora.checkpoint import load_model
 from lit_lora.convert.export import export_hf
 from lit_lora.data.templates import get_template
-from lit_lora.generate import PRECISIONS, Sampling, generate_tokens
+from lit_lora.generate import PRECISIONS, Sampling, generate_tokens, prepare_for_generation
 from lit_lora.tokenizer import Tokenizer
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def ours(checkpoint_dir: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> float:
+def ours(checkpoint_dir: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int, prepare: bool) -> float:
     model = load_model(checkpoint_dir, dtype).eval()
+    if prepare:  # what `generate` does
+        prepare_for_generation(model)
     sampling = Sampling(max_new_tokens=n, temperature=0)
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip_transformers", action="store_true", help="only measure ours")
+    parser.add_argument("--plain", action="store_true", help="ours on the model as loaded: no fused matmuls, "
+                        "no pre-packed weights (to see what prepare_for_generation buys)")
     args = parser.parse_args()
 
     dtype = PRECISIONS[args.precision]
@@ -67,7 +71,7 @@ def main() -> None:
     prompt = tokenizer.encode(get_template("chatml").prompt(PROMPT))
     print(f"{args.checkpoint_dir.name}, {args.precision}, prompt {len(prompt)} tokens, greedy, "
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads")
-    our_speed = ours(args.checkpoint_dir, dtype, prompt, args.new_tokens, args.repeats)
+    our_speed = ours(args.checkpoint_dir, dtype, prompt, args.new_tokens, args.repeats, not args.plain)
     print(f"lit-lora generate:      {our_speed:7.2f} tokens/s")
     if args.skip_transformers:
         return

@@ -11,6 +11,7 @@ from lit_lora.checkpoint import load_model
 from lit_lora.data.templates import get_template
 from lit_lora.errors import UserError
 from lit_lora.generate import Sampling, TextStream, generate_tokens, run_generate, sample
+from lit_lora.lora import LoRAConfig
 from lit_lora.tokenizer import Tokenizer
 
 GREEDY = Sampling(max_new_tokens=20, temperature=0)
@@ -128,3 +129,29 @@ def test_real_model_knows_the_capital_of_france(smollm2_checkpoint):
     answer = run_generate(smollm2_checkpoint, "What is the capital of France?", template="chatml",
                           sampling=Sampling(max_new_tokens=24, temperature=0), out=io.StringIO(), log=io.StringIO())
     assert "Paris" in answer[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_model_computes_the_same(tiny_checkpoint, dtype):
+    """Fused matmuls and packed weights change speed, not results; merged adapters still reach them."""
+    from lit_lora.generate import prepare_for_generation, repack
+    from lit_lora.merge import merge_adapter, restore_weights
+
+    plain = load_model(tiny_checkpoint, dtype).eval()
+    prepared = prepare_for_generation(load_model(tiny_checkpoint, dtype).eval())
+    idx = torch.tensor([[5, 17, 42, 99, 3, 250, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(idx), plain(idx), atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=0)
+    assert tokens(prepared, [idx[0].tolist()]).tolist() == tokens(plain, [idx[0].tolist()]).tolist()
+    state = {f"layers.{i}.{name}.lora_{ab}": torch.randn(shape) for i in range(2)
+             for name, a_shape, b_shape in [("self_attn.k_proj", (4, 64), (32, 4)), ("mlp.up_proj", (4, 64), (128, 4))]
+             for ab, shape in (("A", a_shape), ("B", b_shape))}
+    config = LoRAConfig(r=4, alpha=4, targets=["key", "up"])
+    merge_adapter(plain, config, state)
+    originals = merge_adapter(prepared, config, state)
+    repack(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(idx), plain(idx), atol=1e-4 if dtype == torch.float32 else 5e-2, rtol=0)
+        restore_weights(prepared, originals)
+        repack(prepared)
+        assert torch.equal(prepared(idx), prepare_for_generation(load_model(tiny_checkpoint, dtype).eval())(idx))
