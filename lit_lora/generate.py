@@ -2,6 +2,8 @@
 
 Layers, from the bottom:
   sample            next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k / top-p sampling
+  prepare_for_generation   a speed-only transform of a loaded model: fused q/k/v and gate/up matmuls and
+                    weights pre-packed for oneDNN (decoding one token is memory-bound matrix-vector work)
   generate_tokens   the decode loop over a batch of token prompts, left-padded to a common length
   TextStream        incremental decoding of one row: only final text comes out (no half UTF-8 characters,
                     nothing that could be the start of a stop string), and it notices the stop strings
@@ -145,11 +147,12 @@ def can_pack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def prepare_for_generation(model: LLaMA) -> LLaMA:
+def prepare_for_generation(model: LLaMA, pack: bool = True) -> LLaMA:
     """Inference-only transform, same math: fused q/k/v and gate/up matmuls, pre-packed weights on CPU.
 
     The parameter names of the original layers still resolve (to the same tensors or to views of the
-    fused ones), so adapters merge into the model as before; call `repack` after merging.
+    fused ones), so adapters merge into the model as before; call `repack` after merging. torch.compile
+    cannot trace the packed weights (it packs its own), so `pack=False` with --compile.
     """
     for block in model.layers:
         if isinstance(block.self_attn.q_proj, LoRALinear) or isinstance(block.mlp.gate_proj, LoRALinear):
@@ -157,7 +160,7 @@ def prepare_for_generation(model: LLaMA) -> LLaMA:
         block.self_attn = FusedAttention(block.self_attn)
         block.mlp = FusedMLP(block.mlp)
     weight = model.embed_tokens.weight
-    if weight.device.type == "cpu" and can_pack(weight.dtype):
+    if pack and weight.device.type == "cpu" and can_pack(weight.dtype):
         for block in model.layers:
             attn, mlp = block.self_attn, block.mlp
             attn.qkv_proj, attn.o_proj = PackedLinear(attn.qkv_proj), PackedLinear(attn.o_proj)
@@ -345,7 +348,7 @@ def run_generate(
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)
-    model = prepare_for_generation(load_model(checkpoint_dir, PRECISIONS[precision]).eval())
+    model = prepare_for_generation(load_model(checkpoint_dir, PRECISIONS[precision]).eval(), pack=not compile)
     tokenizer = Tokenizer(checkpoint_dir)
     # Load and check every adapter before generating anything, so a bad one fails fast.
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, model.config)) for p in lora_paths]
