@@ -14,6 +14,7 @@ The out_dir holds config.yaml (the resolved config), metrics.csv, step-XXXXXX/ (
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import csv
 import math
 import resource
@@ -378,6 +379,24 @@ def plot_losses(metrics_csv: Path, out: Path) -> str | None:
     return None
 
 
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed during the step back to the OS. Batches of varying length leave glibc's heap
+    fragmented, and without this the resident size of a CPU run keeps growing (2 GB -> 4.5 GB over 120 steps
+    of the SmolLM2 recipe); trimming once per step costs a few milliseconds."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def peak_memory_bytes(fabric: L.Fabric) -> tuple[str, int]:
     if fabric.device.type == "cuda":
         return "max_allocated", torch.cuda.max_memory_allocated(fabric.device)
@@ -503,6 +522,7 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
                 fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            release_freed_memory()
 
             progress.step += 1
             progress.step_in_epoch += 1
