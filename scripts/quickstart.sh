@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CKPT=checkpoints/smollm2-135m-instruct
 DATA_FILE=${DATA_FILE:-../shared/data/alpaca_5000.json}  # a local Alpaca JSON; without it the cleaned Alpaca is downloaded
-OUT=out/lora/smollm2-135m-alpaca
+OUT=out/lora/quickstart-$(date +%Y%m%d-%H%M%S)  # a new run directory each time
 
 [ -f "$CKPT/model_config.yaml" ] || download smollm2-135m-instruct --out "$CKPT"
 source_args=()
