@@ -20,7 +20,7 @@ import math
 import resource
 import signal
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.data.templates import get_template
 from lit_lora.errors import UserError
-from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict, mark_only_lora_as_trainable
+from lit_lora.lora import apply_lora, load_lora_state_dict, mark_only_lora_as_trainable
 from lit_lora.model import LLaMA, Block
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import TrainConfig
@@ -137,8 +137,7 @@ def build_model(config: TrainConfig) -> LLaMA:
     if config.strategy == "fsdp":
         base_dtype = lora_dtype  # an FSDP unit holds one dtype; FSDP's mixed precision casts for compute
     model = load_model(config.checkpoint_dir, dtype=base_dtype)
-    lora = LoRAConfig(**{f.name: getattr(config.lora, f.name) for f in fields(config.lora)})
-    apply_lora(model, lora, dtype=lora_dtype)
+    apply_lora(model, config.lora, dtype=lora_dtype)
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = config.train.gradient_checkpointing
     return model

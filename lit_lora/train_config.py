@@ -19,18 +19,10 @@ from typing import Any
 import yaml
 
 from lit_lora.errors import UserError
+from lit_lora.lora import LoRAConfig
 
 PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "32-true")
 STRATEGIES = ("auto", "ddp", "fsdp")
-
-
-@dataclass
-class LoRASection:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    use_rslora: bool = False
 
 
 @dataclass
@@ -72,7 +64,7 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     seed: int = 1337
-    lora: LoRASection = field(default_factory=LoRASection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapter's own config, one definition
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
