@@ -148,9 +148,14 @@ class ShardWriter:
         return files
 
 
-def finish_checkpoint(directory: Path, config: Config, weight_files: list[str], dtype: torch.dtype, source: str) -> dict:
-    """Write model_config.yaml and checkpoint.json (with the weights' hashes) into a checkpoint being built."""
+def finish_checkpoint(directory: Path, writer: ShardWriter, config: Config, dtype: torch.dtype, source: str,
+                      tokenizer_src: Path | None = None) -> dict:
+    """Complete a checkpoint being built: close the weights, copy the tokenizer files of `tokenizer_src`
+    (callers that build their own tokenizer files pass None), write model_config.yaml and checkpoint.json."""
     directory = Path(directory)
+    weight_files = writer.close()
+    if tokenizer_src is not None:
+        copy_tokenizer_files(tokenizer_src, directory)
     write_yaml(directory / MODEL_CONFIG, config.to_dict())
     hashes = {f: sha256_file(directory / f) for f in weight_files}
     content_hash = hashlib.sha256("".join(f"{f}:{h}\n" for f, h in sorted(hashes.items())).encode()).hexdigest()
@@ -178,9 +183,7 @@ def save_checkpoint(
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, tensor in model_state_for_saving(model).items():
             writer.add(name, tensor if dtype is None else tensor.to(dtype))
-        files = writer.close()
-        copy_tokenizer_files(tokenizer_src, tmp)
-        finish_checkpoint(tmp, model.config, files, dtype or model.embed_tokens.weight.dtype, source)
+        finish_checkpoint(tmp, writer, model.config, dtype or model.embed_tokens.weight.dtype, source, tokenizer_src)
     return Path(out)
 
 

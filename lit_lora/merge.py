@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lit_lora.checkpoint import (
-    ShardWriter, atomic_dir, check_adapter_base, copy_tokenizer_files, finish_checkpoint, iter_safetensors,
+    ShardWriter, atomic_dir, check_adapter_base, finish_checkpoint, iter_safetensors,
     load_adapter, load_config, parse_dtype, weight_files,
 )
 from lit_lora.errors import UserError
@@ -92,7 +92,6 @@ def merge_checkpoint(checkpoint_dir: Path, lora_path: Path, out: Path, dtype: st
         if pairs:  # check_adapter_fits saw these layers in the config, so the checkpoint lacks them
             raise UserError(f"{checkpoint_dir} has no tensors {sorted(pairs)[:2]} that the adapter updates; "
                             f"the checkpoint is incomplete, convert it again")
-        files = writer.close()
-        copy_tokenizer_files(checkpoint_dir, tmp)
-        finish_checkpoint(tmp, config, files, out_dtype, source=f"merge-lora: {checkpoint_dir} + {lora_path}")
+        finish_checkpoint(tmp, writer, config, out_dtype, source=f"merge-lora: {checkpoint_dir} + {lora_path}",
+                          tokenizer_src=checkpoint_dir)
     return Path(out)

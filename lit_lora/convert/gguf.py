@@ -52,11 +52,10 @@ def convert_gguf(path: Path, out: Path, dtype: str | None = None, overwrite: boo
         writer = ShardWriter(tmp)
         for name, tensor in iter_gguf_tensors(reader, config):
             writer.add(name, tensor.to(target))
-        files = writer.close()
         tokenizer.save(str(tmp / "tokenizer.json"))
         write_json(tmp / "tokenizer_config.json", tokenizer_config)
         write_json(tmp / "generation_config.json", generation_config)
-        finish_checkpoint(tmp, config, files, target, source=f"gguf: {Path(path).name}")
+        finish_checkpoint(tmp, writer, config, target, source=f"gguf: {Path(path).name}")
     return Path(out)
 
 

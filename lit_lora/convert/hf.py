@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from lit_lora.checkpoint import (
-    DEFAULT_SHARD_BYTES, ShardWriter, atomic_dir, copy_tokenizer_files, finish_checkpoint, iter_safetensors,
+    DEFAULT_SHARD_BYTES, ShardWriter, atomic_dir, finish_checkpoint, iter_safetensors,
     parse_dtype,
 )
 from lit_lora.errors import UserError
@@ -52,9 +52,7 @@ def convert_hf(
         if missing:
             raise UserError(f"{src} lacks {len(missing)} tensors the config needs (e.g. {missing[:3]}); "
                             f"is a weights shard missing?")
-        files = writer.close()
-        copy_tokenizer_files(src, tmp)
-        finish_checkpoint(tmp, config, files, saved_dtype, source=f"hf: {src.resolve().name}")
+        finish_checkpoint(tmp, writer, config, saved_dtype, source=f"hf: {src.resolve().name}", tokenizer_src=src)
     return Path(out)
 
 
