@@ -213,7 +213,7 @@ def validate(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_id: int
     loss_sum = torch.zeros(2)  # summed cross-entropy, target tokens
     for indices in batches:
         batch = fabric.to_device(make_batch([val_data[i] for i in indices], pad_id, t.packing,
-                                            val_data.meta["max_seq_length"]))
+                                            val_data.meta["max_seq_length"], t.pad_multiple))
         with fabric.autocast():
             loss_sum[0] += micro_batch_loss(model, batch, t.loss_chunk_size).float().cpu()
         loss_sum[1] += (batch["targets"] != IGNORE_INDEX).sum().cpu()
@@ -494,7 +494,8 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
                 order_epoch = progress.epoch
             micro = step_micro_batches(order, progress.step_in_epoch, t.global_batch_size, t.micro_batch_size,
                                        fabric.global_rank, fabric.world_size)
-            batches = [fabric.to_device(make_batch([train_data[i] for i in m], pad_id, t.packing, max_seq_length))
+            batches = [fabric.to_device(make_batch([train_data[i] for i in m], pad_id, t.packing, max_seq_length,
+                                                  t.pad_multiple))
                        for m in micro]
             # Target tokens, tokens, padded tokens of this step over all processes: the loss is normalised by the first.
             counts = torch.tensor([[(b["targets"] != IGNORE_INDEX).sum(), (b["input_ids"] != pad_id).sum(),

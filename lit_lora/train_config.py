@@ -40,6 +40,7 @@ class TrainSection:
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     group_by_length: bool = True  # batch examples of similar length together (less padding)
     packing: bool = False  # lay a micro-batch's examples end to end (block-diagonal attention)
+    pad_multiple: int = 16  # pad a batch's length up to a multiple of this: few distinct shapes, steady memory
     loss_chunk_size: int = 256  # target tokens per chunk of the output head + cross-entropy (256 x vocab fp32)
     save_interval: int = 200  # steps between resumable checkpoints
     log_interval: int = 1  # steps between metrics.csv rows
@@ -76,7 +77,7 @@ class TrainConfig:
         t = self.train
         if t.epochs is None and t.max_steps is None:
             raise UserError("set train.epochs or train.max_steps (or both)")
-        for key in ("global_batch_size", "micro_batch_size", "save_interval", "log_interval", "loss_chunk_size"):
+        for key in ("global_batch_size", "micro_batch_size", "save_interval", "log_interval", "loss_chunk_size", "pad_multiple"):
             if getattr(t, key) < 1:
                 raise UserError(f"train.{key} must be >= 1, got {getattr(t, key)}")
         if len(t.betas) != 2:

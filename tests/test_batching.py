@@ -55,3 +55,20 @@ def test_packing_matches_separate_sequences():
     padded = collate(examples, pad_id=0)
     assert sorted(packed["targets"][packed["targets"] != -100].tolist()) == \
         sorted(padded["targets"][padded["targets"] != -100].tolist())
+
+
+def test_pad_multiple_rounds_the_length_up_within_max_seq_length_and_leaves_the_loss_alone():
+    from lit_lora.finetune import micro_batch_loss
+
+    examples = [example([5, 6, 7], 1), example([8, 9, 10, 11, 12], 2)]
+    assert collate(examples, pad_id=0, pad_multiple=4)["input_ids"].shape == (2, 8)
+    assert collate(examples, pad_id=0, pad_multiple=4, max_seq_length=6)["input_ids"].shape == (2, 6)
+    assert collate(examples, pad_id=0, pad_multiple=16, max_seq_length=4)["input_ids"].shape == (2, 5)  # never cut
+    assert pack(examples, pad_id=0, max_seq_length=16, pad_multiple=16)["input_ids"].shape == (1, 16)
+    torch.manual_seed(0)
+    model = LLaMA(tiny_config(64)).eval()
+    model.init_weights(0)
+    with torch.no_grad():
+        exact = micro_batch_loss(model, collate(examples, pad_id=0), 4)
+        rounded = micro_batch_loss(model, collate(examples, pad_id=0, pad_multiple=16), 4)
+    torch.testing.assert_close(rounded, exact)

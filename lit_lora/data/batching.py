@@ -4,12 +4,17 @@ The order is a pure function of (seed, epoch), so resuming needs only the epoch 
 every process computes the same order without talking to the others. One optimizer step takes the next
 `global_batch_size` examples; each process takes its contiguous share and splits it into micro-batches.
 
-Collation pads on the right to the longest example of the micro-batch (causal attention never looks right,
-so no mask is needed), or with packing lays the examples end to end in as few rows as fit, with positions
-restarting per example and a block-diagonal causal mask so no example sees another.
+Collation pads on the right to the longest example of the micro-batch, rounded up to a multiple of
+`pad_multiple` tokens (causal attention never looks right, so no mask is needed), or with packing lays the
+examples end to end in as few rows as fit, with positions restarting per example and a block-diagonal causal
+mask so no example sees another.
 
 Examples are dicts with `input_ids` and `labels` (L,), labels -100 where no loss is taken (the prompt).
 Collation shifts them once: `targets[t]` is the label of token t+1, the token position t must predict.
+
+Why round the length up: every new (batch, length) shape makes oneDNN build and cache new matmul kernels and
+leaves glibc's heap with blocks of yet another size. With any length from 1 to 256 a CPU run's resident memory
+kept growing (1.5 GB at rest after 20 steps, against 0.95 GB with multiples of 16, for ~3% more tokens).
 """
 from __future__ import annotations
 
@@ -55,9 +60,17 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[1:], labels.new_tensor([IGNORE_INDEX])])
 
 
-def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids and targets (B, T), right-padded to the longest example (pad tokens are never targets)."""
-    T = max(len(e["input_ids"]) for e in examples)
+def padded_length(longest: int, pad_multiple: int, max_seq_length: int | None) -> int:
+    """`longest` rounded up to a multiple of `pad_multiple`, but not past max_seq_length (nor below `longest`)."""
+    rounded = -(-longest // pad_multiple) * pad_multiple
+    return max(longest, min(rounded, max_seq_length)) if max_seq_length else rounded
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_id: int, pad_multiple: int = 1,
+            max_seq_length: int | None = None) -> dict[str, torch.Tensor]:
+    """input_ids and targets (B, T), right-padded to the longest example rounded up to `pad_multiple`
+    (pad tokens are never targets)."""
+    T = padded_length(max(len(e["input_ids"]) for e in examples), pad_multiple, max_seq_length)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for i, e in enumerate(examples):
@@ -67,7 +80,7 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, t
     return {"input_ids": input_ids, "targets": targets}
 
 
-def pack(examples: list[dict[str, torch.Tensor]], pad_id: int, max_seq_length: int) -> dict[str, torch.Tensor]:
+def pack(examples: list[dict[str, torch.Tensor]], pad_id: int, max_seq_length: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Examples end to end in rows of at most `max_seq_length` tokens (first fit, in order).
 
     Returns input_ids, targets, input_pos (R, T) and mask (R, 1, T, T): bool, True where a query may
@@ -81,7 +94,7 @@ def pack(examples: list[dict[str, torch.Tensor]], pad_id: int, max_seq_length: i
             rows.append([e])
         else:
             row.append(e)
-    T = max(sum(len(x["input_ids"]) for x in r) for r in rows)
+    T = padded_length(max(sum(len(x["input_ids"]) for x in r) for r in rows), pad_multiple, max_seq_length)
     R = len(rows)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     targets = torch.full((R, T), IGNORE_INDEX, dtype=torch.long)
@@ -102,5 +115,8 @@ def pack(examples: list[dict[str, torch.Tensor]], pad_id: int, max_seq_length: i
     return {"input_ids": input_ids, "targets": targets, "input_pos": input_pos, "mask": mask[:, None]}
 
 
-def make_batch(examples: list[dict[str, torch.Tensor]], pad_id: int, packing: bool, max_seq_length: int) -> dict[str, torch.Tensor]:
-    return pack(examples, pad_id, max_seq_length) if packing else collate(examples, pad_id)
+def make_batch(examples: list[dict[str, torch.Tensor]], pad_id: int, packing: bool, max_seq_length: int,
+               pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+    if packing:
+        return pack(examples, pad_id, max_seq_length, pad_multiple)
+    return collate(examples, pad_id, pad_multiple, max_seq_length)
