@@ -105,3 +105,18 @@ def test_scaling_and_config_errors():
         LoRAConfig(targets=["qkv"])
     with pytest.raises(UserError, match="tied"):
         apply_lora(base_model(tie_embeddings=True), LoRAConfig(targets=["head"]))
+
+
+def test_lora_dropout_drops_at_rate_p_keeps_the_mean_and_routes_gradient_through_kept_inputs():
+    from lit_lora.lora import LoRADropout
+
+    torch.manual_seed(0)
+    dropout = LoRADropout(0.1).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x)
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - 0.1) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, dropped) and torch.allclose(x.grad[~dropped], y[~dropped])
+    assert torch.equal(dropout.eval()(x), x)  # identity when evaluating
