@@ -4,8 +4,8 @@
 
 Both sides: SmolLM2-135M, LoRA r=8 alpha=16 dropout 0.05 on q and v, AdamW, bf16 autocast over a bf16 base,
 micro-batch 4 x 256 random tokens, loss on every next token, the same number of timed steps after warm-up.
-Each side runs in its own subprocess so their peak RSS figures are separate. Prints tokens/s, peak RSS and
-the ratios. CPU timings on a shared machine are noisy: compare figures from the same run.
+Each run is its own subprocess so the peak RSS figures are separate: ours without and with activation
+checkpointing (`train.gradient_checkpointing`), then the peer. Prints tokens/s, peak RSS and the ratios. CPU timings on a shared machine are noisy: compare figures from the same run.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
-                        help="recompute each block in the backward pass on our side (less memory, slower)")
+                        help="run ours only with activation checkpointing (less memory, slower)")
     parser.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one side, in a subprocess
     args = parser.parse_args()
 
@@ -100,24 +100,28 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    # Our loop twice, without and with activation checkpointing (the memory / speed trade), then the peer.
+    runs = [("lit-lora", "ours", False), ("lit-lora, checkpointing", "ours", True), ("transformers + PEFT", "hf", False)]
+    if args.gradient_checkpointing:
+        runs = [runs[1], runs[2]]
     results = {}
-    for side in ("ours", "hf"):
+    for name, side, checkpointing in runs:
         cmd = [sys.executable, __file__, "--only", side, "--hf_dir", args.hf_dir, "--checkpoint_dir",
                args.checkpoint_dir, "--warmup", str(args.warmup), "--steps", str(args.steps)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
-        cmd += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+        cmd += ["--gradient_checkpointing"] if checkpointing else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
-        results[side] = json.loads(done.stdout.strip().splitlines()[-1])
-        r = results[side]
-        name = "lit-lora" if side == "ours" else "transformers + PEFT"
-        print(f"{name:22s} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_gb']:.2f} GB")
-    ours, hf = results["ours"], results["hf"]
-    print(f"ratio (lit-lora / HF): {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
-          f"{ours['peak_rss_gb'] / hf['peak_rss_gb']:.2f}x peak RSS  "
-          f"(ours{' with' if args.gradient_checkpointing else ' without'} gradient checkpointing, "
-          f"micro-batch {BATCH} x {SEQ_LEN}, bf16, LoRA r={R} on q,v, {args.steps} timed steps)")
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        results[name] = r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name:25s} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    hf = results["transformers + PEFT"]
+    print(f"micro-batch {BATCH} x {SEQ_LEN}, bf16, LoRA r={R} on q,v, {args.steps} timed steps; "
+          f"ratios to transformers + PEFT:")
+    for name, r in results.items():
+        if r is not hf:
+            print(f"  {name:25s} {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
+                  f"{r['peak_rss_gb'] / hf['peak_rss_gb']:.2f}x peak RSS")
 
 
 if __name__ == "__main__":
