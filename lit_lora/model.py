@@ -227,17 +227,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, T, H*D), k and v (B, T, G*D). (Generation swaps in one fused matmul for the three.)"""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.attend(q, k, v, mask, input_pos)
+
+    def attend(self, q, k, v, mask, input_pos):
+        """q (B, H, T, D) attends the cached keys and values and k, v (B, G, T, D); then the output projection."""
+        B, _, T, _ = q.shape
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # only the positions written so far
