@@ -14,7 +14,6 @@ The out_dir holds config.yaml (the resolved config), metrics.csv, step-XXXXXX/ (
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import csv
 import math
 import resource
@@ -335,7 +334,8 @@ def restore(fabric: L.Fabric, path: Path, model, optimizer, config: TrainConfig)
 class MetricsLog:
     """metrics.csv (and TensorBoard through Fabric's loggers); rank 0 only."""
 
-    COLUMNS = ["step", "epoch", "split", "loss", "perplexity", "lr", "tokens", "tokens_per_s", "elapsed_s"]
+    COLUMNS = ["step", "epoch", "split", "loss", "perplexity", "lr", "tokens", "tokens_per_s", "elapsed_s",
+               "peak_memory_gb"]
 
     def __init__(self, fabric: L.Fabric, path: Path, append: bool) -> None:
         self.fabric, self.path = fabric, path
@@ -376,24 +376,6 @@ def plot_losses(metrics_csv: Path, out: Path) -> str | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return None
-
-
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed during the step back to the OS. Batches of varying length leave glibc's heap
-    fragmented, and without this the resident size of a CPU run keeps growing (2 GB -> 4.5 GB over 120 steps
-    of the SmolLM2 recipe); trimming once per step costs a few milliseconds."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def peak_memory_bytes(fabric: L.Fabric) -> tuple[str, int]:
@@ -522,7 +504,6 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
                 fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            release_freed_memory()
 
             progress.step += 1
             progress.step_in_epoch += 1
@@ -535,7 +516,8 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
             tokens_per_s = (progress.tokens - start_tokens) / max(elapsed, 1e-9)
             if progress.step % t.log_interval == 0 or progress.step == max_steps:
                 metrics.log(step=progress.step, epoch=progress.epoch, split="train", loss=loss, lr=lr,
-                            tokens=progress.tokens, tokens_per_s=round(tokens_per_s, 1), elapsed_s=round(elapsed, 2))
+                            tokens=progress.tokens, tokens_per_s=round(tokens_per_s, 1), elapsed_s=round(elapsed, 2),
+                            peak_memory_gb=round(peak_memory_bytes(fabric)[1] / 1e9, 3))
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
                 bar.update(1)
