@@ -5,7 +5,8 @@
 Both sides: SmolLM2-135M, LoRA r=8 alpha=16 dropout 0.05 on q and v, AdamW, bf16 autocast over a bf16 base,
 micro-batch 4 x 256 random tokens, loss on every next token, the same number of timed steps after warm-up.
 Each run is its own subprocess so the peak RSS figures are separate: ours without and with activation
-checkpointing (`train.gradient_checkpointing`), then the peer. Prints tokens/s, peak RSS and the ratios. CPU timings on a shared machine are noisy: compare figures from the same run.
+checkpointing (`train.gradient_checkpointing`), then the peer. Prints tokens/s, peak RSS and the ratios.
+CPU timings on a shared machine are noisy: compare figures from the same run.
 """
 from __future__ import annotations
 

@@ -91,6 +91,11 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask as an additive bias: 0 where attending is allowed, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class FusedAttention(Attention):
     """Attention shaped for decoding: q, k and v from one matmul (a single-token step is a matrix-vector
     product bound by memory bandwidth, and one larger product streams the weights faster than three small
@@ -117,9 +122,8 @@ class FusedAttention(Attention):
         # (B, H, 1, D) -> (B, G, H/G, D): the query heads that share a key/value head, as SDPA's enable_gqa.
         q = q.reshape(B, G, H // G, D).float()
         scores = q @ k[:, :, :S].float().transpose(-1, -2) * D**-0.5  # (B, G, H/G, S)
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        y = torch.softmax(scores + mask, dim=-1) @ v[:, :, :S].float()  # (B, G, H/G, D)
+        bias = additive_mask(mask, scores.dtype) if mask.dtype == torch.bool else mask
+        y = torch.softmax(scores + bias, dim=-1) @ v[:, :, :S].float()  # (B, G, H/G, D)
         return self.o_proj(y.to(x.dtype).view(B, 1, H * D))
 
 
@@ -220,8 +224,7 @@ def generate_tokens(
         tokens[b, T0 - len(p):T0] = torch.tensor(p, dtype=torch.long)
         key_valid[b, ..., : T0 - len(p)] = False
     # The one-token steps take the mask as an additive bias (0 or -inf): one add per layer, no conversion.
-    key_bias = torch.zeros(key_valid.shape, dtype=model.embed_tokens.weight.dtype, device=device)
-    key_bias.masked_fill_(~key_valid, float("-inf"))
+    key_bias = additive_mask(key_valid, model.embed_tokens.weight.dtype)
     positions = torch.arange(total, device=device)
 
     model.set_kv_cache(B, total)

@@ -77,7 +77,8 @@ class TrainConfig:
         t = self.train
         if t.epochs is None and t.max_steps is None:
             raise UserError("set train.epochs or train.max_steps (or both)")
-        for key in ("global_batch_size", "micro_batch_size", "save_interval", "log_interval", "loss_chunk_size", "pad_multiple"):
+        for key in ("global_batch_size", "micro_batch_size", "save_interval", "log_interval", "loss_chunk_size",
+                    "pad_multiple"):
             if getattr(t, key) < 1:
                 raise UserError(f"train.{key} must be >= 1, got {getattr(t, key)}")
         if len(t.betas) != 2:

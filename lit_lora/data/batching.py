@@ -14,7 +14,8 @@ Collation shifts them once: `targets[t]` is the label of token t+1, the token po
 
 Why round the length up: every new (batch, length) shape makes oneDNN build and cache new matmul kernels and
 leaves glibc's heap with blocks of yet another size. With any length from 1 to 256 a CPU run's resident memory
-kept growing (1.5 GB at rest after 20 steps, against 0.95 GB with multiples of 16, for ~3% more tokens).
+kept growing (1.5 GB at rest after 20 steps, against 0.95 GB with multiples of 16). The price is padding: in
+the SmolLM2 recipe 13% of the tokens were padding with multiples of 16, against 4% with exact lengths.
 """
 from __future__ import annotations
 
