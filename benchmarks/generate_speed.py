@@ -19,7 +19,9 @@ import torch
 from lit_lora.checkpoint import load_model
 from lit_lora.convert.export import export_hf
 from lit_lora.data.templates import get_template
-from lit_lora.generate import PRECISIONS, Sampling, generate_tokens, prepare_for_generation
+from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS
+from lit_lora.fast_decode import prepare_for_generation
+from lit_lora.generate import Sampling, generate_tokens
 from lit_lora.tokenizer import Tokenizer
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -58,7 +60,7 @@ def transformers_generate(hf_dir: Path, dtype: torch.dtype, prompt: list[int], n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", type=Path, default=Path("/work/cache/smollm2-ckpt"))
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16-true")
+    parser.add_argument("--precision", choices=list(GENERATE_PRECISIONS), default="bf16-true")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip_transformers", action="store_true", help="only measure ours")
@@ -66,7 +68,7 @@ def main() -> None:
                         "no pre-packed weights (to see what prepare_for_generation buys)")
     args = parser.parse_args()
 
-    dtype = PRECISIONS[args.precision]
+    dtype = PRECISIONS[args.precision][0]
     tokenizer = Tokenizer(args.checkpoint_dir)
     prompt = tokenizer.encode(get_template("chatml").prompt(PROMPT))
     print(f"{args.checkpoint_dir.name}, {args.precision}, prompt {len(prompt)} tokens, greedy, "

@@ -36,7 +36,8 @@ def time_steps(step, warmup: int, steps: int) -> float:
 
 
 def run_ours(checkpoint_dir: str, warmup: int, steps: int, gradient_checkpointing: bool) -> dict:
-    from lit_lora.finetune import build_model, micro_batch_loss
+    from lit_lora.finetune import build_model
+    from lit_lora.loss import micro_batch_loss
     from lit_lora.train_config import TrainConfig
 
     config = TrainConfig(checkpoint_dir=checkpoint_dir, precision="bf16-mixed")

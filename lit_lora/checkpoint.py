@@ -12,20 +12,19 @@ command never leaves something that looks like a finished checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import save_file
 
+from lit_lora.device import dtype_name
 from lit_lora.errors import UserError
+from lit_lora.fileio import atomic_dir, iter_safetensors, sha256_file, write_json, write_yaml
 from lit_lora.model import LLaMA, Config
 
 MODEL_CONFIG = "model_config.yaml"
@@ -36,68 +35,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 FORMAT_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # a shard is held in memory (and copied once by save_file) while written
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32")
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `out`, on any error it is removed."""
-    out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def write_yaml(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def stored_names(config: Config) -> set[str]:
+    """The tensor names a checkpoint of `config` holds: the model's parameters, a tied head stored once (as
+    the embedding). Imports check against this, loading fills the model from it."""
+    with torch.device("meta"):
+        names = set(LLaMA(config).state_dict())
+    return names - {"lm_head.weight"} if config.tie_embeddings else names
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -189,10 +133,8 @@ def save_checkpoint(
 
 def model_state_for_saving(model: LLaMA) -> dict[str, torch.Tensor]:
     """The base weights: LoRA tensors left out, and a tied head stored once (as the embedding)."""
-    state = {k: v.detach() for k, v in model.state_dict().items() if "lora_" not in k}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+    names = stored_names(model.config)
+    return {k: v.detach() for k, v in model.state_dict().items() if k in names}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -230,45 +172,6 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; the checkpoint is incomplete, convert it again")
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def iter_safetensors(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from one safetensors file, one tensor at a time; a damaged file is a UserError.
-
-    Reads with plain file reads into fresh tensors instead of memory-mapping, so loading a checkpoint in
-    another dtype holds one source tensor at a time, not the whole mapped file, in resident memory.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = path.stat().st_size
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-            start = 8 + n
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                if start + end > size:
-                    raise ValueError(f"tensor {name} runs past the end of the file")
-                t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-                f.seek(start + begin)
-                buffer = t.reshape(-1).view(torch.uint8).numpy()
-                if f.readinto(memoryview(buffer)) != end - begin or buffer.nbytes != end - begin:
-                    raise ValueError(f"tensor {name} is incomplete")
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                yield name, t.to(device)
-    except (ValueError, KeyError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
-        raise UserError(f"cannot read {path}: {e} (the file is truncated or not safetensors)") from None
-
-
 def load_model(
     checkpoint_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> LLaMA:
@@ -281,7 +184,7 @@ def load_model(
         state.update(iter_safetensors(path, dtype, str(device)))
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    expected = stored_names(config)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise UserError(f"checkpoint {checkpoint_dir} does not match its model_config.yaml: "
@@ -289,76 +192,3 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model
-
-
-# ---------------------------------------------------------------------------------------------- adapters
-ADAPTER_WEIGHTS = "lora.safetensors"
-ADAPTER_CONFIG = "adapter_config.yaml"
-
-
-def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path | None, template: str | None,
-                        dtype: torch.dtype | None = None) -> None:
-    """Write lora.safetensors (LoRA tensors only) and adapter_config.yaml into an existing directory.
-
-    Callers wrap this in `atomic_dir` together with whatever else belongs in the same directory.
-    """
-    from lit_lora.lora import lora_state_dict
-
-    config = model.lora_config
-    state = {k: (v.detach().to(dtype) if dtype else v.detach()).contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(state, str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt", "lit_lora": "adapter"})
-    base_info = load_info(base_checkpoint_dir) if base_checkpoint_dir else {}
-    meta = {
-        **config.to_dict(),
-        "scaling": config.scaling,
-        "base_checkpoint": str(base_checkpoint_dir) if base_checkpoint_dir else None,
-        "base_content_hash": base_info.get("content_hash"),
-        "base_model": model.config.to_dict(),
-        "template": template,
-    }
-    write_yaml(Path(directory) / ADAPTER_CONFIG, meta)
-
-
-def load_adapter(path: Path) -> tuple["LoRAConfig", dict[str, torch.Tensor], dict[str, Any]]:
-    """(LoRA config, LoRA tensors, everything adapter_config.yaml records) from an adapter dir or its file."""
-    from lit_lora.lora import LoRAConfig
-
-    path = Path(path)
-    directory = path if path.is_dir() else path.parent
-    weights = path if path.is_file() else directory / ADAPTER_WEIGHTS
-    if not path.exists():
-        raise UserError(f"adapter {path} does not exist")
-    from lit_lora.convert.peft import is_peft_adapter, load_peft_adapter
-
-    if not (directory / ADAPTER_CONFIG).is_file() and is_peft_adapter(directory):
-        return load_peft_adapter(directory)  # an adapter trained elsewhere with Hugging Face PEFT
-    if not (directory / ADAPTER_CONFIG).is_file() or not weights.is_file():
-        raise UserError(f"{path} is not a LoRA adapter: expected {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
-    try:
-        meta = yaml.safe_load((directory / ADAPTER_CONFIG).read_text()) or {}
-        config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta.get("dropout", 0.0),
-                            targets=list(meta["targets"]), use_rslora=meta.get("use_rslora", False))
-    except (yaml.YAMLError, KeyError, TypeError) as e:
-        raise UserError(f"{directory / ADAPTER_CONFIG} is not a valid adapter config: {e!r}") from None
-    state = dict(iter_safetensors(weights))
-    return config, state, meta
-
-
-# Fields that decide whether adapter tensors fit a base (name and context length do not).
-_ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
-
-
-def check_adapter_base(meta: dict[str, Any], checkpoint_dir: Path, config: Config) -> None:
-    """Refuse an adapter that records another base; warn when it records no base hash to compare."""
-    recorded = meta.get("base_model") or {}
-    for field in _ARCHITECTURE_FIELDS:
-        if field in recorded and recorded[field] != getattr(config, field):
-            raise UserError(f"the adapter was trained on another model ({field} {recorded[field]} != "
-                            f"{getattr(config, field)} in {checkpoint_dir}); use the base it was trained on")
-    want, have = meta.get("base_content_hash"), load_info(checkpoint_dir).get("content_hash")
-    if want and have and want != have:
-        raise UserError(f"the adapter was trained on another checkpoint than {checkpoint_dir} (content hash "
-                        f"{want[:12]} != {have[:12]}, base was {meta.get('base_checkpoint')}); use that base")
-    if not (want and have):
-        warnings.warn(f"cannot verify that the adapter was trained on {checkpoint_dir} (no base content hash "
-                      f"recorded); only tensor shapes are checked", stacklevel=2)

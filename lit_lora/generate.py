@@ -2,21 +2,19 @@
 
 Layers, from the bottom:
   sample            next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k / top-p sampling
-  prepare_for_generation   a speed-only transform of a loaded model: fused q/k/v and gate/up matmuls and
-                    weights pre-packed for oneDNN (decoding one token is memory-bound matrix-vector work)
   generate_tokens   the decode loop over a batch of token prompts, left-padded to a common length
   TextStream        incremental decoding of one row: only final text comes out (no half UTF-8 characters,
                     nothing that could be the start of a stop string), and it notices the stop strings
   complete          prompts in, texts out, optionally streamed
   run_generate      what the `generate` command does: load the base once, then answer with each adapter
 
-Adapters are merged into the weights for generation (`merge.merge_adapter`) and the original weights are
+Before decoding, `fast_decode.prepare_for_generation` fuses projections and pre-packs weights (same math).
+Adapters are merged into the weights for generation (`adapter.merge_adapter`) and the original weights are
 put back before the next one: decoding then runs at base speed, and the weights are bit-identical to the
 checkpoint `merge-lora` writes, so both give the same greedy output.
 """
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -24,18 +22,15 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
 from lit_lora.checkpoint import load_model
 from lit_lora.data.templates import Template, get_template
+from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, peak_memory_bytes
 from lit_lora.errors import UserError
-from lit_lora.merge import load_checked_adapter, merge_adapter, restore_weights
-from lit_lora.lora import LoRALinear
-from lit_lora.model import MLP, Attention, LLaMA, apply_rope, causal_mask
+from lit_lora.fast_decode import prepare_for_generation, repack
+from lit_lora.model import LLaMA, additive_mask, causal_mask
 from lit_lora.tokenizer import Tokenizer
-
-PRECISIONS = {"bf16-true": torch.bfloat16, "32-true": torch.float32}
 
 
 @dataclass
@@ -71,129 +66,6 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > s.top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One linear computing `linears` side by side (outputs concatenated).
-
-    The originals' weights become views into the fused weight, so writing to them (merging an adapter,
-    restoring the base) updates the fused layer too, and no second copy is kept.
-    """
-    fused = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears),
-                      bias=linears[0].bias is not None, device="meta")
-    fused.weight = nn.Parameter(torch.cat([l.weight.detach() for l in linears]), requires_grad=False)
-    for layer, view in zip(linears, fused.weight.split([l.out_features for l in linears])):
-        layer.weight = nn.Parameter(view, requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([l.bias.detach() for l in linears]), requires_grad=False)
-        for layer, view in zip(linears, fused.bias.split([l.out_features for l in linears])):
-            layer.bias = nn.Parameter(view, requires_grad=False)
-    return fused
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool attention mask as an additive bias: 0 where attending is allowed, -inf elsewhere."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
-class FusedAttention(Attention):
-    """Attention shaped for decoding: q, k and v from one matmul (a single-token step is a matrix-vector
-    product bound by memory bandwidth, and one larger product streams the weights faster than three small
-    ones), RoPE applied to q and k in one pass, and a plain fp32 attention for the one-token step, where
-    SDPA's CPU kernel costs 87 us per layer at 150 cached positions and 590 us at 1,000 (this does 47 and 177)."""
-
-    def __init__(self, attn: Attention) -> None:
-        nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        self.kv_cache = attn.kv_cache
-
-    def forward(self, x, cos, sin, mask, input_pos):
-        B, T, _ = x.shape
-        H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * G, D).transpose(1, 2)  # (B, H + 2G, T, D)
-        qk, v = apply_rope(qkv[:, : H + G], cos, sin), qkv[:, H + G :]
-        q, k = qk[:, :H], qk[:, H:]
-        if self.kv_cache is None or T > 1:  # no cache, or the prefill: the model's own attention
-            return self.attend(q, k, v, mask, input_pos)
-        k, v = self.kv_cache.update(input_pos, k, v)
-        S = mask.shape[-1]
-        # (B, H, 1, D) -> (B, G, H/G, D): the query heads that share a key/value head, as SDPA's enable_gqa.
-        q = q.reshape(B, G, H // G, D).float()
-        scores = q @ k[:, :, :S].float().transpose(-1, -2) * D**-0.5  # (B, G, H/G, S)
-        bias = additive_mask(mask, scores.dtype) if mask.dtype == torch.bool else mask
-        y = torch.softmax(scores + bias, dim=-1) @ v[:, :, :S].float()  # (B, G, H/G, D)
-        return self.o_proj(y.to(x.dtype).view(B, 1, H * D))
-
-
-class FusedMLP(MLP):
-    """The SwiGLU MLP with gate and up projections in one matmul (see FusedAttention)."""
-
-    def __init__(self, mlp: MLP) -> None:
-        nn.Module.__init__(self)
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
-class PackedLinear(nn.Linear):
-    """An nn.Linear (the same weight and bias tensors) that multiplies with a copy of its weight pre-packed
-    in oneDNN's blocked layout, as torch.compile's CPU backend does. A one-token step then streams the
-    weights about 1.7x faster on this CPU (bf16), with bit-identical results. Call `repack` after the
-    weight changes. (torch.ops.mkldnn is PyTorch's internal oneDNN binding: used only when available.)
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias  # shared, not copied
-        self.repack()
-
-    def repack(self) -> None:
-        # A plain attribute, not a buffer: it never goes into a state dict and is rebuilt, not converted.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)  # 1: tuned for M=1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def can_pack(dtype: torch.dtype) -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def prepare_for_generation(model: LLaMA, pack: bool = True) -> LLaMA:
-    """Inference-only transform, same math: fused q/k/v and gate/up matmuls, pre-packed weights on CPU.
-
-    The parameter names of the original layers still resolve (to the same tensors or to views of the
-    fused ones), so adapters merge into the model as before; call `repack` after merging. torch.compile
-    cannot trace the packed weights (it packs its own), so `pack=False` with --compile.
-    """
-    for block in model.layers:
-        if isinstance(block.self_attn.q_proj, LoRALinear) or isinstance(block.mlp.gate_proj, LoRALinear):
-            raise ValueError("merge LoRA layers before preparing for generation (the fused matmuls skip them)")
-        block.self_attn = FusedAttention(block.self_attn)
-        block.mlp = FusedMLP(block.mlp)
-    weight = model.embed_tokens.weight
-    if pack and weight.device.type == "cpu" and can_pack(weight.dtype):
-        for block in model.layers:
-            attn, mlp = block.self_attn, block.mlp
-            attn.qkv_proj, attn.o_proj = PackedLinear(attn.qkv_proj), PackedLinear(attn.o_proj)
-            mlp.gate_up_proj, mlp.down_proj = PackedLinear(mlp.gate_up_proj), PackedLinear(mlp.down_proj)
-        model.lm_head = PackedLinear(model.lm_head)
-    return model
-
-
-def repack(model: LLaMA) -> None:
-    """Rebuild the packed weights after the plain ones changed (an adapter merged or restored)."""
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            module.repack()
 
 
 def next_logits(model: LLaMA, idx: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -349,10 +221,6 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     return prompts
 
 
-def peak_memory_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
-
-
 def run_generate(
     checkpoint_dir: Path, prompt: str | None = None, input: str = "", prompts_file: Path | None = None,
     lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
@@ -365,12 +233,12 @@ def run_generate(
     Only a single prompt streams; a batch prints its answers when the batch is done.
     """
     out, log = out or sys.stdout, log or sys.stderr
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision not in GENERATE_PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(GENERATE_PRECISIONS)}")
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)
-    model = prepare_for_generation(load_model(checkpoint_dir, PRECISIONS[precision]).eval(), pack=not compile)
+    model = prepare_for_generation(load_model(checkpoint_dir, PRECISIONS[precision][0]).eval(), pack=not compile)
     tokenizer = Tokenizer(checkpoint_dir)
     # Load and check every adapter before generating anything, so a bad one fails fast.
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, model.config)) for p in lora_paths]
@@ -401,5 +269,5 @@ def run_generate(
             print(f"Time for inference: {elapsed:.02f} sec total, {n_generated / elapsed:.02f} tokens/sec",
                   file=log)
         restore_weights(model, originals)
-    print(f"Memory used: {peak_memory_gb():.02f} GB", file=log)
+    print(f"Memory used: {peak_memory_bytes()[1] / 1024**3:.02f} GB", file=log)
     return answers

@@ -1,8 +1,8 @@
-"""Folding a LoRA adapter into base weights: W' = W + s * B A, computed in fp32, stored in the base's dtype.
+"""merge-lora: fold an adapter into a checkpoint, W' = W + s * B A, streaming one tensor at a time.
 
-`merge_checkpoint` streams a checkpoint tensor by tensor into a new one; `merge_adapter` does the same to a
-model in memory (what `generate` uses to switch adapters). Both go through `merged_weight`, so a merged
-checkpoint and a base with the adapter merged at generation time hold bit-identical weights.
+The arithmetic is `lora.merged_weight`, the same that `adapter.merge_adapter` applies to a model in memory
+for `generate`, so a merged checkpoint and a base with the adapter merged at generation time hold
+bit-identical weights.
 """
 from __future__ import annotations
 
@@ -10,62 +10,12 @@ from pathlib import Path
 
 import torch
 
-from lit_lora.checkpoint import (
-    ShardWriter, atomic_dir, check_adapter_base, finish_checkpoint, iter_safetensors,
-    load_adapter, load_config, parse_dtype, weight_files,
-)
+from lit_lora.adapter import load_checked_adapter, lora_pairs
+from lit_lora.checkpoint import ShardWriter, finish_checkpoint, load_config, weight_files
+from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
-from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict
-from lit_lora.model import LLaMA, Config
-
-
-def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(W + s * B A) in fp32, cast to `dtype` (default: the weight's own dtype, never a silent upcast)."""
-    delta = (lora_B.float() @ lora_A.float()) * scaling  # (out, r) @ (r, in) -> (out, in)
-    return (weight.float() + delta).to(dtype or weight.dtype)
-
-
-def check_adapter_fits(config: Config, lora_config: LoRAConfig, state: dict[str, torch.Tensor]) -> None:
-    """Names and shapes of the adapter tensors against a model of `config`, without allocating the model."""
-    with torch.device("meta"):
-        model = apply_lora(LLaMA(config), lora_config)
-    load_lora_state_dict(model, state)  # raises UserError on a missing, unexpected or misshapen tensor
-
-
-def load_checked_adapter(lora_path: Path, checkpoint_dir: Path, config: Config):
-    """load_adapter + the base checks: (LoRA config, tensors, metadata) that are known to fit the base."""
-    lora_config, state, meta = load_adapter(lora_path)
-    check_adapter_base(meta, checkpoint_dir, config)
-    check_adapter_fits(config, lora_config, state)
-    return lora_config, state, meta
-
-
-def _lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"layers.0.self_attn.q_proj.weight": (A, B)} for every adapted weight."""
-    modules = {name.rsplit(".", 1)[0] for name in state}
-    return {f"{m}.weight": (state[f"{m}.lora_A"], state[f"{m}.lora_B"]) for m in modules}
-
-
-@torch.no_grad()
-def merge_adapter(model: LLaMA, lora_config: LoRAConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Merge an adapter into the model's weights in place; returns the original weights for `restore_weights`.
-
-    Restoring the saved originals (rather than subtracting B A again) leaves the base exactly as loaded,
-    which rounding would not in bf16.
-    """
-    originals = {}
-    for name, (A, B) in _lora_pairs(state).items():
-        weight = model.get_parameter(name)
-        originals[name] = weight.detach().clone()
-        weight.copy_(merged_weight(weight, A, B, lora_config.scaling))
-    return originals
-
-
-@torch.no_grad()
-def restore_weights(model: LLaMA, originals: dict[str, torch.Tensor]) -> None:
-    for name, weight in originals.items():
-        model.get_parameter(name).copy_(weight)
+from lit_lora.fileio import atomic_dir, iter_safetensors
+from lit_lora.lora import merged_weight
 
 
 def merge_checkpoint(checkpoint_dir: Path, lora_path: Path, out: Path, dtype: str | None = None,
@@ -77,7 +27,7 @@ def merge_checkpoint(checkpoint_dir: Path, lora_path: Path, out: Path, dtype: st
     dtype = parse_dtype(dtype)
     config = load_config(checkpoint_dir)
     lora_config, state, _ = load_checked_adapter(lora_path, checkpoint_dir, config)
-    pairs = _lora_pairs(state)
+    pairs = lora_pairs(state)
     out_dtype = None
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp)

@@ -135,7 +135,8 @@ class Config:
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
-_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# The Llama 3 scaling constants every released Llama 3.x model uses (only `factor` varies between them).
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}
 _SMOLLM2 = dict(vocab_size=49152, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True)
 PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(_SMOLLM2, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, rope_base=100000.0),
@@ -145,11 +146,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
     "llama-2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=4096),
     "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
-                         rope_base=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0), max_seq_len=131072, tie_embeddings=True),
+                         rope_base=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0), max_seq_len=131072, tie_embeddings=True),
     "llama-3.2-3b": dict(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
-                         rope_base=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0), max_seq_len=131072, tie_embeddings=True),
+                         rope_base=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0), max_seq_len=131072, tie_embeddings=True),
     "llama-3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
-                         rope_base=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=8.0), max_seq_len=131072),
+                         rope_base=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=8.0), max_seq_len=131072),
     # Mistral-7B-v0.1's layout; its 4096-token sliding window is not applied (attention is full-context).
     "mistral-7b-v0.1": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=32768),
 }
@@ -351,3 +352,8 @@ class LLaMA(nn.Module):
 def causal_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
     """(T, S) bool: the query at position p may attend keys at positions 0..p."""
     return torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask as an additive bias: 0 where attending is allowed, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

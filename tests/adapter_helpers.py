@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lit_lora import cli
-from lit_lora.checkpoint import atomic_dir, load_model, write_adapter_files
+from lit_lora.adapter import write_adapter_files
+from lit_lora.checkpoint import load_model
+from lit_lora.fileio import atomic_dir
 from lit_lora.lora import LoRAConfig, apply_lora, lora_layers
 
 

@@ -58,7 +58,7 @@ def test_packing_matches_separate_sequences():
 
 
 def test_pad_multiple_rounds_the_length_up_within_max_seq_length_and_leaves_the_loss_alone():
-    from lit_lora.finetune import micro_batch_loss
+    from lit_lora.loss import micro_batch_loss
 
     examples = [example([5, 6, 7], 1), example([8, 9, 10, 11, 12], 2)]
     assert collate(examples, pad_id=0, pad_multiple=4)["input_ids"].shape == (2, 8)

@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_config, write_tiny_tokenizer
 
 from lit_lora import checkpoint
-from lit_lora.checkpoint import atomic_dir, load_model, save_checkpoint, sha256_file, weight_files
+from lit_lora.checkpoint import load_model, save_checkpoint, weight_files
+from lit_lora.fileio import atomic_dir, sha256_file
 from lit_lora.errors import UserError
 from lit_lora.model import LLaMA
 

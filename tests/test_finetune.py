@@ -131,7 +131,7 @@ def test_sigint_saves_a_resumable_checkpoint(tiny_checkpoint, prepared, tmp_path
 
 
 def test_chunked_head_loss_matches_plain_cross_entropy():
-    from lit_lora.finetune import target_loss_sum
+    from lit_lora.loss import target_loss_sum
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)

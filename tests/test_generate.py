@@ -134,8 +134,8 @@ def test_real_model_knows_the_capital_of_france(smollm2_checkpoint):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepared_model_computes_the_same(tiny_checkpoint, dtype):
     """Fused matmuls and packed weights change speed, not results; merged adapters still reach them."""
-    from lit_lora.generate import prepare_for_generation, repack
-    from lit_lora.merge import merge_adapter, restore_weights
+    from lit_lora.adapter import merge_adapter, restore_weights
+    from lit_lora.fast_decode import prepare_for_generation, repack
 
     plain = load_model(tiny_checkpoint, dtype).eval()
     prepared = prepare_for_generation(load_model(tiny_checkpoint, dtype).eval())

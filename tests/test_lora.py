@@ -1,4 +1,4 @@
-"""LoRA: a no-op at init, exact merge/unmerge, only LoRA trains, the adapter is exactly the LoRA tensors."""
+"""LoRA: a no-op at init, exact merge and restore, only LoRA trains, the adapter is exactly the LoRA tensors."""
 from __future__ import annotations
 
 import math
@@ -7,11 +7,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from lit_lora.adapter import merge_adapter, restore_weights
 from lit_lora.errors import UserError
-from lit_lora.lora import (
-    LoRAConfig, LoRALinear, apply_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable, merge_lora,
-    unmerge_lora,
-)
+from lit_lora.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable
 from lit_lora.model import LLaMA
 
 IDX = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -42,23 +40,19 @@ def test_unchanged_at_init():
     assert torch.equal(logits(model), before)
 
 
-def test_merge_unmerge_agree_and_are_idempotent():
-    model = base_model()
-    original = model.layers[0].self_attn.q_proj.weight.detach().clone()
-    apply_lora(model, LoRAConfig(targets=["query", "value", "down"], dropout=0.0))
-    randomise_lora(model)
-    unmerged = logits(model)
+def test_merge_agrees_with_unmerged_and_restore_is_exact():
+    config = LoRAConfig(targets=["query", "value", "down"], dropout=0.0)
+    lora_model = apply_lora(base_model(), config)
+    randomise_lora(lora_model)
+    unmerged = logits(lora_model)
     assert (unmerged - logits(base_model())).abs().max() > 1e-3  # the update really changes the output
-    merge_lora(model)
-    merged_weight = model.layers[0].self_attn.q_proj.weight.detach().clone()
-    merge_lora(model)  # idempotent: the flag knows it is merged
-    assert torch.equal(model.layers[0].self_attn.q_proj.weight, merged_weight)
-    assert all(layer.merged for layer in lora_layers(model))
-    assert (logits(model) - unmerged).abs().max() < 1e-5
-    unmerge_lora(model)
-    unmerge_lora(model)
-    assert (model.layers[0].self_attn.q_proj.weight - original).abs().max() < 1e-6
-    assert (logits(model) - unmerged).abs().max() < 1e-5
+    plain = base_model()
+    original = plain.layers[0].self_attn.q_proj.weight.detach().clone()
+    originals = merge_adapter(plain, config, {k: v.detach() for k, v in lora_state_dict(lora_model).items()})
+    assert (logits(plain) - unmerged).abs().max() < 1e-5
+    restore_weights(plain, originals)
+    assert torch.equal(plain.layers[0].self_attn.q_proj.weight, original)
+    assert torch.equal(logits(plain), logits(base_model()))
 
 
 def test_only_lora_trains():

@@ -9,7 +9,8 @@ import torch
 from adapter_helpers import make_adapter, run_cli
 from conftest import make_tiny_checkpoint
 
-from lit_lora.checkpoint import load_adapter, load_info, load_model
+from lit_lora.adapter import load_adapter
+from lit_lora.checkpoint import load_info, load_model
 from lit_lora.convert.export import export_hf, export_peft
 from lit_lora.errors import UserError
 from lit_lora.generate import Sampling, run_generate

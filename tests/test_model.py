@@ -7,6 +7,7 @@ from conftest import tiny_config
 
 from lit_lora import checkpoint
 from lit_lora.checkpoint import load_model
+from lit_lora.fileio import iter_safetensors
 from lit_lora.errors import UserError
 from lit_lora.model import LLaMA, Config
 
@@ -78,7 +79,7 @@ def test_load_builds_on_meta_and_never_initialises(tiny_checkpoint, monkeypatch)
     params = dict(model.named_parameters())
     assert not any(p.is_meta for p in params.values())
     assert model.lm_head.weight is model.embed_tokens.weight  # tied after loading
-    saved = dict(checkpoint.iter_safetensors(tiny_checkpoint / checkpoint.WEIGHTS))
+    saved = dict(iter_safetensors(tiny_checkpoint / checkpoint.WEIGHTS))
     assert all(torch.equal(params[k], v) for k, v in saved.items())
 
 

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lit_lora.checkpoint import (
-    ShardWriter, atomic_dir, copy_tokenizer_files, iter_safetensors, load_adapter, load_config, load_info,
-    weight_files, write_json,
-)
+from lit_lora.adapter import load_adapter
+from lit_lora.checkpoint import ShardWriter, copy_tokenizer_files, load_config, load_info, weight_files
+from lit_lora.convert.hf import to_hf_name
 from lit_lora.convert.peft import write_peft_adapter
+from lit_lora.device import torch_dtype_name
+from lit_lora.fileio import atomic_dir, iter_safetensors, write_json
 from lit_lora.tokenizer import Tokenizer
-
-_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def to_hf_name(name: str) -> str:
-    """Our names are LlamaForCausalLM's minus the decoder's `model.` prefix; the head sits outside it."""
-    return name if name.startswith("lm_head.") else f"model.{name}"
 
 
 def export_hf(checkpoint_dir: Path, out: Path, overwrite: bool = False) -> Path:
@@ -36,7 +30,7 @@ def export_hf(checkpoint_dir: Path, out: Path, overwrite: bool = False) -> Path:
         writer.close()
         dtype = load_info(checkpoint_dir).get("dtype") or "fp32"
         hf_config = {**config.to_hf_config(), "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                     "pad_token_id": tokenizer.pad_id, "torch_dtype": _TORCH_DTYPE[dtype]}
+                     "pad_token_id": tokenizer.pad_id, "torch_dtype": torch_dtype_name(dtype)}
         write_json(tmp / "config.json", hf_config)
         copy_tokenizer_files(checkpoint_dir, tmp)
     return Path(out)

@@ -15,10 +15,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from lit_lora.checkpoint import ShardWriter, atomic_dir, finish_checkpoint, parse_dtype, write_json
-from lit_lora.convert.hf import expected_names
+from lit_lora.checkpoint import ShardWriter, finish_checkpoint, stored_names
+from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
-from lit_lora.model import Config, rope_inv_freq
+from lit_lora.fileio import atomic_dir, write_json
+from lit_lora.model import LLAMA3_ROPE, Config, rope_inv_freq
 
 # GGUF tensor name -> our name; per-layer names sit under blk.N. / layers.N.
 GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
@@ -36,8 +37,6 @@ LAYER_NAMES = {
 }
 # general.file_type of unquantised files -> the dtype we keep by default; quantised files become fp32.
 UNQUANTISED_FILE_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}
-# The Llama 3 scaling constants every released Llama 3.x model uses (only `factor` varies between them).
-LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}
 
 
 def convert_gguf(path: Path, out: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
@@ -121,7 +120,7 @@ def rope_scaling_from_gguf(meta: dict[str, Any], reader, config: Config) -> dict
     if freqs is None:
         return None
     divisors = torch.from_numpy(np.array(freqs.data, dtype=np.float32).reshape(-1))
-    scaling = {"factor": float(divisors.max()), **LLAMA3_SCALING}
+    scaling = {"factor": float(divisors.max()), **LLAMA3_ROPE}
     plain = rope_inv_freq(Config(**{**config.to_dict(), "rope_scaling": None}))
     scaled = rope_inv_freq(Config(**{**config.to_dict(), "rope_scaling": scaling}))
     if not torch.allclose(plain / scaled, divisors, rtol=1e-3):
@@ -169,7 +168,7 @@ def iter_gguf_tensors(reader, config: Config) -> Iterator[tuple[str, torch.Tenso
             tensor = unpermute_rope_rows(tensor, config.n_kv_heads)
         seen.add(name)
         yield name, tensor
-    expected = expected_names(config)
+    expected = stored_names(config)
     missing = sorted(expected - seen)
     if missing or seen - expected:
         raise UserError(f"GGUF tensors do not match its metadata: missing {missing[:3]}, "

@@ -12,12 +12,21 @@ from typing import Iterator
 
 import torch
 
-from lit_lora.checkpoint import (
-    DEFAULT_SHARD_BYTES, ShardWriter, atomic_dir, finish_checkpoint, iter_safetensors,
-    parse_dtype,
-)
+from lit_lora.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, finish_checkpoint, stored_names
+from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
-from lit_lora.model import LLaMA, Config
+from lit_lora.fileio import atomic_dir, iter_safetensors
+from lit_lora.model import Config
+
+
+def to_hf_name(name: str) -> str:
+    """Our names are LlamaForCausalLM's minus the decoder's `model.` prefix; the head sits outside it."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def from_hf_name(hf_name: str) -> str:
+    """The inverse of `to_hf_name`."""
+    return hf_name.removeprefix("model.")
 
 
 def convert_hf(
@@ -31,14 +40,14 @@ def convert_hf(
     if not ((src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file()):
         raise UserError(f"no tokenizer in {src}: expected tokenizer.json or tokenizer.model next to config.json")
     target = parse_dtype(dtype)
-    expected = expected_names(config)
+    expected = stored_names(config)
     written: set[str] = set()
     saved_dtype = target
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for path in sources:
             for hf_name, tensor in iter_weights(path, target):
-                name = hf_name.removeprefix("model.")
+                name = from_hf_name(hf_name)
                 if (name == "lm_head.weight" and config.tie_embeddings) or name.endswith("rotary_emb.inv_freq"):
                     continue  # a tied head is the embedding; inv_freq buffers are recomputed from the config
                 if name not in expected:
@@ -100,10 +109,3 @@ def iter_weights(path: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, t
     for name in list(state):
         tensor = state.pop(name)
         yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-
-def expected_names(config: Config) -> set[str]:
-    """Our parameter names for `config` (a tied head is stored once, as the embedding)."""
-    with torch.device("meta"):
-        names = set(LLaMA(config).state_dict())
-    return names - {"lm_head.weight"} if config.tie_embeddings else names

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lit_lora.checkpoint import iter_safetensors, write_json
+from lit_lora.convert.hf import from_hf_name, to_hf_name
 from lit_lora.errors import UserError
+from lit_lora.fileio import iter_safetensors, write_json
 from lit_lora.lora import TARGET_GROUPS, TARGETS, LoRAConfig
 
 PEFT_CONFIG = "adapter_config.json"
@@ -32,14 +33,12 @@ def is_peft_adapter(directory: Path) -> bool:
 
 def to_peft_key(name: str) -> str:
     """`layers.0.self_attn.q_proj.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
-    hf_name = name if name.startswith("lm_head.") else f"model.{name}"
-    return f"{_PREFIX}{hf_name}.weight"
+    return f"{_PREFIX}{to_hf_name(name)}.weight"
 
 
 def from_peft_key(key: str) -> str:
     """The inverse of `to_peft_key`."""
-    name = key.removeprefix(_PREFIX).removesuffix(".weight")
-    return name.removeprefix("model.")
+    return from_hf_name(key.removeprefix(_PREFIX).removesuffix(".weight"))
 
 
 def peft_config(config: LoRAConfig, base_model_name_or_path: str | None) -> dict[str, Any]:

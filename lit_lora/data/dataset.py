@@ -20,42 +20,15 @@ import numpy as np
 import torch
 
 from lit_lora.errors import UserError
+from lit_lora.fileio import memmap_safetensors
 
 SPLITS = ("train", "val")
 META = "meta.json"
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (PyTorch's cross_entropy default)
-_NUMPY_DTYPES = {"I32": np.int32, "I64": np.int64}
 
 
 def split_path(directory: Path, split: str) -> Path:
     return Path(directory) / f"{split}.safetensors"
-
-
-def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Read-only numpy views of every tensor in a safetensors file, without reading the data.
-
-    The format is an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and
-    byte range, then the raw little-endian data; a memmap at that offset is exactly the tensor.
-    """
-    try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e} (the file is truncated or not safetensors)") from None
-    data_start = 8 + header_len
-    arrays = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = np.dtype(_NUMPY_DTYPES[info["dtype"]]).newbyteorder("<")
-        begin, end = info["data_offsets"]
-        count = (end - begin) // dtype.itemsize
-        if count == 0:  # numpy cannot map zero bytes
-            arrays[name] = np.zeros(info["shape"], dtype=dtype)
-        else:
-            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=tuple(info["shape"]))
-    return arrays
 
 
 class PreparedDataset(torch.utils.data.Dataset):

@@ -20,11 +20,12 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from lit_lora.checkpoint import atomic_dir, check_checkpoint_dir, sha256_file, write_json
+from lit_lora.checkpoint import check_checkpoint_dir
 from lit_lora.data.dataset import META, split_path
 from lit_lora.data.readers import Record, is_placeholder_input, read_records
 from lit_lora.data.templates import Template, get_template
 from lit_lora.errors import UserError
+from lit_lora.fileio import atomic_dir, sha256_file, write_json
 from lit_lora.tokenizer import Tokenizer
 
 # Where prepare-alpaca and prepare-dolly fetch their data when given neither --data_file nor --url.

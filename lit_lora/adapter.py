@@ -1,0 +1,134 @@
+"""The adapter: what lit-lora produces. Its directory format, reading any adapter (ours or PEFT's), the checks
+that it belongs to a base, and merging it into a model in memory.
+
+    out/RUN/final/
+      lora.safetensors      the LoRA tensors only, under the model's parameter names (layers.0.self_attn.q_proj.lora_A)
+      adapter_config.yaml   r, alpha, dropout, targets, scaling, template, the base's config and content hash
+
+`generate` merges adapters into a loaded base (`merge_adapter`) and `merge-lora` streams a checkpoint
+through the same `lora.merged_weight`, so both hold bit-identical weights.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from lit_lora.checkpoint import load_info
+from lit_lora.convert.peft import is_peft_adapter, load_peft_adapter
+from lit_lora.errors import UserError
+from lit_lora.fileio import iter_safetensors, write_yaml
+from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merged_weight
+from lit_lora.model import LLaMA, Config
+
+ADAPTER_WEIGHTS = "lora.safetensors"
+ADAPTER_CONFIG = "adapter_config.yaml"
+# Fields that decide whether adapter tensors fit a base (name and context length do not).
+_ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
+
+
+# ---------------------------------------------------------------------------------------------- the format
+def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path | None, template: str | None,
+                        dtype: torch.dtype | None = None) -> None:
+    """Write lora.safetensors (LoRA tensors only) and adapter_config.yaml into an existing directory.
+
+    Callers wrap this in `atomic_dir` together with whatever else belongs in the same directory.
+    """
+    config = model.lora_config
+    state = {k: (v.detach().to(dtype) if dtype else v.detach()).contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(state, str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt", "lit_lora": "adapter"})
+    base_info = load_info(base_checkpoint_dir) if base_checkpoint_dir else {}
+    meta = {
+        **config.to_dict(),
+        "scaling": config.scaling,
+        "base_checkpoint": str(base_checkpoint_dir) if base_checkpoint_dir else None,
+        "base_content_hash": base_info.get("content_hash"),
+        "base_model": model.config.to_dict(),
+        "template": template,
+    }
+    write_yaml(Path(directory) / ADAPTER_CONFIG, meta)
+
+
+def load_adapter(path: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(LoRA config, LoRA tensors, everything adapter_config.yaml records) from an adapter dir or its file."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    weights = path if path.is_file() else directory / ADAPTER_WEIGHTS
+    if not path.exists():
+        raise UserError(f"adapter {path} does not exist")
+    if not (directory / ADAPTER_CONFIG).is_file() and is_peft_adapter(directory):
+        return load_peft_adapter(directory)  # an adapter trained elsewhere with Hugging Face PEFT
+    if not (directory / ADAPTER_CONFIG).is_file() or not weights.is_file():
+        raise UserError(f"{path} is not a LoRA adapter: expected {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
+    try:
+        meta = yaml.safe_load((directory / ADAPTER_CONFIG).read_text()) or {}
+        config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta.get("dropout", 0.0),
+                            targets=list(meta["targets"]), use_rslora=meta.get("use_rslora", False))
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise UserError(f"{directory / ADAPTER_CONFIG} is not a valid adapter config: {e!r}") from None
+    state = dict(iter_safetensors(weights))
+    return config, state, meta
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_adapter_base(meta: dict[str, Any], checkpoint_dir: Path, config: Config) -> None:
+    """Refuse an adapter that records another base; warn when it records no base hash to compare."""
+    recorded = meta.get("base_model") or {}
+    for field in _ARCHITECTURE_FIELDS:
+        if field in recorded and recorded[field] != getattr(config, field):
+            raise UserError(f"the adapter was trained on another model ({field} {recorded[field]} != "
+                            f"{getattr(config, field)} in {checkpoint_dir}); use the base it was trained on")
+    want, have = meta.get("base_content_hash"), load_info(checkpoint_dir).get("content_hash")
+    if want and have and want != have:
+        raise UserError(f"the adapter was trained on another checkpoint than {checkpoint_dir} (content hash "
+                        f"{want[:12]} != {have[:12]}, base was {meta.get('base_checkpoint')}); use that base")
+    if not (want and have):
+        warnings.warn(f"cannot verify that the adapter was trained on {checkpoint_dir} (no base content hash "
+                      f"recorded); only tensor shapes are checked", stacklevel=2)
+
+
+def check_adapter_fits(config: Config, lora_config: LoRAConfig, state: dict[str, torch.Tensor]) -> None:
+    """Names and shapes of the adapter tensors against a model of `config`, without allocating the model."""
+    with torch.device("meta"):
+        model = apply_lora(LLaMA(config), lora_config)
+    load_lora_state_dict(model, state)  # raises UserError on a missing, unexpected or misshapen tensor
+
+
+def load_checked_adapter(lora_path: Path, checkpoint_dir: Path, config: Config):
+    """load_adapter + the base checks: (LoRA config, tensors, metadata) that are known to fit the base."""
+    lora_config, state, meta = load_adapter(lora_path)
+    check_adapter_base(meta, checkpoint_dir, config)
+    check_adapter_fits(config, lora_config, state)
+    return lora_config, state, meta
+
+
+# ---------------------------------------------------------------------------------------------- merging
+def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"layers.0.self_attn.q_proj.weight": (A, B)} for every adapted weight."""
+    modules = {name.rsplit(".", 1)[0] for name in state}
+    return {f"{m}.weight": (state[f"{m}.lora_A"], state[f"{m}.lora_B"]) for m in modules}
+
+
+@torch.no_grad()
+def merge_adapter(model: LLaMA, lora_config: LoRAConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Merge an adapter into the model's weights in place; returns the original weights for `restore_weights`.
+
+    Restoring the saved originals (rather than subtracting B A again) leaves the base exactly as loaded,
+    which rounding would not in bf16.
+    """
+    originals = {}
+    for name, (A, B) in lora_pairs(state).items():
+        weight = model.get_parameter(name)
+        originals[name] = weight.detach().clone()
+        weight.copy_(merged_weight(weight, A, B, lora_config.scaling))
+    return originals
+
+
+@torch.no_grad()
+def restore_weights(model: LLaMA, originals: dict[str, torch.Tensor]) -> None:
+    for name, weight in originals.items():
+        model.get_parameter(name).copy_(weight)
