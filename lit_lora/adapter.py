@@ -3,7 +3,8 @@ that it belongs to a base, and merging it into a model in memory.
 
     out/RUN/final/
       lora.safetensors      the LoRA tensors only, under the model's parameter names (layers.0.self_attn.q_proj.lora_A)
-      adapter_config.yaml   r, alpha, dropout, targets, scaling, template, the base's config and content hash
+      adapter_config.yaml   r, alpha, dropout, targets, scaling, template, the base's config and content hash,
+                            and the sha256 of lora.safetensors (checked when the adapter is loaded)
 
 `generate` merges adapters into a loaded base (`merge_adapter`) and `merge-lora` streams a checkpoint
 through the same `lora.merged_weight`, so both hold bit-identical weights.
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from lit_lora.checkpoint import load_info
 from lit_lora.convert.peft import is_peft_adapter, load_peft_adapter
 from lit_lora.errors import UserError
-from lit_lora.fileio import iter_safetensors, write_yaml
+from lit_lora.fileio import iter_safetensors, sha256_file, write_yaml
 from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merged_weight
 from lit_lora.model import LLaMA, Config
 
@@ -49,12 +50,17 @@ def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path
         "base_content_hash": base_info.get("content_hash"),
         "base_model": model.config.to_dict(),
         "template": template,
+        "weights_sha256": sha256_file(Path(directory) / ADAPTER_WEIGHTS),
     }
     write_yaml(Path(directory) / ADAPTER_CONFIG, meta)
 
 
-def load_adapter(path: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(LoRA config, LoRA tensors, everything adapter_config.yaml records) from an adapter dir or its file."""
+def load_adapter(path: Path, verify: bool = True) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(LoRA config, LoRA tensors, everything adapter_config.yaml records) from an adapter dir or its file.
+
+    With `verify`, lora.safetensors is hashed as it is read and checked against the sha256 recorded in
+    adapter_config.yaml (adapters written before that was recorded are not checked).
+    """
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     weights = path if path.is_file() else directory / ADAPTER_WEIGHTS
@@ -70,7 +76,9 @@ def load_adapter(path: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[
                             targets=list(meta["targets"]), use_rslora=meta.get("use_rslora", False))
     except (yaml.YAMLError, KeyError, TypeError) as e:
         raise UserError(f"{directory / ADAPTER_CONFIG} is not a valid adapter config: {e!r}") from None
-    state = dict(iter_safetensors(weights))
+    recorded = meta.get("weights_sha256") if verify and weights.name == ADAPTER_WEIGHTS else None
+    state = dict(iter_safetensors(weights, sha256=recorded, hint="; the adapter cannot be trusted: train or copy "
+                                  "it again (--no-verify skips this check)"))
     return config, state, meta
 
 
@@ -98,9 +106,9 @@ def check_adapter_fits(config: Config, lora_config: LoRAConfig, state: dict[str,
     load_lora_state_dict(model, state)  # raises UserError on a missing, unexpected or misshapen tensor
 
 
-def load_checked_adapter(lora_path: Path, checkpoint_dir: Path, config: Config):
+def load_checked_adapter(lora_path: Path, checkpoint_dir: Path, config: Config, verify: bool = True):
     """load_adapter + the base checks: (LoRA config, tensors, metadata) that are known to fit the base."""
-    lora_config, state, meta = load_adapter(lora_path)
+    lora_config, state, meta = load_adapter(lora_path, verify)
     check_adapter_base(meta, checkpoint_dir, config)
     check_adapter_fits(config, lora_config, state)
     return lora_config, state, meta

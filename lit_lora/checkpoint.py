@@ -16,7 +16,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -35,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "chat_template.jinja")  # transformers 5 saves the template apart
 FORMAT_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # a shard is held in memory (and copied once by save_file) while written
+_SKIP_VERIFY = "--no-verify, or verify: false in a training config, skips this check"
 
 
 def stored_names(config: Config) -> set[str]:
@@ -160,7 +161,15 @@ def load_config(checkpoint_dir: Path) -> Config:
 
 def load_info(checkpoint_dir: Path) -> dict[str, Any]:
     path = Path(checkpoint_dir) / CHECKPOINT_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"{path} is damaged ({e}); convert or download the checkpoint again") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); convert or download the checkpoint again")
+    return info
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -173,16 +182,30 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; the checkpoint is incomplete, convert it again")
 
 
+def iter_weights(checkpoint_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 verify: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) over every weights file, one tensor at a time. With `verify`, each file is hashed while it
+    is read and checked against the sha256 that checkpoint.json records (a damaged file is a UserError naming
+    it, raised before its last tensor comes out); files of a checkpoint that records no hashes are not checked."""
+    hashes = (load_info(checkpoint_dir).get("weights_sha256") or {}) if verify else {}
+    for path in weight_files(checkpoint_dir):
+        if hashes and path.name not in hashes:
+            raise UserError(f"{path} is not among the weights files {CHECKPOINT_INFO} records: the checkpoint was "
+                            f"changed after it was written; convert it again ({_SKIP_VERIFY})")
+        yield from iter_safetensors(path, dtype, str(device), sha256=hashes.get(path.name),
+                                    hint=f"; convert or download the checkpoint again ({_SKIP_VERIFY})")
+
+
 def load_model(
-    checkpoint_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    checkpoint_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True
 ) -> LLaMA:
-    """Build the model on the meta device and fill it from the checkpoint: no random init, no second copy."""
+    """Build the model on the meta device and fill it from the checkpoint: no random init, no second copy.
+
+    `verify` checks each weights file against the sha256 in checkpoint.json as it is read (`iter_weights`)."""
     config = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = LLaMA(config)
-    state = {}
-    for path in weight_files(checkpoint_dir):
-        state.update(iter_safetensors(path, dtype, str(device)))
+    state = dict(iter_weights(checkpoint_dir, dtype, device, verify))
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     expected = stored_names(config)

@@ -1,8 +1,9 @@
 """The `lit-lora` program: typer commands that parse arguments, call the library and print.
 
 Every subcommand is also installed as its own console script (`convert-hf`, `finetune-lora`, ...).
-A `UserError` from the library becomes one line on stderr and exit code 2; anything else is a bug and
-keeps its traceback. Option defaults are read from the library functions' signatures, so each is declared once.
+A `UserError` from the library, or an OSError from the file system (a full disk, a read-only
+destination), becomes one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+Option defaults are read from the library functions' signatures, so each is declared once.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import click
 import typer
 
 from lit_lora import download as models
+from lit_lora import evaluate as ev
 from lit_lora import generate as gen
 from lit_lora import merge
 from lit_lora.convert import export, gguf, hf
 from lit_lora.data import prepare, readers
-from lit_lora.errors import UserError
+from lit_lora.errors import UserError, os_error_message
 
 app = typer.Typer(
     help="LoRA fine-tuning of LLaMA-family models: import, prepare data, fine-tune, generate, merge, export.",
@@ -39,37 +41,67 @@ def option(func: Callable, name: str, help: str, **kwargs: Any) -> Any:
     return typer.Option(default(func, name), f"--{name}", help=help, **kwargs)
 
 
+class Command(typer.core.TyperCommand):
+    """A command whose boolean flags (--help too) are shown as flags, without a `<bool>` value placeholder."""
+
+    def get_params(self, ctx: click.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+def subcommand(name: str, example: str, **kwargs: Any) -> Callable:
+    """`app.command(name)`, its --help ending with one copy-paste example."""
+    return app.command(name, cls=Command, epilog=f"Example: {example}", **kwargs)
+
+
+def out_option(help: str) -> Any:
+    return typer.Option(..., "--out", help=help)
+
+
+def overwrite_option(func: Callable, flag: str = "--out") -> Any:
+    return option(func, "overwrite", f"Replace {flag} if it exists: only a directory lit-lora wrote (a checkpoint, "
+                                     f"prepared data, an adapter, an export), never one of the command's inputs.")
+
+
+def verify_option() -> Any:
+    return typer.Option(True, "--verify/--no-verify", help="Check every weights file against the sha256 recorded "
+                        "when it was written, while reading it (--no-verify skips the check).")
+
+
 # ------------------------------------------------------------------------------------------ model import
-@app.command("convert-hf")
+@subcommand("convert-hf", "convert-hf path/to/SmolLM2-135M-Instruct --out checkpoints/smollm2-135m-instruct")
 def convert_hf(
     src_dir: Path = typer.Argument(..., help="Hugging Face model directory: config.json, *.safetensors or "
                                              "pytorch_model*.bin, tokenizer files."),
-    out: Path = typer.Option(..., "--out", help="Checkpoint directory to create, e.g. checkpoints/NAME."),
+    out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME."),
     dtype: Optional[str] = option(hf.convert_hf, "dtype", "bf16, fp16 or fp32; default: keep the source tensors' dtype."),
-    overwrite: bool = option(hf.convert_hf, "overwrite", "Replace --out if it already exists."),
+    overwrite: bool = overwrite_option(hf.convert_hf),
 ) -> None:
     """Convert a Hugging Face LLaMA directory into a lit-lora checkpoint, streaming tensor by tensor."""
     print(f"wrote {hf.convert_hf(src_dir, out, dtype=dtype, overwrite=overwrite)}")
 
 
-@app.command("convert-gguf")
+@subcommand("convert-gguf", "convert-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/smollm2-135m-instruct")
 def convert_gguf(
     file: Path = typer.Argument(..., help="A LLaMA-architecture .gguf file (llama.cpp format)."),
-    out: Path = typer.Option(..., "--out", help="Checkpoint directory to create, e.g. checkpoints/NAME."),
+    out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME."),
     dtype: Optional[str] = option(gguf.convert_gguf, "dtype", "bf16, fp16 or fp32; default: fp32 for quantised "
                                                                "files, the file's own type otherwise."),
-    overwrite: bool = option(gguf.convert_gguf, "overwrite", "Replace --out if it already exists."),
+    overwrite: bool = overwrite_option(gguf.convert_gguf),
 ) -> None:
     """Dequantise a GGUF file into a lit-lora checkpoint, tokenizer.json rebuilt from its vocabulary."""
     print(f"wrote {gguf.convert_gguf(file, out, dtype=dtype, overwrite=overwrite)}")
 
 
-@app.command("download")
+@subcommand("download", "download smollm2-135m-instruct --out checkpoints/smollm2-135m-instruct")
 def download(
     name: str = typer.Argument(..., help=f"Model to fetch; known: {', '.join(models.MODELS)}."),
     out: Optional[Path] = option(models.download, "out", "Checkpoint directory; default checkpoints/NAME."),
     dtype: Optional[str] = option(models.download, "dtype", "bf16, fp16 or fp32; default fp32."),
-    overwrite: bool = option(models.download, "overwrite", "Replace --out if it already exists."),
+    overwrite: bool = overwrite_option(models.download),
 ) -> None:
     """Download a known model (cached in $LIT_LORA_CACHE, default ~/.cache/lit-lora) and import it."""
     print(f"wrote {models.download(name, out=out, dtype=dtype, overwrite=overwrite)}")
@@ -98,11 +130,12 @@ def _prepare_options() -> list[inspect.Parameter]:
         param("mask_inputs", bool, typer.Option(default(p, "mask_inputs"), "--mask_inputs/--no-mask_inputs",
                                                 help="Train on responses only (prompt labels are -100).")),
         param("seed", int, option(p, "seed", "Seed of the train/val split.")),
+        param("overwrite", bool, overwrite_option(p, "--destination")),
     ]
 
 
 def prepare_command(name: str, doc: str, format: str | None, destination: str, url_help: str,
-                    extra: tuple[inspect.Parameter, ...] = ()) -> None:
+                    extra: tuple[inspect.Parameter, ...] = (), example_file: str = "records.json") -> None:
     """Register `name`: its own source options and destination, then the shared ones, all forwarded to prepare()."""
 
     def command(**kwargs: Any) -> None:
@@ -126,16 +159,17 @@ def prepare_command(name: str, doc: str, format: str | None, destination: str, u
     shared = _prepare_options()  # checkpoint_dir, data_file first: where the data comes from, then the rest
     command.__signature__ = inspect.Signature(shared[:2] + own + shared[2:])
     command.__doc__ = doc
-    app.command(name)(command)
+    subcommand(name, f"{name} --checkpoint_dir checkpoints/smollm2-135m-instruct --data_file {example_file} "
+                     f"--destination {destination} --template chatml")(command)
 
 
 prepare_command("prepare-alpaca", "Tokenise the (cleaned) Alpaca data: a JSON list of {instruction, input, output}.",
                 "alpaca", "data/alpaca", "Download from here when no --data_file is given; default: alpaca-lora's "
-                                         "alpaca_data_cleaned_archive.json.")
+                                         "alpaca_data_cleaned_archive.json.", example_file="alpaca_data.json")
 prepare_command("prepare-dolly", "Tokenise Dolly-15k: JSONL of {instruction, context, response, category}; context "
                                  "is the input.",
                 "dolly", "data/dolly", "Download from here when no --data_file is given; default: "
-                                       "databricks-dolly-15k.jsonl.")
+                                       "databricks-dolly-15k.jsonl.", example_file="databricks-dolly-15k.jsonl")
 prepare_command("prepare-json", "Tokenise your own JSON list or JSONL of instruction records.", None, "data/custom",
                 "Download the file from here instead of --data_file.", extra=(
     inspect.Parameter("format", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=option(
@@ -147,7 +181,8 @@ prepare_command("prepare-json", "Tokenise your own JSON list or JSONL of instruc
 
 
 # ------------------------------------------------------------------------------------------ training
-@app.command("finetune-lora", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@subcommand("finetune-lora", "finetune-lora --config configs/smollm2-135m-alpaca.yaml --train.max_steps 200",
+            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def finetune_lora(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (see configs/); any key can be "
@@ -156,13 +191,18 @@ def finetune_lora(
                                          "step-XXXXXX checkpoint directory to continue from."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
 ) -> None:
-    """Fine-tune a LoRA adapter on prepared data; writes checkpoints, metrics and a summary to out_dir."""
-    from lit_lora.train_config import config_to_yaml, load_config
+    """Fine-tune a LoRA adapter on prepared data; writes checkpoints, metrics and a summary to out_dir.
+
+    Every config key, each settable as --key value (dotted for sections: --train.max_steps 200), is listed with
+    the value in effect by `finetune-lora --config FILE --dry-run`.
+    """
+    from lit_lora.train_config import check_hardware, config_to_yaml, load_config
 
     resolved = load_config(config, ctx.args)
     if dry_run:
         print(config_to_yaml(resolved), end="")
         return
+    check_hardware(resolved)  # before `precision: auto` probes and prints, so a missing GPU is the only line
     from lit_lora.finetune import finetune
 
     if finetune(resolved, resume)["interrupted"]:
@@ -170,7 +210,8 @@ def finetune_lora(
 
 
 # ------------------------------------------------------------------------------------------ generation, merge, export
-@app.command("generate")
+@subcommand("generate", "generate --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
+                        "out/lora/smollm2-135m-alpaca/final --prompt \"Give three tips for staying healthy.\"")
 def generate(
     checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
     prompt: Optional[str] = option(gen.run_generate, "prompt", "The instruction to answer."),
@@ -189,8 +230,10 @@ def generate(
     num_samples: int = option(gen.run_generate, "num_samples", "Answers to generate per prompt."),
     stream: bool = typer.Option(default(gen.run_generate, "stream"), "--stream/--no-stream",
                                 help="Print tokens as they are generated (single prompt only)."),
-    precision: str = option(gen.run_generate, "precision", "bf16-true or 32-true."),
+    precision: str = option(gen.run_generate, "precision", "bf16-true, 32-true or auto (the faster on this "
+                                                           "machine, by a short matmul probe)."),
     compile: bool = option(gen.run_generate, "compile", "torch.compile the model step (slow warm-up on CPU)."),
+    verify: bool = verify_option(),
 ) -> None:
     """Generate text with a base checkpoint, optionally through one or more LoRA adapters.
 
@@ -199,41 +242,82 @@ def generate(
     sampling = gen.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     gen.run_generate(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file, lora_paths=lora_path or [],
                      template=template, sampling=sampling, seed=seed, num_samples=num_samples, stream=stream,
-                     precision=precision, compile=compile)
+                     precision=precision, compile=compile, verify=verify)
 
 
-@app.command("merge-lora")
+@subcommand("merge-lora", "merge-lora --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
+                          "out/lora/smollm2-135m-alpaca/final --out checkpoints/smollm2-alpaca-merged")
 def merge_lora(
     checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint the adapter was trained on."),
     lora_path: Path = typer.Option(..., "--lora_path", help="Adapter directory or file (ours or PEFT's)."),
-    out: Path = typer.Option(..., "--out", help="Checkpoint directory to create, e.g. checkpoints/NAME-merged."),
+    out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME-merged."),
     dtype: Optional[str] = option(merge.merge_checkpoint, "dtype", "bf16, fp16 or fp32; default: the base's dtype."),
-    overwrite: bool = option(merge.merge_checkpoint, "overwrite", "Replace --out if it already exists."),
+    overwrite: bool = overwrite_option(merge.merge_checkpoint),
+    verify: bool = verify_option(),
 ) -> None:
     """Fold a LoRA adapter into the base weights (W + alpha/r B A) and write a standalone checkpoint."""
-    print(f"wrote {merge.merge_checkpoint(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite)}")
+    merged = merge.merge_checkpoint(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify)
+    print(f"wrote {merged}")
 
 
-@app.command("export-hf")
+@subcommand("export-hf", "export-hf --checkpoint_dir checkpoints/smollm2-alpaca-merged --out hf/smollm2-alpaca")
 def export_hf(
     checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Checkpoint to export (merge adapters first)."),
-    out: Path = typer.Option(..., "--out", help="Hugging Face model directory to create."),
-    overwrite: bool = option(export.export_hf, "overwrite", "Replace --out if it already exists."),
+    out: Path = out_option("Hugging Face model directory to create."),
+    overwrite: bool = overwrite_option(export.export_hf),
+    verify: bool = verify_option(),
 ) -> None:
     """Write a checkpoint as a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
-    print(f"wrote {export.export_hf(checkpoint_dir, out, overwrite=overwrite)}")
+    print(f"wrote {export.export_hf(checkpoint_dir, out, overwrite=overwrite, verify=verify)}")
 
 
-@app.command("export-peft")
+@subcommand("export-peft", "export-peft --lora_path out/lora/smollm2-135m-alpaca/final --out peft/smollm2-alpaca "
+                           "--base_model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct")
 def export_peft(
     lora_path: Path = typer.Option(..., "--lora_path", help="Adapter directory or file to export."),
-    out: Path = typer.Option(..., "--out", help="PEFT adapter directory to create."),
+    out: Path = out_option("PEFT adapter directory to create."),
     base_model_name_or_path: Optional[str] = option(export.export_peft, "base_model_name_or_path", "Hub id or path "
                                                     "of the HF base recorded in adapter_config.json."),
-    overwrite: bool = option(export.export_peft, "overwrite", "Replace --out if it already exists."),
+    overwrite: bool = overwrite_option(export.export_peft),
+    verify: bool = verify_option(),
 ) -> None:
     """Write an adapter as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
-    print(f"wrote {export.export_peft(lora_path, out, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)}")
+    written = export.export_peft(lora_path, out, base_model_name_or_path=base_model_name_or_path,
+                                 overwrite=overwrite, verify=verify)
+    print(f"wrote {written}")
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@app.command("evaluate")
+def evaluate(
+    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
+    data: Path = typer.Option(..., "--data", help="A prepared directory (any prepare-* output) or a raw "
+                                                  "Alpaca/Dolly/JSON(L) file with reference outputs."),
+    lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="Adapter to score beside the base; "
+                                                   "repeat for several (the base is loaded once)."),
+    split: str = option(ev.evaluate, "split", "Split of a prepared directory: val or train."),
+    metric: str = option(ev.evaluate, "metric", "loss, exact_match or both."),
+    limit: Optional[int] = option(ev.evaluate, "limit", "Score only the first N examples; default: all."),
+    batch_size: int = option(ev.evaluate, "batch_size", "Examples per forward pass and per generation batch."),
+    max_new_tokens: int = option(ev.evaluate, "max_new_tokens", "Most tokens per generated answer."),
+    template: str = option(ev.evaluate, "template", "For a raw file: alpaca, chatml, plain or auto (the adapter's)."),
+    precision: str = option(ev.evaluate, "precision", "auto, bf16-mixed, bf16-true or 32-true."),
+    json_output: bool = typer.Option(False, "--json", help="Print the scores as one JSON object instead of a table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the scores and every prediction beside its "
+                                                           "reference to this JSON file."),
+) -> None:
+    """Score the base model and its adapters on the same examples: loss, perplexity and exact match."""
+    import json
+
+    from lit_lora.fileio import write_json
+
+    result = ev.evaluate(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric, limit=limit,
+                         batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
+                         precision=precision, progress=sys.stderr.isatty())
+    if out is not None:
+        write_json(out, result)
+    summary = {k: v for k, v in result.items() if k != "predictions"}
+    print(json.dumps(summary, indent=2) if json_output else ev.format_table(result))
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -242,6 +326,9 @@ def _run(command: click.Command, prog_name: str) -> None:
         command(prog_name=prog_name)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the file system's, not ours: a full disk, a read-only or missing path
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -269,6 +356,7 @@ generate_main = _script("generate")
 merge_lora_main = _script("merge-lora")
 export_hf_main = _script("export-hf")
 export_peft_main = _script("export-peft")
+evaluate_main = _script("evaluate")
 
 if __name__ == "__main__":
     main()

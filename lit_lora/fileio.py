@@ -8,12 +8,17 @@ then the raw little-endian data.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import yaml
@@ -28,35 +33,141 @@ SAFETENSORS_DTYPES = {
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `out`, on any error it is removed."""
+# A directory holding one of these is one of ours (a checkpoint, prepared data, an adapter, a PEFT export),
+# and only such a directory is ever replaced; an HF export's config.json counts only beside its weights.
+OURS_MARKERS = ("checkpoint.json", "meta.json", "adapter_config.yaml", "adapter_config.json")
+HF_EXPORT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def looks_ours(directory: Path) -> bool:
+    """Whether `directory` is something lit-lora writes, and so something --overwrite may replace."""
+    directory = Path(directory)
+    return any((directory / m).is_file() for m in OURS_MARKERS) or (
+        (directory / "config.json").is_file() and any((directory / w).is_file() for w in HF_EXPORT_WEIGHTS))
+
+
+def check_destination(out: Path, overwrite: bool = False, inputs: Iterable[Path | None] = (),
+                      flag: str = "--out") -> None:
+    """Refuse (UserError) a destination whose replacement could lose data: the current directory or one of
+    its parents; one of `inputs`, or a directory that holds one or lies inside one; an existing file or
+    symbolic link; a non-empty directory without `overwrite`, and even with it one that is not ours."""
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    target, cwd = out.resolve(), Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise UserError(f"{flag} {out} is the current directory or one of its parents; name a new directory "
+                        f"instead, e.g. {flag} {out / 'NAME'}")
+    for source in inputs:
+        resolved = Path(source).resolve() if source is not None else None
+        if resolved is not None and (target == resolved or target in resolved.parents or resolved in target.parents):
+            relation = "is" if target == resolved else "contains" if target in resolved.parents else "is inside"
+            raise UserError(f"{flag} {out} {relation} the input {source}; choose a {flag} outside it")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        kind = "symbolic link" if out.is_symlink() else "file"
+        raise UserError(f"{flag} {out} is an existing {kind}, not a directory; choose another {flag}")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} already exists and is not empty; choose another {flag} or pass --overwrite "
+                            f"to replace it")
+        if not looks_ours(out):
+            raise UserError(f"{out} does not look like a lit-lora output (no {', '.join(OURS_MARKERS)}, nor "
+                            f"config.json beside model.safetensors), so --overwrite will not delete it; choose "
+                            f"another {flag} or remove it yourself")
+
+
+def _running(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_leftovers(out: Path) -> None:
+    """Deal with what killed writes of `out` left beside it (.NAME.tmp-PID, .NAME.old-PID of processes that
+    are gone), one line on stderr each: a temporary copy is removed; a previous version that was moved aside
+    is put back when `out` is missing (the write died between the two renames), else removed."""
+    out = Path(os.path.abspath(out))
+    if not out.parent.is_dir():
+        return
+    for path in sorted(out.parent.glob(glob.escape(f".{out.name}.") + "*")):
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)", path.name)
+        if match is None:
+            continue
+        kind, pid = match[1], int(match[2])
+        if pid != os.getpid() and _running(pid):
+            print(f"note: leaving {path} alone: process {pid}, which is writing it, is still running",
+                  file=sys.stderr)
+        elif kind == "old" and not (out.exists() or out.is_symlink()):
+            path.rename(out)
+            print(f"restored {out} from {path.name}, left by an interrupted replacement (process {pid})",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            print(f"removed {path}, left by an interrupted write (process {pid})", file=sys.stderr)
+
+
+def _naming(e: BaseException, tmp: Path, out: Path) -> BaseException:
+    """`e` naming `out` instead of the temporary directory; a Rust writer's "... (os error N)" (safetensors,
+    tokenizers) becomes that OSError, so a full disk is an OSError whatever wrote the file."""
+    if isinstance(e, OSError):
+        for attr in ("filename", "filename2"):
+            name = getattr(e, attr)
+            if isinstance(name, str) and name.startswith(str(tmp)):
+                setattr(e, attr, str(out) + name[len(str(tmp)):])
+        return e
+    match = re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(match[1]), os.strerror(int(match[1])), str(out)) if match else e
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None] = (),
+               flag: str = "--out") -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `out`, on any error it is removed.
+
+    First leftovers of killed writes to `out` are cleaned up, and the destination is checked against
+    `inputs` (the paths the command reads) by `check_destination`; `flag` is the option naming `out`.
+    An OSError inside (a full disk, a read-only file system) keeps its errno and names `out`.
+    """
+    shown, out = Path(out), Path(os.path.abspath(out))
+    clean_leftovers(out)
+    check_destination(shown, overwrite, inputs, flag)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         yield tmp
-    except BaseException:
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
+        error = _naming(e, tmp, shown)
+        if error is e:
+            raise
+        raise error from e
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):
+            e.filename = str(path)
+        raise
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> None:
@@ -77,46 +188,114 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 # ---------------------------------------------------------------------------------------------- safetensors
 def read_safetensors_header(f, path: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """({name: {dtype, shape, data_offsets}}, offset of the data) of an open safetensors file."""
+    """({name: {dtype, shape, data_offsets}}, offset of the data) of an open safetensors file, in file order.
+
+    The header is checked before anything is allocated from it: every dtype known, every shape a list of
+    non-negative ints whose size in bytes is its byte range, the ranges apart from each other and inside the file.
+    """
     size = Path(path).stat().st_size
     n = int.from_bytes(f.read(8), "little")
     if n <= 0 or 8 + n > size:
         raise ValueError("bad header length")
     header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     header.pop("__metadata__", None)
+    ranges = []
     for name, info in header.items():
-        begin, end = info["data_offsets"]
+        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else info
+            raise ValueError(f"tensor {name} has an unknown dtype {dtype!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+        if nbytes != end - begin:
+            raise ValueError(f"tensor {name} of shape {shape} needs {nbytes} bytes, its byte range holds "
+                             f"{end - begin}")
         if 8 + n + end > size:
             raise ValueError(f"tensor {name} runs past the end of the file")
-    return header, 8 + n
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise ValueError(f"tensors {first} and {second} overlap")
+    return {name: header[name] for _, _, name in ranges}, 8 + n
 
 
 def _damaged(path: Path, e: Exception) -> UserError:
     return UserError(f"cannot read {path}: {e} (the file is truncated or not safetensors)")
 
 
-def iter_safetensors(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: Path, dtype: torch.dtype | None = None, device: str = "cpu", sha256: str | None = None,
+                     hint: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) from one safetensors file, one tensor at a time; a damaged file is a UserError.
 
     Reads with plain file reads into fresh tensors instead of memory-mapping, so loading a checkpoint in
     another dtype holds one source tensor at a time, not the whole mapped file, in resident memory.
+    Tensors come in file order, so with `sha256` the bytes are hashed as they are read (one pass, no second
+    read of the file) and a mismatch is a UserError (ending with `hint`) raised before the last tensor is yielded.
+    The hashing runs in a helper thread (hashlib releases the GIL), one tensor behind the reading, so it mostly
+    overlaps the reads; a tensor is yielded only once it is hashed.
     """
     path = Path(path)
+
+    def emit(name: str, t: torch.Tensor, hashed: Any) -> tuple[str, torch.Tensor]:
+        if hashed is not None:
+            hashed.result()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return name, t.to(device)
+
+    hasher = ThreadPoolExecutor(1) if sha256 else None  # one worker: the updates run in the order submitted
     try:
         with open(path, "rb") as f:
             header, start = read_safetensors_header(f, path)
+            digest = hashlib.sha256() if sha256 else None
+            if digest is not None:
+                f.seek(0)
+                digest.update(f.read(start))
+            position, held = start, None  # held: the tensor read last, yielded once the next one is read
             for name, info in header.items():
                 begin, end = info["data_offsets"]
                 t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+                if hasher is not None and start + begin > position:  # a gap (safetensors itself leaves none)
+                    f.seek(position)
+                    hasher.submit(digest.update, f.read(start + begin - position))
                 f.seek(start + begin)
                 buffer = t.reshape(-1).view(torch.uint8).numpy()
                 if f.readinto(memoryview(buffer)) != end - begin or buffer.nbytes != end - begin:
                     raise ValueError(f"tensor {name} is incomplete")
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                yield name, t.to(device)
+                if hasher is None:
+                    yield emit(name, t, None)
+                    continue
+                position = start + end
+                if held is not None:
+                    yield emit(*held)
+                held = (name, t, hasher.submit(digest.update, buffer))
+            if hasher is not None:
+                hasher.submit(lambda: None).result()  # every update done
+                _check_digest(f, digest, sha256, path, hint)
+                if held is not None:
+                    yield emit(*held)
     except (ValueError, KeyError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
         raise _damaged(path, e) from None
+    finally:
+        if hasher is not None:
+            hasher.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_digest(f, digest, expected: str, path: Path, hint: str) -> None:
+    """Hash what is left of open file `f` into `digest` and compare it with `expected`."""
+    while block := f.read(1 << 24):
+        digest.update(block)
+    if digest.hexdigest() != expected:
+        raise UserError(f"{path} is damaged: its sha256 is {digest.hexdigest()[:16]}..., not the "
+                        f"{str(expected)[:16]}... recorded when it was written{hint}")
 
 
 def memmap_safetensors(path: Path) -> dict[str, Any]:

@@ -9,14 +9,17 @@ cross-entropy is divided by the number of target tokens in the whole global batc
 before the first forward), and multiplied by the world size because DDP averages gradients over processes.
 
 The out_dir holds config.yaml (the resolved config), metrics.csv, step-XXXXXX/ (adapter + training state, for
---resume), final/ (adapter only), loss.png and summary.json. The loss is in loss.py, checkpoints of the run in
-train_state.py.
+--resume), final/ (the same at the end: a finished run can be continued with a higher max_steps), loss.png
+and summary.json. Everything a resume depends on is read and checked before anything in out_dir is written.
+The loss is in loss.py, checkpoints of the run in train_state.py.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
+import os
 import signal
 import threading
 import time
@@ -32,18 +35,19 @@ from tqdm import tqdm
 from lit_lora.adapter import ADAPTER_WEIGHTS
 from lit_lora.checkpoint import check_checkpoint_dir, load_model
 from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
-from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
+from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
 from lit_lora.data.templates import get_template
-from lit_lora.device import PRECISIONS, peak_memory_bytes
+from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
-from lit_lora.fileio import write_json, write_yaml
+from lit_lora.fileio import atomic_write_bytes, write_json, write_yaml
 from lit_lora.generate import Sampling, complete
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
-from lit_lora.loss import micro_batch_loss
+from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
 from lit_lora.model import LLaMA, Block
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.train_config import TrainConfig
-from lit_lora.train_state import Progress, find_resume, is_fsdp, last_checkpoint_note, restore, save
+from lit_lora.train_config import TrainConfig, check_hardware
+from lit_lora.train_state import (FINAL, Progress, ResumePoint, check_resume_settings, find_resume, is_fsdp,
+                                  last_checkpoint_note, legacy_final_steps, restore, save)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -53,6 +57,7 @@ def load_datasets(config: TrainConfig) -> tuple[PreparedDataset, PreparedDataset
 
 def check_inputs(config: TrainConfig, train_data, world_size: int) -> None:
     """Everything that can be wrong before any model is loaded, each as one clear error."""
+    check_hardware(config)
     t = config.train
     if t.global_batch_size % (t.micro_batch_size * world_size):
         raise UserError(
@@ -62,20 +67,7 @@ def check_inputs(config: TrainConfig, train_data, world_size: int) -> None:
     if len(train_data) < t.global_batch_size:
         raise UserError(f"the training split has {len(train_data)} examples, fewer than one global batch "
                         f"({t.global_batch_size}); lower train.global_batch_size")
-    ours = Tokenizer(check_checkpoint_dir(config.checkpoint_dir)).identity()
-    theirs = train_data.meta.get("tokenizer")
-    if theirs != ours:
-        raise UserError(
-            f"{config.data_dir} was prepared with another tokenizer than {config.checkpoint_dir}'s "
-            f"(data: {_short(theirs)}, checkpoint: {_short(ours)}); prepare the data again with "
-            f"--checkpoint_dir {config.checkpoint_dir}"
-        )
-
-
-def _short(identity: dict | None) -> str:
-    if not identity:
-        return "unknown"
-    return f"vocab {identity.get('vocab_size')}, sha256 {str(identity.get('sha256'))[:12]}"
+    check_tokenizer(train_data, Tokenizer(check_checkpoint_dir(config.checkpoint_dir)), config.checkpoint_dir)
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -117,7 +109,7 @@ def build_model(config: TrainConfig) -> LLaMA:
     base_dtype, lora_dtype = PRECISIONS[config.precision]
     if config.strategy == "fsdp":
         base_dtype = lora_dtype  # an FSDP unit holds one dtype; FSDP's mixed precision casts for compute
-    model = load_model(config.checkpoint_dir, dtype=base_dtype)
+    model = load_model(config.checkpoint_dir, dtype=base_dtype, verify=config.verify)
     apply_lora(model, config.lora, dtype=lora_dtype)
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = config.train.gradient_checkpointing
@@ -130,16 +122,9 @@ def validate(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_id: int
     """Mean cross-entropy per target token over (part of) the validation split, all processes together."""
     model.eval()
     t = config.train
-    order = sorted(range(len(val_data)), key=lambda i: int(val_data.lengths[i]))  # similar lengths: less padding
-    batches = [order[i : i + t.micro_batch_size] for i in range(0, len(order), t.micro_batch_size)]
-    batches = batches[: config.eval.max_batches][fabric.global_rank :: fabric.world_size]
-    loss_sum = torch.zeros(2)  # summed cross-entropy, target tokens
-    for indices in batches:
-        batch = fabric.to_device(make_batch([val_data[i] for i in indices], pad_id, t.packing,
-                                            val_data.meta["max_seq_length"], t.pad_multiple))
-        with fabric.autocast():
-            loss_sum[0] += micro_batch_loss(model, batch, t.loss_chunk_size).float().cpu()
-        loss_sum[1] += (batch["targets"] != IGNORE_INDEX).sum().cpu()
+    limit = config.eval.max_batches * t.micro_batch_size if config.eval.max_batches else None
+    batches = eval_batches(val_data.lengths, limit, t.micro_batch_size)[fabric.global_rank :: fabric.world_size]
+    loss_sum = summed_loss(model, val_data, batches, pad_id, t, fabric.to_device, fabric.autocast)
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
     model.train()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
@@ -164,19 +149,42 @@ class MetricsLog:
     COLUMNS = ["step", "epoch", "split", "loss", "perplexity", "lr", "tokens", "tokens_per_s", "elapsed_s",
                "peak_memory_gb"]
 
-    def __init__(self, fabric: L.Fabric, path: Path, append: bool) -> None:
+    def __init__(self, fabric: L.Fabric, path: Path, resume_step: int | None) -> None:
+        """A new file, or on a resume the existing one cut back to the rows up to `resume_step`."""
         self.fabric, self.path = fabric, path
         self.rows: list[dict[str, Any]] = []
-        if fabric.global_rank == 0 and (not append or not path.is_file()):
+        if fabric.global_rank != 0:
+            return
+        if resume_step is None or not path.is_file():
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.COLUMNS)
+        else:
+            self.truncate(path, resume_step)
+
+    @staticmethod
+    def truncate(path: Path, step: int) -> None:
+        """Drop the rows logged after `step` (they are logged again), and any torn row; atomically."""
+        lines = path.read_text().splitlines(keepends=True)
+        keep, columns = lines[:1], len(next(csv.reader(lines[:1]), []))
+        for line in lines[1:]:
+            fields = next(csv.reader([line]), [])
+            with contextlib.suppress(ValueError):
+                if len(fields) == columns and int(fields[0]) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        if keep != lines:
+            atomic_write_bytes(path, "".join(keep).encode())
 
     def log(self, **row: Any) -> None:
         self.rows.append(row)
         if self.fabric.global_rank != 0:
             return
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.COLUMNS).writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.COLUMNS).writerow(row)
+        except OSError as e:  # a full disk: the checkpoints are what matters
+            raise UserError(f"could not write {self.path}: {e.strerror or e}; "
+                            f"{last_checkpoint_note(self.path.parent)}; free some space, then continue with "
+                            f"--resume auto") from None
         values = {f"{row['split']}/{k}": v for k, v in row.items() if k in ("loss", "perplexity", "lr", "tokens_per_s")}
         self.fabric.log_dict(values, step=row["step"])
 
@@ -245,21 +253,25 @@ class Run:
     template: str | None
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
+    no_val_noted: bool = False  # the data has no validation split and the user was told so
 
 
-def setup(config: TrainConfig, resume: str | None) -> tuple[Run, bool]:
-    """Check the inputs, start Fabric, build the model and optimizer, restore a checkpoint; (run, resumed)."""
+def setup(config: TrainConfig, resume: str | None) -> Run | None:
+    """Check the inputs and the checkpoint to resume from, start Fabric, build the model and optimizer, restore
+    the checkpoint, then write config.yaml; None (said so, nothing touched) when the run is already complete."""
     out_dir = Path(config.out_dir)
     train_data, val_data = load_datasets(config)
     check_inputs(config, train_data, config.devices * config.num_nodes)
-    resume_from = find_resume(resume, out_dir)
+    max_steps = total_steps(config, len(train_data))
+    point, warnings = find_resume(resume, out_dir)  # reads only; every check below comes before any write
+    if point is not None:
+        check_resume_settings(point, config)
+    if run_is_complete(out_dir, resume, point, max_steps):
+        return None
 
     fabric = make_fabric(config)
     fabric.launch()
     fabric.seed_everything(config.seed)
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(out_dir / "config.yaml", config.to_dict())
 
     model = build_model(config)
     t = config.train
@@ -269,18 +281,65 @@ def setup(config: TrainConfig, resume: str | None) -> tuple[Run, bool]:
     model.mark_forward_method("hidden_states")  # so DDP/FSDP and autocast see it as a forward pass
     optimizer = fabric.setup_optimizers(optimizer)
 
-    progress = restore(fabric, resume_from, model, optimizer, config) if resume_from else Progress()
-    if resume_from:
-        fabric.print(f"resuming from {resume_from} at step {progress.step}")
-    run = Run(config, fabric, model, optimizer, train_data, val_data, Tokenizer(config.checkpoint_dir), progress,
-              total_steps(config, len(train_data)), MetricsLog(fabric, out_dir / "metrics.csv", append=resume_from is not None),
-              train_data.meta.get("template"))
-    return run, resume_from is not None
+    progress = restore(fabric, point, model, optimizer) if point else Progress()
+    for warning in warnings:
+        fabric.print(warning)
+    if point:
+        fabric.print(f"resuming from {point.path} at step {progress.step}")
+        note = schedule_note(point, config, max_steps)
+        if note:
+            fabric.print(note)
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(out_dir / "config.yaml", config.to_dict())
+    metrics = MetricsLog(fabric, out_dir / "metrics.csv", resume_step=progress.step if point else None)
+    return Run(config, fabric, model, optimizer, train_data, val_data, Tokenizer(config.checkpoint_dir), progress,
+               max_steps, metrics, train_data.meta.get("template"))
 
 
-def evaluate(run: Run) -> float:
-    """Validation loss (logged), and on rank 0 a greedy sample for the configured prompt."""
+def run_is_complete(out_dir: Path, resume: str | None, point: ResumePoint | None, max_steps: int) -> bool:
+    """True (and says so) when out_dir's run already trained max_steps: resuming it would change nothing.
+
+    A finished run's final/ holds its training state, so raising train.max_steps (or epochs) continues it
+    from its last step; a final/ from before that (no training state) can only be reported, not continued.
+    """
+    done = point.step if point is not None and point.path.name == FINAL else None
+    if done is None and resume == "auto":
+        done = legacy_final_steps(out_dir)
+        if done is not None and 0 <= done < max_steps:
+            raise UserError(f"{out_dir / FINAL} was saved without training state (by an older lit-lora), so the "
+                            f"run cannot continue from its end to step {max_steps}; resume from a step directory "
+                            f"with --resume {out_dir}/step-XXXXXX (final/ is then replaced) or choose another out_dir")
+    if done is None or (0 <= done < max_steps):
+        return False
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        trained = f"{done} steps" if done >= 0 else "its steps"
+        print(f"{out_dir} holds a complete run ({trained} trained, this config asks for {max_steps}); its adapter is "
+              f"{out_dir / FINAL}; nothing was changed; raise train.max_steps (or train.epochs) to train further")
+    return True
+
+
+def schedule_note(point: ResumePoint, config: TrainConfig, max_steps: int) -> str | None:
+    """The learning rate follows a cosine over the run's total steps: say so when a resume changes them."""
+    before, step = point.state.get("max_steps"), point.step
+    if before is None or before == max_steps or step >= max_steps:
+        return None
+    return (f"note: the run now ends at step {max_steps} instead of {before}: from step {step + 1} the learning rate "
+            f"follows the cosine schedule to step {max_steps} ({learning_rate(step, config, max_steps):.2e}; the "
+            f"last step ran at {learning_rate(max(step - 1, 0), config, before):.2e}), so the adapter will differ "
+            f"from one trained with {max_steps} steps from the start")
+
+
+def evaluate(run: Run) -> float | None:
+    """Validation loss (logged), and on rank 0 a greedy sample for the configured prompt. None, said once, when
+    the data has no validation split (prepared with --val_size 0): no loss is logged rather than a fake 0.0."""
     config, fabric, progress = run.config, run.fabric, run.progress
+    if len(run.val_data) == 0:
+        if not run.no_val_noted:
+            fabric.print(f"note: {config.data_dir} has no validation examples (prepared with --val_size 0): "
+                         f"training without validation, no val loss will be reported")
+            run.no_val_noted = True
+        return None
     loss = validate(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
     run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss, perplexity=math.exp(min(loss, 50)))
     if fabric.global_rank == 0 and not is_fsdp(fabric):  # sampling uses the unsharded model
@@ -337,7 +396,13 @@ def train_step(run: Run, order: list[int], stop: StopRequest) -> tuple[float, fl
 
 def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Train a LoRA adapter as `config` says; returns the summary (also written to out_dir/summary.json)."""
-    run, resumed = setup(config, resume)
+    config.precision = resolve_precision(config.precision, config.accelerator)
+    run = setup(config, resume)
+    if run is None:  # already complete: the summary it wrote, nothing touched
+        with contextlib.suppress(OSError, ValueError):
+            return {**json.loads((Path(config.out_dir) / "summary.json").read_text()), "interrupted": False,
+                    "steps_this_run": 0}
+        return {"interrupted": False, "steps_this_run": 0}
     fabric, progress, t, out_dir = run.fabric, run.progress, config.train, Path(config.out_dir)
     if progress.step == 0:
         evaluate(run)
@@ -347,7 +412,7 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     start_time, start_tokens, start_step = time.perf_counter(), progress.tokens, progress.step
     stopped_by_signal = False
 
-    with StopRequest() as stop:
+    with StopRequest() as stop, bar:  # the bar is closed (its line ended) before any error is printed
         while progress.step < run.max_steps:
             if order_epoch != progress.epoch:
                 order = epoch_order(run.train_data.lengths, t.global_batch_size, config.seed, progress.epoch,
@@ -369,12 +434,13 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
                 evaluate(run)
             if progress.step % t.save_interval == 0 and progress.step < run.max_steps:
                 save(fabric, out_dir / f"step-{progress.step:06d}", run.model, run.optimizer, progress, config,
-                     run.template, True)
+                     run.template, True, run.max_steps)
     bar.close()
     elapsed = time.perf_counter() - start_time
 
-    adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_by_signal else "final")
-    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.template, stopped_by_signal)
+    adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_by_signal else FINAL)
+    # final/ keeps the training state too, so raising max_steps later continues from here.
+    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.template, True, run.max_steps)
     if stopped_by_signal:
         fabric.print(f"interrupted at step {progress.step}: saved {adapter_dir}; continue with --resume auto")
     summary = summarize(run, adapter_dir, stopped_by_signal, elapsed, start_tokens, start_step)

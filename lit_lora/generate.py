@@ -26,7 +26,7 @@ import torch
 from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
 from lit_lora.checkpoint import load_model
 from lit_lora.data.templates import Template, get_template
-from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, peak_memory_bytes
+from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
 from lit_lora.model import LLaMA, additive_mask, causal_mask
@@ -224,8 +224,8 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
 def run_generate(
     checkpoint_dir: Path, prompt: str | None = None, input: str = "", prompts_file: Path | None = None,
     lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
-    num_samples: int = 1, stream: bool = True, precision: str = "bf16-true", compile: bool = False,
-    out: TextIO | None = None, log: TextIO | None = None,
+    num_samples: int = 1, stream: bool = True, precision: str = "auto", compile: bool = False,
+    out: TextIO | None = None, log: TextIO | None = None, verify: bool = True,
 ) -> list[str]:
     """Answer the prompts with the base (or with each adapter in turn); texts to `out`, timings to `log`.
 
@@ -238,10 +238,11 @@ def run_generate(
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)
-    model = prepare_for_generation(load_model(checkpoint_dir, PRECISIONS[precision][0]).eval(), pack=not compile)
+    dtype = PRECISIONS[resolve_precision(precision, training=False)][0]
+    model = prepare_for_generation(load_model(checkpoint_dir, dtype, verify=verify).eval(), pack=not compile)
     tokenizer = Tokenizer(checkpoint_dir)
     # Load and check every adapter before generating anything, so a bad one fails fast.
-    adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, model.config)) for p in lora_paths]
+    adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, model.config, verify)) for p in lora_paths]
     forward = torch.compile(next_logits, dynamic=True) if compile else next_logits
     many = len(adapters) > 1 or num_samples > 1 or len(texts) > 1
 

@@ -70,11 +70,18 @@ class Config:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], name: str = "") -> "Config":
         """From a Hugging Face `config.json` of a LlamaForCausalLM (or the same layout under another name)."""
-        archs = hf.get("architectures") or []
-        if hf.get("model_type") not in ("llama", "mistral") and not any(a in HF_ARCHITECTURES for a in archs):
+        archs, model_type = hf.get("architectures") or [], hf.get("model_type")
+        type_ok, archs_ok = model_type in HF_MODEL_TYPES, any(a in HF_ARCHITECTURES for a in archs)
+        if not type_ok and not archs_ok:
             raise UserError(
-                f"unsupported architecture {archs or hf.get('model_type')!r}: lit-lora reads LLaMA-layout models "
+                f"unsupported architecture {archs or model_type!r}: lit-lora reads LLaMA-layout models "
                 f"({', '.join(HF_ARCHITECTURES)})"
+            )
+        others = [a for a in archs if a not in HF_ARCHITECTURES]
+        if others or (model_type is not None and not type_ok):  # one says LLaMA, the other something else
+            raise UserError(
+                f"config.json contradicts itself: model_type {model_type!r} but architectures {archs}; lit-lora "
+                f"reads LLaMA-layout models only ({', '.join(HF_ARCHITECTURES)}), so check which model this is"
             )
         if hf.get("hidden_act", "silu") != "silu":
             raise UserError(f"unsupported hidden_act {hf['hidden_act']!r}: LLaMA uses silu")
@@ -134,6 +141,7 @@ class Config:
 
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+HF_MODEL_TYPES = ("llama", "mistral")  # the model_type values of those architectures
 
 # The Llama 3 scaling constants every released Llama 3.x model uses (only `factor` varies between them).
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}

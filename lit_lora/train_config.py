@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -18,11 +19,12 @@ from typing import Any
 
 import yaml
 
+from lit_lora.device import PRECISIONS
 from lit_lora.errors import UserError
 from lit_lora.lora import LoRAConfig
 
-PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "32-true")
 STRATEGIES = ("auto", "ddp", "fsdp")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
 @dataclass
@@ -59,19 +61,20 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints/model"
     data_dir: str = "data/prepared"
     out_dir: str = "out/lora"
-    precision: str = "bf16-mixed"
+    precision: str = "auto"  # or one of device.PRECISIONS; auto: the faster of bf16-mixed and 32-true here
     accelerator: str = "auto"  # cpu, cuda, auto
     devices: int = 1  # processes per node
     num_nodes: int = 1
     strategy: str = "auto"
     seed: int = 1337
+    verify: bool = True  # check the checkpoint's weights files against checkpoint.json's sha256 while loading them
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapter's own config, one definition
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise UserError(f"precision {self.precision!r} is not one of auto, {', '.join(PRECISIONS)}")
         if self.strategy not in STRATEGIES:
             raise UserError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         t = self.train
@@ -83,9 +86,56 @@ class TrainConfig:
                 raise UserError(f"train.{key} must be >= 1, got {getattr(t, key)}")
         if len(t.betas) != 2:
             raise UserError(f"train.betas must be two numbers, got {t.betas}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Values of the right type that would train wrongly (or crash deep inside) are refused here."""
+        t, e = self.train, self.eval
+        if self.accelerator not in ACCELERATORS:
+            raise UserError(f"accelerator {self.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+        ranges = [  # (key, value, allowed, what it must be)
+            ("devices", self.devices, self.devices >= 1, ">= 1"),
+            ("num_nodes", self.num_nodes, self.num_nodes >= 1, ">= 1"),
+            ("train.epochs", t.epochs, t.epochs is None or t.epochs >= 1, ">= 1 (or null: train.max_steps decides)"),
+            ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1,
+             ">= 1 (or null: train.epochs decides); 0 steps would save an untrained adapter"),
+            ("train.learning_rate", t.learning_rate, math.isfinite(t.learning_rate) and t.learning_rate > 0, "> 0"),
+            ("train.min_lr", t.min_lr, math.isfinite(t.min_lr) and t.min_lr >= 0, ">= 0"),
+            ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+            ("train.weight_decay", t.weight_decay, math.isfinite(t.weight_decay) and t.weight_decay >= 0, ">= 0"),
+            ("train.betas", t.betas, all(0 <= b < 1 for b in t.betas), "two numbers in [0, 1)"),
+            ("train.grad_clip", t.grad_clip, t.grad_clip is None or (math.isfinite(t.grad_clip) and t.grad_clip > 0),
+             "> 0 (or null to disable clipping)"),
+            ("eval.interval", e.interval, e.interval >= 1, ">= 1"),
+            ("eval.max_batches", e.max_batches, e.max_batches is None or e.max_batches >= 1, ">= 1 (or null: all)"),
+            ("eval.max_new_tokens", e.max_new_tokens, e.max_new_tokens >= 1, ">= 1"),
+        ]
+        for key, value, allowed, must in ranges:
+            if not allowed:
+                raise UserError(f"{key} must be {must}, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_hardware(config: TrainConfig) -> None:
+    """The accelerator, devices and strategy against this machine, before Fabric starts (Fabric's own errors
+    come as tracebacks from deep inside it). Not part of loading a config: one can be written for another machine."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if config.accelerator in ("cuda", "gpu") and not gpus:
+        raise UserError(f"accelerator {config.accelerator} needs a CUDA GPU and torch sees none on this machine "
+                        f"(torch.cuda.is_available() is False); set accelerator: cpu (or auto)")
+    if config.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise UserError("accelerator mps needs Apple's Metal backend, which is not available here; "
+                        "set accelerator: cpu (or auto)")
+    if config.accelerator in ("cuda", "gpu", "auto") and gpus and config.devices > gpus:
+        raise UserError(f"devices {config.devices} is more than the {gpus} CUDA GPU(s) on this machine; "
+                        f"set devices: {gpus} or fewer")
+    if config.strategy == "fsdp" and (config.accelerator == "cpu" or not gpus):
+        raise UserError("strategy fsdp needs CUDA GPUs (Lightning Fabric refuses FSDP on a CPU); "
+                        "use strategy: ddp (or auto) here")
 
 
 def load_config(path: Path | str | None, overrides: list[str] | None = None) -> TrainConfig:

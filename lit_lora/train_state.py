@@ -1,31 +1,44 @@
 """A training run's checkpoints: what `--resume` needs, written and read the same way under any Fabric strategy.
 
     out_dir/step-000200/   lora.safetensors, adapter_config.yaml (an adapter), training_state.pt
-    out_dir/final/         the adapter only
+    out_dir/final/         the same at the end of the run (so a finished run can be continued further)
 
 training_state.pt holds the progress (step, epoch, tokens), the optimizer state, every process's RNG state
-(dropout) and the settings a resume must not change. Only rank 0 writes. FSDP is the one strategy that
+(dropout), the settings a resume must not change, the run's total steps and the sha256 of lora.safetensors.
+Every checkpoint is read and checked in full (`load_checkpoint`) before a run writes anything; a damaged one
+is skipped by `--resume auto` (said so) and refused when named. Only rank 0 writes. FSDP is the one strategy that
 shards what is saved: its full parameters are gathered on rank 0 while saving and its optimizer state is
 converted both ways; everything that knows this lives in the three `_fsdp`-guarded helpers below.
 """
 from __future__ import annotations
 
 import contextlib
+import io
+import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from lit_lora.adapter import ADAPTER_WEIGHTS, write_adapter_files
+from lit_lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_adapter_files
+from lit_lora.checkpoint import load_info
 from lit_lora.errors import UserError
-from lit_lora.fileio import atomic_dir, iter_safetensors
+from lit_lora.fileio import atomic_dir, iter_safetensors, sha256_file
 from lit_lora.lora import load_lora_state_dict
 from lit_lora.train_config import TrainConfig
 
 TRAINING_STATE = "training_state.pt"
+FINAL = "final"
+_STATE_KEYS = ("progress", "optimizer", "rng", "world_size", "global_batch_size", "seed")
+# LoRA settings a resume must keep: they decide the tensors' shapes and what they mean.
+_LORA_KEYS = ("r", "alpha", "targets", "use_rslora")
 
 
 @dataclass
@@ -75,54 +88,197 @@ def _rng_states(fabric: L.Fabric) -> torch.Tensor:
 
 
 def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress, config: TrainConfig,
-         template: str | None, resumable: bool) -> None:
-    """step-XXXXXX/ or final/: the adapter, plus (when resumable) everything --resume needs. Rank 0 writes."""
+         template: str | None, resumable: bool, max_steps: int | None = None) -> None:
+    """step-XXXXXX/ or final/: the adapter, plus (when resumable) everything --resume needs. Rank 0 writes.
+
+    The directory is built under a temporary name and renamed when complete, so a failed save (a full disk)
+    leaves the previous checkpoints as they were; it ends in one UserError naming both.
+    """
     optim = _optimizer_state(fabric, model, optimizer) if resumable else None
     rng = _rng_states(fabric) if resumable else None
     with _full_params(fabric, model):
         if fabric.global_rank == 0:
-            with atomic_dir(directory, overwrite=True) as tmp:
-                write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), template)
-                if resumable:
-                    torch.save({"progress": vars(progress), "optimizer": optim, "rng": rng,
-                                "world_size": fabric.world_size, "global_batch_size": config.train.global_batch_size,
-                                "seed": config.seed}, tmp / TRAINING_STATE)
+            try:
+                with atomic_dir(directory, overwrite=True) as tmp:
+                    write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), template)
+                    if resumable:
+                        state = {"progress": vars(progress), "optimizer": optim, "rng": rng,
+                                 "world_size": fabric.world_size, "global_batch_size": config.train.global_batch_size,
+                                 "seed": config.seed, "max_steps": max_steps,
+                                 "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)}
+                        # Serialised in memory and written by Python: a full disk is then an OSError naming
+                        # its cause, where torch.save's own writer reports only "unexpected pos".
+                        buffer = io.BytesIO()
+                        torch.save(state, buffer)
+                        with open(tmp / TRAINING_STATE, "wb") as f:
+                            f.write(buffer.getbuffer())
+                            f.flush()
+                            os.fsync(f.fileno())
+            except Exception as e:
+                reason = _io_failure(e)
+                if reason is None:
+                    raise
+                raise UserError(f"could not save {directory}: {reason}; nothing of it was kept, and "
+                                f"{last_checkpoint_note(directory.parent)}; free some space, then continue with "
+                                f"--resume auto") from None
     fabric.barrier()
 
 
-def find_resume(resume: str | None, out_dir: Path) -> Path | None:
-    """The checkpoint to resume from: a path, the newest step-* in out_dir for 'auto' (None if there is none)."""
+def _io_failure(e: Exception) -> str | None:
+    """Why writing failed, when it was the file system (full disk, quota, permissions), else None (a bug)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if type(e).__name__ == "SafetensorError" and "I/O error" in str(e):  # safetensors' writer, e.g. ENOSPC
+        return str(e).split("I/O error:", 1)[1].split(" (os error", 1)[0].strip()
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint read in full and checked: its training state, LoRA tensors and adapter config."""
+
+    path: Path
+    state: dict[str, Any]
+    lora: dict[str, torch.Tensor]
+    adapter_config: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["progress"]["step"])
+
+    @property
+    def is_final(self) -> bool:
+        return self.path.name == FINAL
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """training_state.pt of a checkpoint directory; ValueError (with the reason) when it is unusable."""
+    file = path / TRAINING_STATE
+    if not file.is_file():
+        raise ValueError(f"no {TRAINING_STATE}")
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:  # unpickling, zip and EOF errors of a truncated or overwritten file
+        first_line = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"{TRAINING_STATE} cannot be read: {type(e).__name__}: {first_line}") from None
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        raise ValueError(f"{TRAINING_STATE} is incomplete")
+    return state
+
+
+def load_checkpoint(path: Path) -> ResumePoint:
+    """Read and check a checkpoint directory in full; a UserError saying what is damaged otherwise."""
+    path = Path(path)
+    try:
+        state = _read_state(path)
+        if state.get("adapter_sha256") and (path / ADAPTER_WEIGHTS).is_file() \
+                and sha256_file(path / ADAPTER_WEIGHTS) != state["adapter_sha256"]:
+            raise ValueError(f"{ADAPTER_WEIGHTS} differs from the one saved with it (sha256)")
+        try:
+            lora = dict(iter_safetensors(path / ADAPTER_WEIGHTS))
+        except UserError:
+            raise ValueError(f"{ADAPTER_WEIGHTS} is missing, truncated or not safetensors") from None
+        try:
+            adapter_config = yaml.safe_load((path / ADAPTER_CONFIG).read_text())
+        except (OSError, yaml.YAMLError):
+            adapter_config = None
+        if not isinstance(adapter_config, dict):
+            raise ValueError(f"{ADAPTER_CONFIG} is missing or unreadable")
+    except ValueError as e:
+        raise UserError(f"checkpoint {path} is damaged: {e}") from None
+    return ResumePoint(path, state, lora, adapter_config)
+
+
+def _checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """out_dir's checkpoint directories, newest first: step-* by number, and final/ by the step it holds."""
+    def order(d: Path) -> tuple[float, int]:
+        if d.name != FINAL:
+            return int(d.name[len("step-"):]), 0
+        try:
+            return _read_state(d)["progress"]["step"], 1
+        except (ValueError, KeyError, TypeError):
+            return math.inf, 1  # a damaged final/ is the end of the run: tried (and reported) first
+
+    dirs = [d for d in Path(out_dir).glob("step-*") if d.is_dir() and d.name[len("step-"):].isdigit()]
+    if (Path(out_dir) / FINAL / TRAINING_STATE).is_file():
+        dirs.append(Path(out_dir) / FINAL)
+    return sorted(dirs, key=order, reverse=True)
+
+
+def find_resume(resume: str | None, out_dir: Path) -> tuple[ResumePoint | None, list[str]]:
+    """(the checkpoint to resume from, warnings to print): a path, or for 'auto' the newest valid checkpoint in
+    out_dir (None if there is none). Damaged checkpoints are skipped by 'auto' with a warning each; a damaged
+    named checkpoint, or out_dir holding only damaged ones, is a UserError. Reads only."""
+    out_dir = Path(out_dir)
     if resume is None:
-        if out_dir.is_dir() and any(out_dir.glob("step-*")):
-            raise UserError(f"{out_dir} already holds checkpoints; continue with --resume auto or choose another "
-                            f"out_dir")
-        return None
-    if resume == "auto":
-        found = sorted(out_dir.glob(f"step-*/{TRAINING_STATE}"))
-        return found[-1].parent if found else None
-    path = Path(resume)
-    if not (path / TRAINING_STATE).is_file():
-        raise UserError(f"{path} is not a resumable checkpoint (no {TRAINING_STATE}); pass a step-XXXXXX directory "
-                        f"or --resume auto")
-    return path
+        if out_dir.is_dir() and (any(out_dir.glob("step-*")) or (out_dir / FINAL).exists()):
+            raise UserError(f"{out_dir} already holds a run (checkpoints or final/); continue it with --resume auto "
+                            f"or choose another out_dir")
+        return None, []
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir() or not (path / TRAINING_STATE).is_file():
+            raise UserError(f"{path} is not a resumable checkpoint (no {TRAINING_STATE}); pass a step-XXXXXX "
+                            f"directory or --resume auto")
+        return load_checkpoint(path), []
+    damaged: list[tuple[Path, str]] = []
+    for path in _checkpoint_dirs(out_dir):
+        try:
+            point = load_checkpoint(path)
+        except UserError as e:
+            damaged.append((path, str(e).split(" is damaged: ", 1)[-1]))
+            continue
+        return point, [f"warning: {bad} is damaged ({why}); skipped it, falling back to {path}"
+                       for bad, why in damaged]
+    if damaged:
+        listed = "; ".join(f"{bad.name}: {why}" for bad, why in damaged)
+        raise UserError(f"every checkpoint in {out_dir} is damaged ({listed}); nothing was changed; "
+                        f"start again in another out_dir")
+    return None, []
 
 
-def restore(fabric: L.Fabric, path: Path, model, optimizer, config: TrainConfig) -> Progress:
-    state = torch.load(path / TRAINING_STATE, weights_only=True)
-    if state["global_batch_size"] != config.train.global_batch_size or state["seed"] != config.seed:
-        raise UserError(f"{path} was trained with another global_batch_size or seed; resume with the same config")
+def check_resume_settings(point: ResumePoint, config: TrainConfig) -> None:
+    """A UserError naming every setting that differs from the checkpoint's and that a resume must keep."""
+    changed = [f"{key} {point.state[k]} -> {new}" for key, k, new in (
+        ("train.global_batch_size", "global_batch_size", config.train.global_batch_size),
+        ("seed", "seed", config.seed)) if point.state[k] != new]
+    ours = config.lora.to_dict()
+    changed += [f"lora.{k} {point.adapter_config[k]} -> {ours[k]}" for k in _LORA_KEYS
+                if k in point.adapter_config and point.adapter_config[k] != ours[k]]
+    saved_base = point.adapter_config.get("base_content_hash")
+    base = load_info(Path(config.checkpoint_dir)).get("content_hash")
+    if saved_base and base and saved_base != base:
+        changed.append(f"checkpoint_dir {config.checkpoint_dir} is another base model than the one it was trained on")
+    if changed:
+        raise UserError(f"cannot resume from {point.path}: it was trained with other settings "
+                        f"({'; '.join(changed)}); resume with the same ones or choose another out_dir")
+
+
+def restore(fabric: L.Fabric, point: ResumePoint, model, optimizer) -> Progress:
+    """Put a checked checkpoint's LoRA tensors, optimizer state and RNG state into the run."""
     with _full_params(fabric, model):
-        load_lora_state_dict(model.module, dict(iter_safetensors(path / ADAPTER_WEIGHTS)))
-    _load_optimizer_state(fabric, model, optimizer, state["optimizer"])
-    if state["world_size"] == fabric.world_size:
-        torch.set_rng_state(state["rng"][fabric.global_rank])
+        load_lora_state_dict(model.module, point.lora)
+    _load_optimizer_state(fabric, model, optimizer, point.state["optimizer"])
+    if point.state["world_size"] == fabric.world_size:
+        torch.set_rng_state(point.state["rng"][fabric.global_rank])
     else:
-        fabric.print(f"note: {path} was saved by {state['world_size']} processes, not {fabric.world_size}: "
-                     f"dropout randomness will differ from an uninterrupted run")
-    return Progress(**state["progress"])
+        fabric.print(f"note: {point.path} was saved by {point.state['world_size']} processes, not "
+                     f"{fabric.world_size}: dropout randomness will differ from an uninterrupted run")
+    return Progress(**point.state["progress"])
+
+
+def legacy_final_steps(out_dir: Path) -> int | None:
+    """For a final/ saved without training state (before final/ kept it): the steps its run trained, from
+    summary.json (-1 when it does not say). None when there is no such final/."""
+    final = Path(out_dir) / FINAL
+    if not final.is_dir() or (final / TRAINING_STATE).exists():
+        return None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads((Path(out_dir) / "summary.json").read_text())["steps"])
+    return -1
 
 
 def last_checkpoint_note(out_dir: Path) -> str:
     """What a user has to fall back on when a run stops with an error."""
-    last = sorted(Path(out_dir).glob(f"step-*/{TRAINING_STATE}"))
-    return f"the last good checkpoint is {last[-1].parent}" if last else "no checkpoint was saved yet"
+    last = [d for d in _checkpoint_dirs(out_dir) if (d / TRAINING_STATE).is_file()]
+    return f"the last good checkpoint is {last[0]}" if last else "no checkpoint was saved yet"

@@ -13,7 +13,7 @@ OUT=out/lora/quickstart-$(date +%Y%m%d-%H%M%S)  # a new run directory each time
 source_args=()
 [ -f "$DATA_FILE" ] && source_args=(--data_file "$DATA_FILE")
 prepare-alpaca --checkpoint_dir "$CKPT" "${source_args[@]}" --destination data/alpaca-smollm2 \
-    --template chatml --max_seq_length 256 --val_size 200
+    --template chatml --max_seq_length 256 --val_size 200 --overwrite
 overrides=()
 [ -n "${STEPS:-}" ] && overrides=(--train.max_steps "$STEPS" --train.save_interval "$STEPS" --eval.interval "$STEPS")
 finetune-lora --config configs/smollm2-135m-alpaca.yaml --out_dir "$OUT" "${overrides[@]}"

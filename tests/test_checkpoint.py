@@ -30,14 +30,14 @@ def test_exception_inside_atomic_dir_leaves_nothing(tmp_path):
 def test_atomic_dir_refuses_then_replaces(tmp_path):
     out = tmp_path / "ckpt"
     with atomic_dir(out) as tmp:
-        (tmp / "a").write_text("1")
+        (tmp / "meta.json").write_text("1")  # one of ours: --overwrite may replace it
     with pytest.raises(UserError, match="--overwrite"):
         with atomic_dir(out):
             pass
     with pytest.raises(KeyboardInterrupt):  # a failed overwrite keeps the old directory intact
         with atomic_dir(out, overwrite=True) as tmp:
             raise KeyboardInterrupt
-    assert (out / "a").read_text() == "1"
+    assert (out / "meta.json").read_text() == "1"
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"] and not leftovers(tmp_path, "ckpt")

@@ -215,7 +215,7 @@ def test_failed_run_leaves_earlier_data_untouched(tiny_checkpoint, tmp_path):
     prepare(tiny_checkpoint, out, data_file=ALPACA, val_size=2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(UserError, match="too small"):
-        prepare(tiny_checkpoint, out, data_file=DOLLY, val_size=2, max_seq_length=4)
+        prepare(tiny_checkpoint, out, data_file=DOLLY, val_size=2, max_seq_length=4, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

@@ -47,7 +47,7 @@ def convert_gguf(path: Path, out: Path, dtype: str | None = None, overwrite: boo
     # Before writing anything, so an unsupported tokenizer is a clean error.
     tokenizer, tokenizer_config, generation_config = build_tokenizer(meta)
     target = parse_dtype(dtype) or UNQUANTISED_FILE_TYPES.get(meta.get("general.file_type"), torch.float32)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=[path]) as tmp:
         writer = ShardWriter(tmp)
         for name, tensor in iter_gguf_tensors(reader, config):
             writer.add(name, tensor.to(target))

@@ -43,7 +43,7 @@ def convert_hf(
     expected = stored_names(config)
     written: set[str] = set()
     saved_dtype = target
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=[src]) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for path in sources:
             for hf_name, tensor in iter_weights(path, target):

@@ -24,6 +24,7 @@ from lit_lora.fileio import memmap_safetensors
 
 SPLITS = ("train", "val")
 META = "meta.json"
+REQUIRED_META = ("mask_inputs", "max_seq_length", "tokenizer")  # what training and evaluation read from it
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (PyTorch's cross_entropy default)
 
 
@@ -46,16 +47,58 @@ class PreparedDataset(torch.utils.data.Dataset):
         if not (self.directory / META).is_file() or not path.is_file():
             raise UserError(f"{self.directory} holds no prepared {split} data; run `prepare-alpaca` "
                             f"(or prepare-dolly / prepare-json) with --destination {self.directory}")
-        self.meta: dict[str, Any] = json.loads((self.directory / META).read_text())
+        self.meta: dict[str, Any] = self._read_meta()
         self.mask_inputs = bool(self.meta["mask_inputs"])
         self._open()
 
+    def _damaged(self, problem: str) -> UserError:
+        return UserError(f"the prepared data in {self.directory} is damaged: {problem}; prepare it again "
+                         f"(prepare-alpaca, prepare-dolly or prepare-json with --destination {self.directory})")
+
+    def _read_meta(self) -> dict[str, Any]:
+        try:
+            meta = json.loads((self.directory / META).read_text())
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise self._damaged(f"{META} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise self._damaged(f"{META} is not a JSON object")
+        missing = [key for key in REQUIRED_META if key not in meta]
+        if missing:
+            raise self._damaged(f"{META} lacks {', '.join(missing)}")
+        if not isinstance(meta["mask_inputs"], bool) or type(meta["max_seq_length"]) is not int \
+                or meta["max_seq_length"] < 1:
+            raise self._damaged(f"{META} has an invalid mask_inputs or max_seq_length")
+        return meta
+
     def _open(self) -> None:
-        arrays = memmap_safetensors(split_path(self.directory, self.split))
+        """Map the split's file and check that its arrays describe whole examples, so nothing fails later."""
+        path = split_path(self.directory, self.split)
+        try:
+            arrays = memmap_safetensors(path)
+        except UserError as e:
+            raise self._damaged(str(e)) from None
+        missing = [key for key in ("tokens", "offsets", "prompt_lengths") if key not in arrays]
+        if missing:
+            raise self._damaged(f"{path.name} lacks the tensors {', '.join(missing)}")
+        if any(arrays[k].ndim != 1 or arrays[k].dtype.kind not in "iu" for k in ("tokens", "offsets",
+                                                                                  "prompt_lengths")):
+            raise self._damaged(f"{path.name} holds tensors of the wrong shape or type")
         self.tokens = arrays["tokens"]  # stays mapped; offsets and prompt lengths are small, so read them in
         self.offsets = np.asarray(arrays["offsets"], dtype=np.int64)
         self.prompt_lengths = np.asarray(arrays["prompt_lengths"], dtype=np.int64)
         self.lengths = np.diff(self.offsets)  # (n,) tokens per example, for length-grouped batching
+        n = len(self.lengths)
+        if len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != len(self.tokens) \
+                or (self.lengths < 1).any():
+            raise self._damaged(f"{path.name}: the example offsets do not divide its {len(self.tokens)} tokens")
+        if len(self.prompt_lengths) != n or (self.prompt_lengths < 0).any() \
+                or (self.prompt_lengths >= self.lengths).any():
+            raise self._damaged(f"{path.name}: the prompt lengths do not fit its {n} examples")
+        recorded = [m.get(self.split) if isinstance(m, dict) else None
+                    for m in (self.meta.get("counts"), self.meta.get("tokens"))]
+        if recorded[0] not in (None, n) or recorded[1] not in (None, len(self.tokens)):
+            raise self._damaged(f"{path.name} holds {n} examples of {len(self.tokens)} tokens, {META} records "
+                                f"{recorded[0]} of {recorded[1]}")
 
     # A memmap would be pickled as a full copy; DataLoader workers started by spawn map the file themselves.
     def __getstate__(self) -> dict[str, Any]:
@@ -77,3 +120,18 @@ class PreparedDataset(torch.utils.data.Dataset):
         if self.mask_inputs:
             labels[: self.prompt_lengths[i]] = IGNORE_INDEX
         return {"input_ids": input_ids, "labels": labels}
+
+
+def check_tokenizer(dataset: PreparedDataset, tokenizer, checkpoint_dir: Path) -> None:
+    """Refuse data prepared with another tokenizer than the checkpoint's: its ids would mean other tokens."""
+    ours, theirs = tokenizer.identity(), dataset.meta.get("tokenizer")
+    if theirs != ours:
+        raise UserError(f"{dataset.directory} was prepared with another tokenizer than {checkpoint_dir}'s "
+                        f"(data: {_short(theirs)}, checkpoint: {_short(ours)}); prepare the data again with "
+                        f"--checkpoint_dir {checkpoint_dir}")
+
+
+def _short(identity: dict | None) -> str:
+    if not identity:
+        return "unknown"
+    return f"vocab {identity.get('vocab_size')}, sha256 {str(identity.get('sha256'))[:12]}"

@@ -25,7 +25,7 @@ from lit_lora.data.dataset import META, split_path
 from lit_lora.data.readers import Record, is_placeholder_input, read_records
 from lit_lora.data.templates import Template, get_template
 from lit_lora.errors import UserError
-from lit_lora.fileio import atomic_dir, sha256_file, write_json
+from lit_lora.fileio import atomic_dir, check_destination, sha256_file, write_json
 from lit_lora.tokenizer import Tokenizer
 
 # Where prepare-alpaca and prepare-dolly fetch their data when given neither --data_file nor --url.
@@ -79,16 +79,17 @@ def check_template(template: Template, tokenizer: Tokenizer, checkpoint_dir: Pat
 
 def build_examples(
     prompts: list[list[int]], responses: list[list[int]], bos: list[int], eos: int, max_seq_length: int
-) -> tuple[list[list[int]], list[int], list[int], dict[str, int]]:
-    """(ids, prompt length) per kept example, untruncated length per record, and truncation counts.
+) -> tuple[list[list[int]], list[int], list[int], dict[str, int], list[int]]:
+    """(ids, prompt length) per kept example, untruncated length per record, truncation counts, and the index
+    of the record each kept example comes from.
 
     A response that does not fit is cut and keeps its EOS, so the model still learns to stop. A prompt that
     leaves no room for a single response token plus EOS has nothing left to learn from: it is dropped
     (and counted as having lost its EOS).
     """
-    examples, prompt_lengths, full_lengths = [], [], []
+    examples, prompt_lengths, full_lengths, kept = [], [], [], []
     truncated = dropped = 0
-    for prompt, response in zip(prompts, responses):
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
         prompt = bos + prompt
         full_lengths.append(len(prompt) + len(response) + 1)
         room = max_seq_length - len(prompt) - 1  # response tokens that fit before EOS
@@ -100,11 +101,18 @@ def build_examples(
             truncated += 1
         examples.append(prompt + response + [eos])
         prompt_lengths.append(len(prompt))
-    return examples, prompt_lengths, full_lengths, {"truncated": truncated, "prompt_too_long": dropped}
+        kept.append(i)
+    return examples, prompt_lengths, full_lengths, {"truncated": truncated, "prompt_too_long": dropped}, kept
 
 
-def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed: int) -> dict[str, np.ndarray]:
-    """Random train/val split fixed by `seed`; each split keeps the file's order."""
+def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed: int,
+                  groups: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Random train/val split fixed by `seed`; each split keeps the file's order.
+
+    Examples with the same `groups` value (copies of one record) land in the same split: the groups are
+    shuffled and go to val while they fit in val_size (which may then hold a few fewer examples). Without
+    repeated groups this is the plain shuffle of the examples, so data without duplicates splits as it always did.
+    """
     if val_size is not None and val_fraction is not None:
         raise UserError("pass either --val_size or --val_fraction, not both")
     if val_fraction is not None:
@@ -118,8 +126,22 @@ def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed
     if val_size >= n:
         raise UserError(f"--val_size {val_size} leaves no training examples out of {n}; "
                         f"pass a smaller --val_size or a --val_fraction")
-    order = np.random.default_rng(seed).permutation(n)
-    return {"train": np.sort(order[val_size:]), "val": np.sort(order[:val_size])}
+    ids: dict[int, int] = {}
+    members: list[list[int]] = []
+    for i, group in enumerate(range(n) if groups is None else groups):
+        if ids.setdefault(group, len(ids)) == len(members):
+            members.append([])
+        members[ids[group]].append(i)
+    order = np.random.default_rng(seed).permutation(len(members))
+    val, room = [], val_size
+    for g in order:
+        if room == 0:
+            break
+        if len(members[g]) <= room:
+            val += members[g]
+            room -= len(members[g])
+    val = np.sort(np.array(val, dtype=np.int64))
+    return {"train": np.setdiff1d(np.arange(n, dtype=np.int64), val), "val": val}
 
 
 def write_split(path: Path, examples: list[list[int]], prompt_lengths: list[int], indices: np.ndarray) -> int:
@@ -156,6 +178,14 @@ def clean(records: list[Record]) -> tuple[list[Record], dict[str, int]]:
     return kept, {"empty_output": empty, "placeholder_input": placeholders}
 
 
+def identical_groups(records: list[Record]) -> tuple[list[int], int]:
+    """(for each record the index of the first record identical to it, how many records repeat an earlier one).
+    Identical: the same instruction, input and output after `clean`."""
+    first: dict[tuple[str, str, str], int] = {}
+    groups = [first.setdefault((r.instruction, r.input, r.output), i) for i, r in enumerate(records)]
+    return groups, len(records) - len(first)
+
+
 def prepare(
     checkpoint_dir: Path,
     destination: Path,
@@ -169,8 +199,11 @@ def prepare(
     max_seq_length: int = 512,
     mask_inputs: bool = True,
     seed: int = 42,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prepare `data_file` (or `url`) into `destination`; returns the meta.json written there."""
+    """Prepare `data_file` (or `url`) into `destination`; returns the meta.json written there. An existing
+    `destination` is replaced only with `overwrite`, and only if it is ours (see fileio.check_destination)."""
+    check_destination(destination, overwrite, [checkpoint_dir, data_file], "--destination")  # before the work
     prompt_template = get_template(template)
     tokenizer = Tokenizer(check_checkpoint_dir(checkpoint_dir))
     check_template(prompt_template, tokenizer, checkpoint_dir)
@@ -189,13 +222,14 @@ def prepare(
     prompts = tokenize(tokenizer, [prompt_template.prompt(r.instruction, r.input) for r in records], "prompts")
     responses = tokenize(tokenizer, [r.output for r in records], "responses")
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-    examples, prompt_lengths, full_lengths, cut = build_examples(prompts, responses, bos, tokenizer.eos_id,
-                                                                 max_seq_length)
+    examples, prompt_lengths, full_lengths, cut, kept = build_examples(prompts, responses, bos, tokenizer.eos_id,
+                                                                       max_seq_length)
     if not examples:
         shortest = min(len(bos) + len(p) for p in prompts)
         raise UserError(f"--max_seq_length {max_seq_length} is too small for any prompt: the shortest prompt "
                         f"is {shortest} tokens, and a response needs at least 2 more")
-    splits = split_indices(len(examples), val_size, val_fraction, seed)
+    groups, duplicates = identical_groups(records)
+    splits = split_indices(len(examples), val_size, val_fraction, seed, [groups[i] for i in kept])
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -205,11 +239,11 @@ def prepare(
         "max_seq_length": max_seq_length,
         "seed": seed,
         "source": source,
-        "counts": {"records": n_records, **cleaned, **cut,
+        "counts": {"records": n_records, **cleaned, "duplicates": duplicates, **cut,
                    "examples": len(examples), "train": len(splits["train"]), "val": len(splits["val"])},
         "lengths_before_truncation": length_stats(full_lengths),
     }
-    with atomic_dir(destination, overwrite=True) as tmp:
+    with atomic_dir(destination, overwrite, [checkpoint_dir, data_file], "--destination") as tmp:
         meta["tokens"] = {split: write_split(split_path(tmp, split), examples, prompt_lengths, indices)
                           for split, indices in splits.items()}
         write_json(tmp / META, meta)
@@ -229,6 +263,9 @@ def summary(meta: dict[str, Any], destination: Path) -> tuple[list[str], list[st
         f"(like <noinput>) treated as no input",
     ]
     warnings = []
+    if c.get("duplicates"):
+        warnings.append(f"{c['duplicates']} of {c['records']} records repeat an earlier record (same instruction, "
+                        f"input and output); they are kept, and all copies of a record are in the same split")
     if c["prompt_too_long"] > EOS_LOSS_WARNING * c["records"]:
         warnings.append(f"{c['prompt_too_long']} of {c['records']} records lost their EOS (and were dropped): "
                         f"their prompt leaves no room for a response within --max_seq_length "

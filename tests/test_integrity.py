@@ -1,0 +1,445 @@
+"""Nothing lost, nothing silently wrong: damaged files and wrong values are one-line errors through the CLI.
+
+Each case asserts the exit code, the one `error:` line, and that the files that existed before are still there,
+unchanged (and that no output was created).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from adapter_helpers import make_adapter, run_cli
+
+from lit_lora.checkpoint import load_model
+from lit_lora.data.prepare import prepare, split_indices
+from lit_lora.errors import UserError
+from lit_lora.fileio import iter_safetensors, sha256_file
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("LIT_LORA_AUTO_PRECISION", "32-true")  # no precision probe (and no line about it)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def snapshot(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under `roots`: what must be unchanged after a failed command."""
+    files = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")):
+            if p.is_file():
+                files[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return files
+
+
+def assert_error(code: int, err: str, *words: str, after_fabric: bool = False) -> None:
+    """Exit code 2 and stderr exactly one `error:` line (after Lightning's "Seed set" line once Fabric started)."""
+    assert code == 2, err
+    lines = err.splitlines()
+    if after_fabric:
+        lines = [line for line in lines if not line.startswith("INFO: Seed set to")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and err.endswith("\n"), err
+    for word in words:
+        assert word in err, err
+
+
+def assert_not_written(out: Path) -> None:
+    assert not out.exists()
+    if out.parent.exists():
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def flip_byte(path: Path, offset_from_end: int = 100) -> None:
+    """Flip one bit of a weights byte (the data region, well past the header)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) - offset_from_end] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_checkpoint, tmp_path_factory) -> Path:
+    return make_adapter(tiny_checkpoint, tmp_path_factory.mktemp("adapter") / "lora")
+
+
+@pytest.fixture
+def damaged_checkpoint(tiny_checkpoint, tmp_path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    flip_byte(ckpt / "model.safetensors")
+    return ckpt
+
+
+def generate_args(ckpt: Path, *extra) -> list:
+    return ["generate", "--checkpoint_dir", ckpt, "--prompt", "hello", "--max_new_tokens", "2",
+            "--temperature", "0", "--precision", "32-true", "--no-stream", *extra]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint hashes
+def test_damaged_checkpoint_is_refused_by_every_reader(monkeypatch, capsys, tmp_path, damaged_checkpoint, adapter):
+    before = snapshot(damaged_checkpoint, adapter)
+    commands = {
+        "generate": generate_args(damaged_checkpoint),
+        "merge-lora": ["merge-lora", "--checkpoint_dir", damaged_checkpoint, "--lora_path", adapter,
+                       "--out", tmp_path / "merged"],
+        "export-hf": ["export-hf", "--checkpoint_dir", damaged_checkpoint, "--out", tmp_path / "hf"],
+    }
+    for name, args in commands.items():
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        assert_error(code, err, str(damaged_checkpoint / "model.safetensors"), "damaged", "sha256", "--no-verify")
+        assert out == "", name
+    assert_not_written(tmp_path / "merged")
+    assert_not_written(tmp_path / "hf")
+    assert snapshot(damaged_checkpoint, adapter) == before
+
+
+def test_no_verify_skips_the_checkpoint_check(monkeypatch, capsys, tmp_path, damaged_checkpoint):
+    code, out, err = run_cli(monkeypatch, capsys, "export-hf", "--checkpoint_dir", damaged_checkpoint,
+                             "--out", tmp_path / "hf", "--no-verify")
+    assert code == 0 and "wrote" in out, err
+    code, out, err = run_cli(monkeypatch, capsys, *generate_args(damaged_checkpoint, "--no-verify"))
+    assert code == 0, err
+    load_model(damaged_checkpoint, verify=False)
+    with pytest.raises(UserError, match="model.safetensors is damaged"):
+        load_model(damaged_checkpoint)
+
+
+def test_intact_checkpoint_passes_and_a_damaged_checkpoint_json_is_one_line(monkeypatch, capsys, tmp_path,
+                                                                           tiny_checkpoint):
+    load_model(tiny_checkpoint)  # verified: no error
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "checkpoint.json").write_text('{"weights_sha256": ')
+    before = snapshot(ckpt)
+    code, _, err = run_cli(monkeypatch, capsys, "export-hf", "--checkpoint_dir", ckpt, "--out", tmp_path / "hf")
+    assert_error(code, err, "checkpoint.json", "damaged", "convert or download the checkpoint again")
+    assert_not_written(tmp_path / "hf")
+    assert snapshot(ckpt) == before
+
+
+def test_finetune_refuses_a_damaged_base(monkeypatch, capsys, tmp_path, damaged_checkpoint, prepared):
+    before = snapshot(damaged_checkpoint, prepared)
+    out_dir = tmp_path / "run"
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(damaged_checkpoint, prepared, out_dir))
+    assert_error(code, err, "model.safetensors", "damaged", "verify: false", after_fabric=True)
+    assert_not_written(out_dir)
+    assert snapshot(damaged_checkpoint, prepared) == before
+    # The config key skips the check: the model loads (training itself is covered elsewhere).
+    from lit_lora.finetune import build_model
+    from lit_lora.train_config import load_config
+
+    config = load_config(TINY, [f"--checkpoint_dir={damaged_checkpoint}", "--verify=false"])
+    assert build_model(config) is not None
+
+
+# ---------------------------------------------------------------------------------------------- adapter hashes
+def test_adapter_records_its_sha256(adapter):
+    meta = yaml.safe_load((adapter / "adapter_config.yaml").read_text())
+    assert meta["weights_sha256"] == sha256_file(adapter / "lora.safetensors")
+
+
+def test_damaged_adapter_is_refused(monkeypatch, capsys, tmp_path, tiny_checkpoint, adapter):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    flip_byte(broken / "lora.safetensors", offset_from_end=10)
+    before = snapshot(broken, tiny_checkpoint)
+    commands = {
+        "generate": generate_args(tiny_checkpoint, "--lora_path", broken),
+        "merge-lora": ["merge-lora", "--checkpoint_dir", tiny_checkpoint, "--lora_path", broken,
+                       "--out", tmp_path / "merged"],
+        "export-peft": ["export-peft", "--lora_path", broken, "--out", tmp_path / "peft"],
+    }
+    for name, args in commands.items():
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        assert_error(code, err, str(broken / "lora.safetensors"), "damaged", "--no-verify")
+        assert out == "", name
+    for out in ("merged", "peft"):
+        assert_not_written(tmp_path / out)
+    assert snapshot(broken, tiny_checkpoint) == before
+    code, out, err = run_cli(monkeypatch, capsys, "export-peft", "--lora_path", broken, "--out", tmp_path / "peft",
+                             "--no-verify")
+    assert code == 0 and "wrote" in out, err
+
+
+def test_adapter_without_recorded_hash_still_loads(monkeypatch, capsys, tmp_path, tiny_checkpoint, adapter):
+    old = tmp_path / "old"
+    shutil.copytree(adapter, old)
+    meta = yaml.safe_load((old / "adapter_config.yaml").read_text())
+    del meta["weights_sha256"]
+    (old / "adapter_config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    code, out, err = run_cli(monkeypatch, capsys, "merge-lora", "--checkpoint_dir", tiny_checkpoint,
+                             "--lora_path", old, "--out", tmp_path / "merged")
+    assert code == 0 and "wrote" in out, err
+
+
+# ---------------------------------------------------------------------------------------------- safetensors headers
+def rewrite_header(path: Path, change) -> None:
+    """Replace the JSON header of a safetensors file by change(header), keeping the data bytes."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+def _first(header: dict) -> dict:
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+HEADER_DAMAGE = {  # name: (change, words of the error)
+    "absurd_shape": (lambda h: _first(h).update(shape=[2**40, 2**20]), ["needs", "bytes"]),
+    "negative_shape": (lambda h: _first(h).update(shape=[-1, 64]), ["invalid shape"]),
+    "float_shape": (lambda h: _first(h).update(shape=[1.5]), ["invalid shape"]),
+    "unknown_dtype": (lambda h: _first(h).update(dtype="F128"), ["unknown dtype"]),
+    "reversed_offsets": (lambda h: _first(h).update(data_offsets=_first(h)["data_offsets"][::-1]),
+                         ["invalid data_offsets"]),
+    "past_the_end": (lambda h: _first(h).update(data_offsets=[10**12, 10**12 + _first(h)["data_offsets"][1]
+                                                              - _first(h)["data_offsets"][0]]), ["past the end"]),
+    "overlapping": (lambda h: [v.update(data_offsets=[0, v["data_offsets"][1] - v["data_offsets"][0]])
+                               for k, v in h.items() if k != "__metadata__"], ["overlap"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(HEADER_DAMAGE))
+def test_bad_safetensors_header_is_refused_before_allocating(monkeypatch, capsys, tmp_path, tiny_checkpoint, damage):
+    change, words = HEADER_DAMAGE[damage]
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    rewrite_header(ckpt / "model.safetensors", change)
+    before = snapshot(ckpt)
+    real_empty = torch.empty
+
+    def guarded_empty(*shape, **kwargs):  # a header that slipped through would ask for far more than this
+        size = shape[0] if len(shape) == 1 and isinstance(shape[0], (list, tuple, torch.Size)) else shape
+        assert int(np.prod(size)) < 10**8, f"torch.empty{size} reached"
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", guarded_empty)
+    code, _, err = run_cli(monkeypatch, capsys, "export-hf", "--checkpoint_dir", ckpt, "--out", tmp_path / "hf",
+                           "--no-verify")
+    assert_error(code, err, str(ckpt / "model.safetensors"), *words)
+    assert_not_written(tmp_path / "hf")
+    assert snapshot(ckpt) == before
+
+
+def test_streamed_hash_equals_the_file_hash(tmp_path, tiny_checkpoint):
+    path = tiny_checkpoint / "model.safetensors"
+    names = [name for name, _ in iter_safetensors(path, sha256=sha256_file(path))]
+    assert len(names) > 5
+    with pytest.raises(UserError, match="is damaged"):
+        list(iter_safetensors(path, sha256="0" * 64))
+
+
+# ---------------------------------------------------------------------------------------------- prepared data
+@pytest.fixture(scope="module")
+def prepared(tiny_checkpoint, tmp_path_factory) -> Path:
+    """24 records prepared with the tiny checkpoint's tokenizer (16 train, 8 val)."""
+    root = tmp_path_factory.mktemp("data")
+    records = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."}
+               for i in range(24)]
+    (root / "records.json").write_text(json.dumps(records))
+    prepare(tiny_checkpoint, root / "prepared", data_file=root / "records.json", format="alpaca", template="chatml",
+            val_size=8, max_seq_length=64)
+    return root / "prepared"
+
+
+def finetune_args(ckpt: Path, data: Path, out: Path, *overrides: str) -> list:
+    return ["finetune-lora", "--config", TINY, f"--checkpoint_dir={ckpt}", f"--data_dir={data}", f"--out_dir={out}",
+            "--eval.max_new_tokens=2", *overrides]
+
+
+def _save_split(path: Path, **tensors) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path))
+
+
+def _split(path: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+DATA_DAMAGE = {  # name: (change the prepared directory, words of the error)
+    "truncated": (lambda d: (d / "train.safetensors").write_bytes((d / "train.safetensors").read_bytes()[:-50]),
+                  ["train.safetensors", "past the end"]),
+    "meta_not_json": (lambda d: (d / "meta.json").write_text('{"template": "chatml", '),
+                      ["meta.json", "not valid JSON"]),
+    "meta_not_object": (lambda d: (d / "meta.json").write_text("[1, 2]"), ["meta.json", "not a JSON object"]),
+    "meta_lacks_keys": (lambda d: (d / "meta.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((d / "meta.json").read_text()).items() if k != "mask_inputs"})),
+        ["meta.json lacks mask_inputs"]),
+    "tensor_missing": (lambda d: _save_split(d / "train.safetensors", **{
+        k: v for k, v in _split(d / "train.safetensors").items() if k != "prompt_lengths"}),
+        ["lacks the tensors prompt_lengths"]),
+    "offsets_beyond_tokens": (lambda d: _save_split(d / "train.safetensors", **{
+        **_split(d / "train.safetensors"), "offsets": _split(d / "train.safetensors")["offsets"] + 5}),
+        ["offsets do not divide"]),
+    "counts_disagree": (lambda d: _cut_last_example(d / "train.safetensors"), ["meta.json records"]),
+}
+
+
+def _cut_last_example(path: Path) -> None:
+    """A consistent file with one example fewer: only meta.json's counts disagree with it."""
+    arrays = _split(path)
+    last = int(arrays["offsets"][-2])
+    _save_split(path, tokens=arrays["tokens"][:last], offsets=arrays["offsets"][:-1],
+                prompt_lengths=arrays["prompt_lengths"][:-1])
+
+
+@pytest.mark.parametrize("damage", list(DATA_DAMAGE))
+def test_damaged_prepared_data_says_prepare_again(monkeypatch, capsys, tmp_path, tiny_checkpoint, prepared, damage):
+    change, words = DATA_DAMAGE[damage]
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    change(data)
+    before = snapshot(data, tiny_checkpoint)
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, data, tmp_path / "run"))
+    assert_error(code, err, str(data), "damaged", "prepare it again", *words)
+    assert_not_written(tmp_path / "run")
+    assert snapshot(data, tiny_checkpoint) == before
+
+
+# ---------------------------------------------------------------------------------------------- config values
+CONFIG_MISTAKES = [  # (override, words of the error)
+    ("--train.grad_clip=-1", ["train.grad_clip must be > 0", "null to disable"]),
+    ("--train.grad_clip=0", ["train.grad_clip must be > 0"]),
+    ("--train.max_steps=0", ["train.max_steps must be >= 1", "untrained adapter"]),
+    ("--train.epochs=0", ["train.epochs must be >= 1"]),
+    ("--train.learning_rate=-0.001", ["train.learning_rate must be > 0"]),
+    ("--train.learning_rate=.nan", ["train.learning_rate must be > 0"]),
+    ("--train.min_lr=-1", ["train.min_lr must be >= 0"]),
+    ("--train.warmup_steps=-1", ["train.warmup_steps must be >= 0"]),
+    ("--train.weight_decay=-0.1", ["train.weight_decay must be >= 0"]),
+    ("--train.betas=[0.9, 1.0]", ["train.betas must be two numbers in [0, 1)"]),
+    ("--train.betas=[-0.1, 0.9]", ["train.betas must be two numbers in [0, 1)"]),
+    ("--devices=0", ["devices must be >= 1"]),
+    ("--num_nodes=0", ["num_nodes must be >= 1"]),
+    ("--eval.interval=0", ["eval.interval must be >= 1"]),
+    ("--eval.max_new_tokens=0", ["eval.max_new_tokens must be >= 1"]),
+    ("--eval.max_batches=0", ["eval.max_batches must be >= 1"]),
+    ("--accelerator=tpux", ["accelerator 'tpux' is not one of"]),
+]
+
+
+@pytest.mark.parametrize("override,words", CONFIG_MISTAKES, ids=[c[0] for c in CONFIG_MISTAKES])
+def test_wrong_config_values_are_refused_when_loaded(monkeypatch, capsys, tmp_path, tiny_checkpoint, prepared,
+                                                     override, words):
+    before = snapshot(prepared)
+    code, out, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, tmp_path / "run"),
+                             override)
+    assert_error(code, err, *words)
+    assert out == ""
+    assert_not_written(tmp_path / "run")
+    assert snapshot(prepared) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("override,words", [
+    ("--accelerator=cuda", ["accelerator cuda needs a CUDA GPU", "accelerator: cpu"]),
+    ("--accelerator=gpu", ["accelerator gpu needs a CUDA GPU", "accelerator: cpu"]),
+    ("--strategy=fsdp", ["strategy fsdp needs CUDA GPUs", "strategy: ddp"]),
+])
+def test_hardware_the_machine_lacks_is_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint, prepared, override,
+                                               words):
+    monkeypatch.delenv("LIT_LORA_AUTO_PRECISION")  # precision auto would probe and say so: not before this error
+    code, out, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, tmp_path / "run"),
+                             override, "--precision=auto")
+    assert_error(code, err, *words)
+    assert_not_written(tmp_path / "run")
+    # --dry-run still prints such a config: it may be meant for another machine.
+    code, out, _ = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, tmp_path / "run"),
+                           override, "--dry-run")
+    assert code == 0 and override.split("=")[1] in out
+
+
+def test_empty_validation_split_trains_without_a_fake_val_loss(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(8)]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    data = tmp_path / "data"
+    code, _, err = run_cli(monkeypatch, capsys, "prepare-json", "--checkpoint_dir", tiny_checkpoint, "--data_file",
+                           tmp_path / "records.json", "--destination", data, "--val_size", "0", "--template", "chatml")
+    assert code == 0, err
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, data, out_dir,
+                                                                 "--train.max_steps=2", "--eval.interval=1"))
+    assert code == 0, err
+    assert (out + err).count("no validation examples") == 1, out + err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["val_loss_first"] is None and summary["val_loss_last"] is None
+    assert ",val," not in (out_dir / "metrics.csv").read_text()
+    assert (out_dir / "final" / "lora.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- duplicates
+def _examples(directory: Path, split: str) -> list[tuple]:
+    arrays = _split(directory / f"{split}.safetensors")
+    o = arrays["offsets"]
+    return [tuple(arrays["tokens"][o[i]:o[i + 1]]) for i in range(len(o) - 1)]
+
+
+def test_duplicates_are_counted_and_kept_on_one_side(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(30)]
+    records += [dict(records[3]), dict(records[3]), dict(records[7]), dict(records[12]),
+                {**records[20], "input": "<noinput>"}]  # a placeholder input is no input: the same record
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    outs = []
+    for name in ("a", "b"):
+        code, out, err = run_cli(monkeypatch, capsys, "prepare-json", "--checkpoint_dir", tiny_checkpoint,
+                                 "--data_file", tmp_path / "records.json", "--destination", tmp_path / name,
+                                 "--val_size", "10", "--template", "chatml")
+        assert code == 0, err
+        assert "warning: 5 of 35 records repeat an earlier record" in err, err
+        outs.append(snapshot(tmp_path / name))
+    assert list(outs[0].values()) == list(outs[1].values())  # two runs, byte-identical
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["counts"]["duplicates"] == 5 and meta["counts"]["examples"] == 35
+    train, val = _examples(tmp_path / "a", "train"), _examples(tmp_path / "a", "val")
+    assert not set(train) & set(val)
+    assert len(train) + len(val) == 35 and len(val) <= 10
+
+
+def test_split_without_duplicates_is_unchanged():
+    for n, val_size, seed in ((10, 2, 42), (1000, 200, 7), (57, 0, 1)):
+        order = np.random.default_rng(seed).permutation(n)  # the split before duplicates were grouped
+        splits = split_indices(n, val_size, None, seed)
+        assert np.array_equal(splits["val"], np.sort(order[:val_size]))
+        assert np.array_equal(splits["train"], np.sort(order[val_size:]))
+        grouped = split_indices(n, val_size, None, seed, groups=list(range(n)))
+        assert all(np.array_equal(grouped[k], splits[k]) for k in splits)
+
+
+# ---------------------------------------------------------------------------------------------- convert-hf
+LLAMA_FIELDS = {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("architectures,model_type", [
+    (["GPT2LMHeadModel"], "llama"),
+    (["LlamaForCausalLM"], "gpt2"),
+    (["LlamaForCausalLM", "GPT2LMHeadModel"], "llama"),
+])
+def test_convert_hf_refuses_a_contradictory_config(monkeypatch, capsys, tmp_path, architectures, model_type):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({**LLAMA_FIELDS, "architectures": architectures,
+                                                 "model_type": model_type}))
+    before = snapshot(src)
+    code, _, err = run_cli(monkeypatch, capsys, "convert-hf", src, "--out", tmp_path / "ckpt")
+    assert_error(code, err, "contradicts", repr(model_type), architectures[-1])
+    assert_not_written(tmp_path / "ckpt")
+    assert snapshot(src) == before
