@@ -60,7 +60,7 @@ def transformers_generate(hf_dir: Path, dtype: torch.dtype, prompt: list[int], n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", type=Path, default=Path("/work/cache/smollm2-ckpt"))
-    parser.add_argument("--precision", choices=list(GENERATE_PRECISIONS), default="bf16-true")
+    parser.add_argument("--precision", choices=[p for p in GENERATE_PRECISIONS if p != "auto"], default="bf16-true")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip_transformers", action="store_true", help="only measure ours")

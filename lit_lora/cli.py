@@ -288,7 +288,8 @@ def export_peft(
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-@app.command("evaluate")
+@subcommand("evaluate", "evaluate --checkpoint_dir checkpoints/smollm2-135m-instruct --data data/task-extract "
+                        "--lora_path out/lora/smollm2-135m-task/final --limit 200")
 def evaluate(
     checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
     data: Path = typer.Option(..., "--data", help="A prepared directory (any prepare-* output) or a raw "
@@ -302,6 +303,7 @@ def evaluate(
     max_new_tokens: int = option(ev.evaluate, "max_new_tokens", "Most tokens per generated answer."),
     template: str = option(ev.evaluate, "template", "For a raw file: alpaca, chatml, plain or auto (the adapter's)."),
     precision: str = option(ev.evaluate, "precision", "auto, bf16-mixed, bf16-true or 32-true."),
+    verify: bool = verify_option(),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as one JSON object instead of a table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores and every prediction beside its "
                                                            "reference to this JSON file."),
@@ -313,7 +315,7 @@ def evaluate(
 
     result = ev.evaluate(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric, limit=limit,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
-                         precision=precision, progress=sys.stderr.isatty())
+                         precision=precision, verify=verify, progress=sys.stderr.isatty())
     if out is not None:
         write_json(out, result)
     summary = {k: v for k, v in result.items() if k != "predictions"}

@@ -6,7 +6,10 @@ of the trainable LoRA tensors.
 """
 from __future__ import annotations
 
+import os
 import resource
+import sys
+import time
 
 import torch
 
@@ -23,7 +26,7 @@ PRECISIONS = {
     "bf16-true": (torch.bfloat16, torch.bfloat16),
     "32-true": (torch.float32, torch.float32),
 }
-GENERATE_PRECISIONS = ("bf16-true", "32-true")  # inference holds one dtype: the base's
+GENERATE_PRECISIONS = ("auto", "bf16-true", "32-true")  # inference holds one dtype: the base's
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -51,3 +54,54 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> tuple[str, int]:
     if device.type == "cuda":
         return "max_allocated", torch.cuda.max_memory_allocated(device)
     return "peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------- precision: auto
+def matmul_gflops(dtype: torch.dtype, size: int = 512, reps: int = 3) -> float:
+    """Best-of-`reps` speed of a (size x size) @ (size x size) product in `dtype` on the CPU."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: kernel selection and caches
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def auto_precision(accelerator: str = "auto") -> tuple[str, str]:
+    """(precision, why) for `precision: auto`: bf16-mixed where bf16 is fast, 32-true where it is not.
+
+    CPUs differ in the opposite direction: some run bf16 products at three times their fp32 speed, others
+    (no bf16 instructions) at a fraction of it, so on a CPU a short matmul probe decides. On CUDA, bf16-mixed
+    where the GPU supports bf16, else 16-mixed.
+    """
+    if accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "the GPU supports bf16"
+        return "16-mixed", "the GPU does not support bf16"
+    bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    choice = "bf16-mixed" if bf16 > fp32 else "32-true"
+    return choice, f"this CPU multiplies at {bf16:.0f} GFLOP/s in bf16 and {fp32:.0f} in fp32"
+
+
+_AUTO_ENV = "LIT_LORA_AUTO_PRECISION"  # the first process's choice, inherited by the processes Fabric launches
+
+
+def resolve_precision(precision: str, accelerator: str = "auto", training: bool = True) -> str:
+    """`precision` itself, or for `auto` the faster one on this machine (said on stderr).
+
+    The choice is kept in the environment so that every process of a distributed run uses the same one
+    (a probe in each could disagree when the two speeds are close). Generation holds one dtype, so for it
+    auto means bf16-true or 32-true.
+    """
+    if precision != "auto":
+        return precision
+    choice = os.environ.get(_AUTO_ENV)
+    if choice is None:
+        choice, why = auto_precision(accelerator)
+        os.environ[_AUTO_ENV] = choice
+        print(f"precision auto: {choice} ({why})", file=sys.stderr)
+    if not training:
+        choice = "32-true" if choice == "32-true" else "bf16-true"
+    return choice

@@ -6,6 +6,7 @@ state-dict names of the base weights do not change and the adapter is just the `
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -172,3 +173,18 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                     f"{tuple(param.shape)}: the adapter was trained for another base model or rank"
                 )
             param.copy_(state[name])
+
+
+@contextlib.contextmanager
+def lora_applied(model: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """Inside the block the model carries an adapter's LoRA layers, unmerged as in training; after it, its own
+    layers again (the base tensors were shared throughout, never copied or changed)."""
+    originals = [(parent, attr, getattr(parent, attr)) for parent, attr in target_layers(model, config.targets)]
+    apply_lora(model, config, dtype)
+    try:
+        load_lora_state_dict(model, state)
+        yield model
+    finally:
+        for parent, attr, layer in originals:
+            setattr(parent, attr, layer)
+        del model.lora_config

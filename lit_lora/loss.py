@@ -6,11 +6,14 @@ tokens of the whole global batch (gradient accumulation and DDP then give the gr
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lit_lora.data.batching import make_batch
 from lit_lora.data.dataset import IGNORE_INDEX
 
 
@@ -69,3 +72,28 @@ def target_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Ten
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     hidden = model.hidden_states(batch["input_ids"], batch.get("input_pos"), batch.get("mask"))
     return target_loss_sum(hidden, model.lm_head, batch["targets"], chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def eval_batches(lengths, limit: int | None, batch_size: int) -> list[list[int]]:
+    """The first `limit` examples in file order (all with None), batched by similar length (less padding).
+
+    finetune-lora's validation and `evaluate` both score exactly these, so their losses agree."""
+    n = len(lengths) if limit is None else min(limit, len(lengths))
+    order = sorted(range(n), key=lambda i: int(lengths[i]))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def summed_loss(model, dataset, batches: list[list[int]], pad_id: int, train, to_device=lambda b: b,
+                autocast=contextlib.nullcontext) -> torch.Tensor:
+    """(summed cross-entropy, target tokens) over `batches` of `dataset`, collated as training collates them
+    (`train`: the config's train section: packing, pad_multiple, loss_chunk_size)."""
+    total = torch.zeros(2)
+    for indices in batches:
+        batch = to_device(make_batch([dataset[i] for i in indices], pad_id, train.packing,
+                                     dataset.meta["max_seq_length"], train.pad_multiple))
+        with autocast():
+            total[0] += micro_batch_loss(model, batch, train.loss_chunk_size).float().cpu()
+        total[1] += (batch["targets"] != IGNORE_INDEX).sum().cpu()
+    return total

@@ -1,0 +1,195 @@
+"""evaluate: score a base model and its adapters on the same examples, in one run over one loaded base.
+
+    loss, perplexity   summed cross-entropy over target tokens through finetune-lora's own code and batches
+                       (loss.eval_batches, loss.summed_loss), each adapter unmerged as in training, so the loss of
+                       a run's final adapter equals the run's last validation loss on the same examples
+    exact match        batched greedy generation (generate.complete), the answer cut at the template's stop,
+                       equal to the reference after stripping surrounding whitespace; the normalised match also
+                       folds case and runs of whitespace
+
+The data is a prepared directory (its template and prompts exactly as trained) or a raw Alpaca/Dolly/JSON(L)
+file, prepared on the fly with the checkpoint's tokenizer and the adapter's template.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
+from lit_lora.checkpoint import load_config, load_model
+from lit_lora.data.dataset import PreparedDataset, check_tokenizer
+from lit_lora.data.readers import load_json_records
+from lit_lora.data.templates import get_template
+from lit_lora.device import PRECISIONS, resolve_precision
+from lit_lora.errors import UserError
+from lit_lora.fast_decode import prepare_for_generation, repack
+from lit_lora.generate import Sampling, complete, resolve_template
+from lit_lora.lora import lora_applied
+from lit_lora.loss import eval_batches, summed_loss
+from lit_lora.tokenizer import Tokenizer
+from lit_lora.train_config import TrainSection
+
+METRICS = ("loss", "exact_match", "both")
+_OUTPUT_FIELDS = ("output", "response")  # the reference answer in Alpaca and Dolly records
+
+
+@dataclass
+class Score:
+    name: str
+    n: int
+    loss: float | None = None
+    perplexity: float | None = None
+    exact_match: float | None = None
+    exact_match_normalized: float | None = None
+    seconds: float = 0.0
+    answers: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "answers"}
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+# ---------------------------------------------------------------------------------------------- data
+@contextlib.contextmanager
+def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer, template: str) -> Iterator[PreparedDataset]:
+    """The examples to score: a prepared split, or a raw file prepared into a temporary directory."""
+    from lit_lora.data.prepare import prepare  # prepare pulls in the readers' download code: only when needed
+
+    data = Path(data)
+    if data.is_dir():
+        dataset = PreparedDataset(data, split)
+        check_tokenizer(dataset, tokenizer, checkpoint_dir)
+        yield dataset
+        return
+    if not data.is_file():
+        raise UserError(f"--data {data} does not exist; pass a prepared directory or a JSON/JSONL file")
+    records = [record for _, record in load_json_records(data)]
+    if not any(isinstance(r, dict) and any(r.get(k) for k in _OUTPUT_FIELDS) for r in records):
+        raise UserError(f"{data} has no reference outputs (no {' or '.join(_OUTPUT_FIELDS)} field); "
+                        f"evaluate needs the expected answers")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(checkpoint_dir, Path(tmp) / "data", data_file=data, template=template, val_size=0,
+                max_seq_length=load_config(checkpoint_dir).max_seq_len)
+        yield PreparedDataset(Path(tmp) / "data", "train")  # every record of the file, in its order
+
+
+def examples(dataset: PreparedDataset, n: int, eos_id: int | None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids without EOS) of the first n examples."""
+    out = []
+    for i in range(n):
+        ids = dataset.tokens[dataset.offsets[i] : dataset.offsets[i + 1]].tolist()
+        prompt, response = ids[: dataset.prompt_lengths[i]], ids[dataset.prompt_lengths[i] :]
+        out.append((prompt, response[:-1] if response and response[-1] == eos_id else response))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def evaluate(
+    checkpoint_dir: Path, data: Path, lora_paths: list[Path] = (), split: str = "val", metric: str = "both",
+    limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 64, template: str = "auto",
+    precision: str = "auto", verify: bool = True, progress: bool = True,
+) -> dict[str, Any]:
+    """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}."""
+    if metric not in METRICS:
+        raise UserError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
+    for name, value in (("--limit", limit), ("--batch_size", batch_size), ("--max_new_tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if precision != "auto" and precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}; use auto or one of {', '.join(PRECISIONS)}")
+    config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
+    adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify=verify)) for p in lora_paths]
+    adapter_template = next((meta.get("template") for *_, meta in adapters if meta.get("template")), None)
+    chosen = resolve_template(template, adapter_template, tokenizer).name
+
+    with open_data(data, split, checkpoint_dir, tokenizer, chosen) as dataset:
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        if n == 0:
+            raise UserError(f"the {split} split of {data} is empty; choose another --split or prepare the data "
+                            f"with a validation split (--val_size)")
+        precision = resolve_precision(precision)
+        model = load_model(checkpoint_dir, PRECISIONS[precision][0], verify=verify).eval()
+        scores = [Score("base", n)] + [Score(name, n) for name, *_ in adapters]
+        units = (len(adapters) + 1) * (math.ceil(n / batch_size) * (1 + (metric != "loss")))
+        with tqdm(total=units, desc="evaluate", disable=not progress, leave=False) as bar:
+            if metric != "exact_match":
+                score_losses(model, dataset, n, batch_size, precision, tokenizer.pad_id, adapters, scores, bar)
+            if metric != "loss":
+                pairs = examples(dataset, n, tokenizer.eos_id)
+                stop_template = get_template(dataset.meta.get("template") or chosen)
+                score_answers(model, tokenizer, pairs, stop_template, batch_size, max_new_tokens, adapters, scores, bar)
+                references = [tokenizer.decode(ref) for _, ref in pairs]
+                prompts = [tokenizer.decode(prompt, skip_special=False) for prompt, _ in pairs]
+    if metric != "loss":
+        for s in scores:
+            s.exact_match = sum(a.strip() == r.strip() for a, r in zip(s.answers, references)) / n
+            s.exact_match_normalized = sum(normalize(a) == normalize(r) for a, r in zip(s.answers, references)) / n
+    result = {"checkpoint_dir": str(checkpoint_dir), "data": str(data), "split": split, "n": n, "precision": precision,
+              "models": [s.row() for s in scores]}
+    if metric != "loss":
+        result["predictions"] = [{"prompt": p, "reference": r, "answers": {s.name: s.answers[i] for s in scores}}
+                                 for i, (p, r) in enumerate(zip(prompts, references))]
+    return result
+
+
+def score_losses(model, dataset, n, batch_size, precision, pad_id, adapters, scores, bar) -> None:
+    """Loss and perplexity of the base and each adapter (unmerged, in the LoRA dtype of `precision`)."""
+    batches = eval_batches(dataset.lengths, n, batch_size)
+    lora_dtype = PRECISIONS[precision][1]
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
+    for score, adapter in zip(scores, [None, *adapters]):
+        start = time.perf_counter()
+        with lora_applied(model, adapter[1], adapter[2], lora_dtype) if adapter else contextlib.nullcontext():
+            total = torch.zeros(2)
+            for batch in batches:
+                total += summed_loss(model, dataset, [batch], pad_id, TrainSection(), autocast=autocast)
+                bar.update(1)
+        score.loss = (total[0] / total[1].clamp(min=1)).item()
+        score.perplexity = math.exp(min(score.loss, 50))
+        score.seconds += time.perf_counter() - start
+
+
+def score_answers(model, tokenizer, pairs, template, batch_size, max_new_tokens, adapters, scores, bar) -> None:
+    """Greedy answers of the base and each adapter (merged into the weights, then restored)."""
+    prepare_for_generation(model)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0)
+    for score, adapter in zip(scores, [None, *adapters]):
+        start = time.perf_counter()
+        originals = merge_adapter(model, adapter[1], adapter[2]) if adapter else {}
+        repack(model)
+        for i in range(0, len(pairs), batch_size):
+            texts, _ = complete(model, tokenizer, [p for p, _ in pairs[i : i + batch_size]], template, sampling)
+            score.answers.extend(texts)
+            bar.update(1)
+        restore_weights(model, originals)
+        repack(model)
+        score.seconds += time.perf_counter() - start
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One row per model: loss, perplexity, exact match (strict / normalised), examples, seconds."""
+    def cell(value: float | None, fmt: str, width: int) -> str:
+        return f"{'-':>{width}}" if value is None else format(value, fmt)
+
+    def percent(value: float | None) -> str:
+        return cell(None if value is None else 100 * value, "6.1f", 6) + ("%" if value is not None else " ")
+
+    width = max(len(m["name"]) for m in result["models"])
+    lines = [f"{'model':<{width}}  {'loss':>7}  {'ppl':>8}  {'exact':>7}  {'normed':>7}  {'n':>5}  {'seconds':>7}"]
+    for m in result["models"]:
+        lines.append(f"{m['name']:<{width}}  {cell(m['loss'], '7.4f', 7)}  {cell(m['perplexity'], '8.2f', 8)}  "
+                     f"{percent(m['exact_match'])}  {percent(m['exact_match_normalized'])}  {m['n']:>5}  "
+                     f"{m['seconds']:>7.1f}")
+    return "\n".join(lines)

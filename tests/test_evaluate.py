@@ -1,0 +1,106 @@
+"""evaluate: the same loss as finetune-lora's validation, batched exact match equal to one at a time, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from adapter_helpers import make_adapter, run_cli
+from test_finetune import one_thread, prepared, run  # noqa: F401  (fixtures)
+
+from lit_lora.evaluate import evaluate, normalize
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint, prepared, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "out"
+    torch.set_num_threads(1)
+    return out, run(tiny_checkpoint, prepared, out)
+
+
+def test_loss_equals_the_runs_last_validation_loss(tiny_checkpoint, prepared, trained):
+    out, summary = trained
+    # tiny.yaml validates on eval.max_batches (2) x micro_batch_size (2) examples in 32-true.
+    result = evaluate(tiny_checkpoint, prepared, [out / "final"], metric="loss", limit=4, batch_size=2,
+                      precision="32-true", progress=False)
+    base, tuned = result["models"]
+    assert tuned["loss"] == pytest.approx(summary["val_loss_last"], rel=1e-6)
+    assert base["loss"] == pytest.approx(summary["val_loss_first"], rel=1e-6)
+    assert tuned["loss"] < base["loss"]
+
+
+def test_batched_exact_match_equals_one_at_a_time(tiny_checkpoint, prepared, trained):
+    out, _ = trained
+    kwargs = dict(metric="exact_match", max_new_tokens=6, precision="32-true", progress=False)
+    batched = evaluate(tiny_checkpoint, prepared, [out / "final"], batch_size=8, **kwargs)
+    single = evaluate(tiny_checkpoint, prepared, [out / "final"], batch_size=1, **kwargs)
+    assert batched["predictions"] == single["predictions"]
+    assert [m["exact_match"] for m in batched["models"]] == [m["exact_match"] for m in single["models"]]
+    assert batched["n"] == 8 and all(len(p["answers"]) == 2 for p in batched["predictions"])
+
+
+def test_exact_match_counts_strict_and_normalised(tiny_checkpoint, tmp_path):
+    # References equal to what the model answers score 1; the normalised match folds case and spaces.
+    assert normalize("  The  Answer\n") == normalize("the answer")
+    records = [{"instruction": "hello world", "input": "", "output": "x"}]
+    (tmp_path / "one.json").write_text(json.dumps(records))
+    first = evaluate(tiny_checkpoint, tmp_path / "one.json", metric="exact_match", max_new_tokens=4,
+                     precision="32-true", progress=False)
+    answer = first["predictions"][0]["answers"]["base"]
+    records[0]["output"] = f"  {answer.upper()}  " if answer.strip() else "unlikely"
+    (tmp_path / "one.json").write_text(json.dumps(records))
+    second = evaluate(tiny_checkpoint, tmp_path / "one.json", metric="exact_match", max_new_tokens=4,
+                      precision="32-true", progress=False)
+    base = second["models"][0]
+    if answer.strip() and answer.upper() != answer:
+        assert base["exact_match"] == 0.0 and base["exact_match_normalized"] == 1.0
+
+
+def test_cli_table_json_and_out(tiny_checkpoint, prepared, trained, tmp_path, monkeypatch, capsys):
+    out, _ = trained
+    code, stdout, _ = run_cli(monkeypatch, capsys, "evaluate", "--checkpoint_dir", tiny_checkpoint, "--data", prepared,
+                              "--lora_path", out / "final", "--limit", 4, "--max_new_tokens", 4,
+                              "--precision", "32-true", "--json", "--out", tmp_path / "res.json")
+    assert code in (0, None)
+    scores = json.loads(stdout)
+    assert [m["name"] for m in scores["models"]] == ["base", str(out / "final")]
+    assert {"loss", "perplexity", "exact_match", "exact_match_normalized", "n"} <= set(scores["models"][0])
+    saved = json.loads((tmp_path / "res.json").read_text())
+    assert len(saved["predictions"]) == 4 and "reference" in saved["predictions"][0]
+    code, stdout, _ = run_cli(monkeypatch, capsys, "evaluate", "--checkpoint_dir", tiny_checkpoint, "--data", prepared,
+                              "--limit", 2, "--metric", "loss", "--precision", "32-true")
+    assert code in (0, None) and stdout.splitlines()[0].split()[:3] == ["model", "loss", "ppl"]
+
+
+def test_bad_input_is_one_line(tiny_checkpoint, prepared, tmp_path, monkeypatch, capsys):
+    from conftest import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1, n_layers=3)
+    other_tok = tmp_path / "other_tok"
+    shutil.copytree(tiny_checkpoint, other_tok)
+    tok = json.loads((other_tok / "tokenizer.json").read_text())
+    tok["added_tokens"][0]["content"] = "<|changed|>"
+    (other_tok / "tokenizer.json").write_text(json.dumps(tok))
+    foreign = make_adapter(other, tmp_path / "foreign")
+    no_outputs = tmp_path / "prompts.json"
+    no_outputs.write_text(json.dumps([{"instruction": "hi"}]))
+    empty_val = tmp_path / "empty_val"
+    from lit_lora.data.prepare import prepare
+
+    (tmp_path / "r.json").write_text(json.dumps([{"instruction": f"n {i}", "output": "x"} for i in range(3)]))
+    prepare(tiny_checkpoint, empty_val, data_file=tmp_path / "r.json", val_size=0)
+    cases = [
+        (("--data", prepared, "--checkpoint_dir", other_tok), "prepared with another tokenizer"),
+        (("--data", empty_val), "split of"),
+        (("--data", prepared, "--limit", 0), "--limit must be >= 1"),
+        (("--data", no_outputs, "--metric", "exact_match"), "no reference outputs"),
+        (("--data", prepared, "--lora_path", foreign), "another model"),
+    ]
+    for args, message in cases:
+        if "--checkpoint_dir" not in args:
+            args = ("--checkpoint_dir", tiny_checkpoint, *args)
+        code, stdout, stderr = run_cli(monkeypatch, capsys, "evaluate", *args, "--precision", "32-true")
+        assert code == 2, (args, stderr)
+        assert stderr.startswith("error:") and message in stderr and stderr.count("\n") == 1, stderr
