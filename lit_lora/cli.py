@@ -125,6 +125,8 @@ def _prepare_options() -> list[inspect.Parameter]:
                                                                f"{prepare.DEFAULT_VAL_SIZE}.")),
         param("val_fraction", Optional[float], option(p, "val_fraction", "Fraction held out for validation "
                                                                          "(instead of --val_size).")),
+        param("val_file", Optional[Path], option(p, "val_file", "A file of its own as the validation split "
+                                                                "(instead of --val_size / --val_fraction).")),
         param("max_seq_length", int, option(p, "max_seq_length", "Longest example in tokens; longer responses are "
                                                                  "cut and keep their EOS.")),
         param("mask_inputs", bool, typer.Option(default(p, "mask_inputs"), "--mask_inputs/--no-mask_inputs",

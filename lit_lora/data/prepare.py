@@ -191,6 +191,7 @@ def prepare(
     destination: Path,
     data_file: Path | None = None,
     url: str | None = None,
+    val_file: Path | None = None,
     format: str = "auto",
     field_map: dict[str, str] | None = None,
     template: str = "alpaca",
@@ -201,9 +202,11 @@ def prepare(
     seed: int = 42,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prepare `data_file` (or `url`) into `destination`; returns the meta.json written there. An existing
+    """Prepare `data_file` (or `url`) into `destination`; returns the meta.json written there. The validation
+    split is drawn at random (val_size or val_fraction), or is every record of `val_file`. An existing
     `destination` is replaced only with `overwrite`, and only if it is ours (see fileio.check_destination)."""
-    check_destination(destination, overwrite, [checkpoint_dir, data_file], "--destination")  # before the work
+    inputs = [checkpoint_dir, data_file, val_file]
+    check_destination(destination, overwrite, inputs, "--destination")  # before the work
     prompt_template = get_template(template)
     tokenizer = Tokenizer(check_checkpoint_dir(checkpoint_dir))
     check_template(prompt_template, tokenizer, checkpoint_dir)
@@ -211,14 +214,25 @@ def prepare(
         raise UserError(f"the tokenizer of {checkpoint_dir} has no EOS token; cannot mark where responses end")
     if data_file is not None and url is not None:
         raise UserError("pass either --data_file or --url, not both")
+    if val_file is not None and (val_size is not None or val_fraction is not None):
+        raise UserError("pass either --val_file or --val_size/--val_fraction, not both")
     with local_copy(data_file, url or DEFAULT_URLS.get(format)) as (path, source_name):
         records, fields = read_records(path, format, field_map)
         source = {"path": source_name, "sha256": sha256_file(path), "fields": fields}
+    val_records = []
+    if val_file is not None:
+        val_records, _ = read_records(val_file, format, field_map)
+        source["val_file"] = {"path": str(val_file), "sha256": sha256_file(val_file)}
 
-    n_records = len(records)
+    n_records = len(records) + len(val_records)
     records, cleaned = clean(records)
     if not records:
         raise UserError(f"{source_name}: every record has an empty output; nothing to train on")
+    n_train_records = len(records)
+    if val_file is not None:
+        val_records, val_cleaned = clean(val_records)
+        cleaned = {key: cleaned[key] + val_cleaned[key] for key in cleaned}
+        records += val_records
     prompts = tokenize(tokenizer, [prompt_template.prompt(r.instruction, r.input) for r in records], "prompts")
     responses = tokenize(tokenizer, [r.output for r in records], "responses")
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
@@ -229,7 +243,13 @@ def prepare(
         raise UserError(f"--max_seq_length {max_seq_length} is too small for any prompt: the shortest prompt "
                         f"is {shortest} tokens, and a response needs at least 2 more")
     groups, duplicates = identical_groups(records)
-    splits = split_indices(len(examples), val_size, val_fraction, seed, [groups[i] for i in kept])
+    if val_file is None:
+        splits = split_indices(len(examples), val_size, val_fraction, seed, [groups[i] for i in kept])
+    else:  # the file's own split, in file order
+        in_val = np.array([i >= n_train_records for i in kept])
+        splits = {"train": np.flatnonzero(~in_val), "val": np.flatnonzero(in_val)}
+        if not len(splits["train"]):
+            raise UserError(f"no training example is left from {source_name} (all dropped); check --max_seq_length")
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -243,7 +263,7 @@ def prepare(
                    "examples": len(examples), "train": len(splits["train"]), "val": len(splits["val"])},
         "lengths_before_truncation": length_stats(full_lengths),
     }
-    with atomic_dir(destination, overwrite, [checkpoint_dir, data_file], "--destination") as tmp:
+    with atomic_dir(destination, overwrite, inputs, "--destination") as tmp:
         meta["tokens"] = {split: write_split(split_path(tmp, split), examples, prompt_lengths, indices)
                           for split, indices in splits.items()}
         write_json(tmp / META, meta)
