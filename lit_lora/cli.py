@@ -20,7 +20,7 @@ from lit_lora import evaluate as ev
 from lit_lora import generate as gen
 from lit_lora import merge
 from lit_lora.convert import export, gguf, hf
-from lit_lora.data import prepare, readers
+from lit_lora.data import prepare, readers, tasks
 from lit_lora.errors import UserError, os_error_message
 
 app = typer.Typer(
@@ -180,6 +180,28 @@ prepare_command("prepare-json", "Tokenise your own JSON list or JSONL of instruc
     inspect.Parameter("field_map", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
         None, "--field_map", help="Your field names, e.g. instruction=question,input=context,output=answer.")),
 ))
+
+
+@subcommand("prepare-task", "prepare-task extract --checkpoint_dir checkpoints/smollm2-135m-instruct "
+                            "--destination data/task-extract")
+def prepare_task(
+    name: str = typer.Argument(..., help=f"Built-in task: {', '.join(tasks.TASKS)} (dates, amounts and currencies "
+                                         f"out of a sentence, answered as YYYY-MM-DD;AMOUNT;CUR)."),
+    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Checkpoint whose tokenizer to use."),
+    destination: Path = typer.Option(..., "--destination", help="Directory to write, e.g. data/task-extract."),
+    n_train: int = option(tasks.prepare_task, "n_train", "Training examples to generate."),
+    n_val: int = option(tasks.prepare_task, "n_val", "Held-out examples (templates, names and values no training "
+                                                     "example uses)."),
+    seed: int = option(tasks.prepare_task, "seed", "Seed of the generator."),
+    template: str = option(tasks.prepare_task, "template", "alpaca, chatml, plain, or auto (chatml for ChatML "
+                                                           "tokenizers, else alpaca)."),
+    max_seq_length: int = option(tasks.prepare_task, "max_seq_length", "Longest example in tokens."),
+    overwrite: bool = overwrite_option(tasks.prepare_task, "--destination"),
+) -> None:
+    """Generate a built-in task whose answers can be checked exactly, and prepare it (held-out split as val)."""
+    meta = tasks.prepare_task(name, checkpoint_dir, destination, n_train=n_train, n_val=n_val, seed=seed,
+                              template=template, max_seq_length=max_seq_length, overwrite=overwrite)
+    print("\n".join(prepare.summary(meta, destination)[0]))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -361,6 +383,7 @@ merge_lora_main = _script("merge-lora")
 export_hf_main = _script("export-hf")
 export_peft_main = _script("export-peft")
 evaluate_main = _script("evaluate")
+prepare_task_main = _script("prepare-task")
 
 if __name__ == "__main__":
     main()

@@ -259,3 +259,19 @@ def test_real_dolly_head(shared_data, real_tokenizer_dir, tmp_path):
     c = PreparedDataset(tmp_path / "dolly", "train").meta["counts"]
     assert (c["records"], c["examples"], c["train"], c["val"]) == (9, 9, 7, 2)
     check_masks(tmp_path / "dolly", Tokenizer(real_tokenizer_dir), read_records(path, "dolly")[0], "chatml")
+
+
+def test_val_file_is_the_validation_split(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    train = [{"instruction": f"train {i}", "input": "", "output": f"t{i}"} for i in range(6)]
+    val = [{"instruction": f"held out {i}", "input": "", "output": f"v{i}"} for i in range(3)]
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    meta = prepare(tiny_checkpoint, tmp_path / "out", data_file=tmp_path / "train.json", val_file=tmp_path / "val.json",
+                   format="alpaca", template="plain")
+    assert meta["counts"]["train"] == 6 and meta["counts"]["val"] == 3
+    tok = Tokenizer(tiny_checkpoint)
+    val_data = PreparedDataset(tmp_path / "out", "val")
+    assert [tok.decode(val_data[i]["input_ids"]).startswith(f"held out {i}") for i in range(3)] == [True] * 3
+    with pytest.raises(UserError, match="--val_file or --val_size"):
+        prepare(tiny_checkpoint, tmp_path / "out2", data_file=tmp_path / "train.json", val_file=tmp_path / "val.json",
+                val_size=1)

@@ -104,3 +104,34 @@ def test_bad_input_is_one_line(tiny_checkpoint, prepared, tmp_path, monkeypatch,
         code, stdout, stderr = run_cli(monkeypatch, capsys, "evaluate", *args, "--precision", "32-true")
         assert code == 2, (args, stderr)
         assert stderr.startswith("error:") and message in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_quickstart_flow_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    """The README's first command's stages, in order, through the CLI: prepare-task, evaluate (base),
+    finetune-lora, evaluate (before/after), merge-lora, generate with the merged model."""
+    from conftest import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", max_seq_len=1024)
+    data, out = tmp_path / "task", tmp_path / "run"
+
+    def cli(*args) -> str:
+        code, stdout, stderr = run_cli(monkeypatch, capsys, *args)
+        assert code in (0, None), stderr
+        return stdout
+
+    assert "(64 train, 8 val)" in cli("prepare-task", "extract", "--checkpoint_dir", ckpt, "--destination", data,
+                                      "--n_train", 64, "--n_val", 8, "--max_seq_length", 1024)
+    before = json.loads(cli("evaluate", "--checkpoint_dir", ckpt, "--data", data, "--max_new_tokens", 4, "--json"))
+    assert [m["name"] for m in before["models"]] == ["base"] and before["n"] == 8
+    cli("finetune-lora", "--config", Path(__file__).parents[1] / "configs" / "tiny.yaml", "--checkpoint_dir", ckpt,
+        "--data_dir", data, "--out_dir", out, "--eval.max_new_tokens", 2)
+    table = cli("evaluate", "--checkpoint_dir", ckpt, "--lora_path", out / "final", "--data", data,
+                "--max_new_tokens", 4, "--precision", "32-true")
+    rows = table.splitlines()
+    assert rows[1].startswith("base") and rows[2].startswith(str(out / "final")) and "%" in rows[2]
+    assert (out / "loss.png").is_file()
+    cli("merge-lora", "--checkpoint_dir", ckpt, "--lora_path", out / "final", "--out", tmp_path / "merged")
+    common = ("--prompt", "hello world", "--template", "chatml", "--temperature", 0, "--max_new_tokens", 6,
+              "--precision", "32-true")
+    merged = cli("generate", "--checkpoint_dir", tmp_path / "merged", *common)
+    assert merged == cli("generate", "--checkpoint_dir", ckpt, "--lora_path", out / "final", *common)

@@ -201,9 +201,11 @@ def prepare(
     mask_inputs: bool = True,
     seed: int = 42,
     overwrite: bool = False,
+    data_name: str | None = None,
 ) -> dict[str, Any]:
     """Prepare `data_file` (or `url`) into `destination`; returns the meta.json written there. The validation
-    split is drawn at random (val_size or val_fraction), or is every record of `val_file`. An existing
+    split is drawn at random (val_size or val_fraction), or is every record of `val_file`. `data_name` names the
+    data in meta.json instead of the file paths (for data generated into temporary files). An existing
     `destination` is replaced only with `overwrite`, and only if it is ours (see fileio.check_destination)."""
     inputs = [checkpoint_dir, data_file, val_file]
     check_destination(destination, overwrite, inputs, "--destination")  # before the work
@@ -218,11 +220,12 @@ def prepare(
         raise UserError("pass either --val_file or --val_size/--val_fraction, not both")
     with local_copy(data_file, url or DEFAULT_URLS.get(format)) as (path, source_name):
         records, fields = read_records(path, format, field_map)
+        source_name = data_name or source_name
         source = {"path": source_name, "sha256": sha256_file(path), "fields": fields}
     val_records = []
     if val_file is not None:
         val_records, _ = read_records(val_file, format, field_map)
-        source["val_file"] = {"path": str(val_file), "sha256": sha256_file(val_file)}
+        source["val_file"] = {"path": data_name or str(val_file), "sha256": sha256_file(val_file)}
 
     n_records = len(records) + len(val_records)
     records, cleaned = clean(records)
