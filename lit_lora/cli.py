@@ -327,6 +327,8 @@ def evaluate(
     max_new_tokens: int = option(ev.evaluate, "max_new_tokens", "Most tokens per generated answer."),
     template: str = option(ev.evaluate, "template", "For a raw file: alpaca, chatml, plain or auto (the adapter's)."),
     precision: str = option(ev.evaluate, "precision", "auto, bf16-mixed, bf16-true or 32-true."),
+    baseline: Optional[Path] = option(ev.evaluate, "baseline", "An earlier --out on the same examples: its models are "
+                                                               "shown first and not scored again (before/after)."),
     verify: bool = verify_option(),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as one JSON object instead of a table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores and every prediction beside its "
@@ -339,7 +341,7 @@ def evaluate(
 
     result = ev.evaluate(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric, limit=limit,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
-                         precision=precision, verify=verify, progress=sys.stderr.isatty())
+                         precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty())
     if out is not None:
         write_json(out, result)
     summary = {k: v for k, v in result.items() if k != "predictions"}
@@ -362,28 +364,12 @@ def main() -> None:
     _run(typer.main.get_command(app), "lit-lora")
 
 
-def _script(name: str):
-    """An entry point that runs one subcommand as a program of its own."""
+def command_main() -> None:
+    """The entry point of every per-command program (`convert-hf`, `finetune-lora`, ...): the program's own
+    name says which subcommand it runs."""
+    name = Path(sys.argv[0]).name.removesuffix(".exe")
+    _run(typer.main.get_command(app).commands[name], name)
 
-    def run() -> None:
-        _run(typer.main.get_command(app).commands[name], name)
-
-    return run
-
-
-convert_hf_main = _script("convert-hf")
-convert_gguf_main = _script("convert-gguf")
-download_main = _script("download")
-prepare_alpaca_main = _script("prepare-alpaca")
-prepare_dolly_main = _script("prepare-dolly")
-prepare_json_main = _script("prepare-json")
-finetune_lora_main = _script("finetune-lora")
-generate_main = _script("generate")
-merge_lora_main = _script("merge-lora")
-export_hf_main = _script("export-hf")
-export_peft_main = _script("export-peft")
-evaluate_main = _script("evaluate")
-prepare_task_main = _script("prepare-task")
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ file, prepared on the fly with the checkpoint's tokenizer and the adapter's temp
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import tempfile
@@ -99,9 +100,12 @@ def examples(dataset: PreparedDataset, n: int, eos_id: int | None) -> list[tuple
 def evaluate(
     checkpoint_dir: Path, data: Path, lora_paths: list[Path] = (), split: str = "val", metric: str = "both",
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 64, template: str = "auto",
-    precision: str = "auto", verify: bool = True, progress: bool = True,
+    precision: str = "auto", verify: bool = True, baseline: Path | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}."""
+    """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}.
+
+    `baseline`: an earlier result (`--out`) on the same examples; its models are shown first and not scored again.
+    """
     if metric not in METRICS:
         raise UserError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
     for name, value in (("--limit", limit), ("--batch_size", batch_size), ("--max_new_tokens", max_new_tokens)):
@@ -119,17 +123,22 @@ def evaluate(
         if n == 0:
             raise UserError(f"the {split} split of {data} is empty; choose another --split or prepare the data "
                             f"with a validation split (--val_size)")
+        earlier = read_baseline(baseline, data, split, n, metric) if baseline else None
         precision = resolve_precision(precision)
         model = load_model(checkpoint_dir, PRECISIONS[precision][0], verify=verify).eval()
-        scores = [Score("base", n)] + [Score(name, n) for name, *_ in adapters]
-        units = (len(adapters) + 1) * (math.ceil(n / batch_size) * (1 + (metric != "loss")))
+        # (score, adapter or None for the base); a base the baseline already scored is not scored again
+        models = [(Score("base", n), None)] + [(Score(name, n), (cfg, state)) for name, cfg, state, _ in adapters]
+        if earlier and any(m["name"] == "base" for m in earlier["models"]):
+            models = models[1:]
+        scores = [score for score, _ in models]
+        units = len(models) * (math.ceil(n / batch_size) * (1 + (metric != "loss")))
         with tqdm(total=units, desc="evaluate", disable=not progress, leave=False) as bar:
             if metric != "exact_match":
-                score_losses(model, dataset, n, batch_size, precision, tokenizer.pad_id, adapters, scores, bar)
+                score_losses(model, dataset, n, batch_size, precision, tokenizer.pad_id, models, bar)
             if metric != "loss":
                 pairs = examples(dataset, n, tokenizer.eos_id)
                 stop_template = get_template(dataset.meta.get("template") or chosen)
-                score_answers(model, tokenizer, pairs, stop_template, batch_size, max_new_tokens, adapters, scores, bar)
+                score_answers(model, tokenizer, pairs, stop_template, batch_size, max_new_tokens, models, bar)
                 references = [tokenizer.decode(ref) for _, ref in pairs]
                 prompts = [tokenizer.decode(prompt, skip_special=False) for prompt, _ in pairs]
     if metric != "loss":
@@ -141,17 +150,42 @@ def evaluate(
     if metric != "loss":
         result["predictions"] = [{"prompt": p, "reference": r, "answers": {s.name: s.answers[i] for s in scores}}
                                  for i, (p, r) in enumerate(zip(prompts, references))]
+    return merge_baseline(earlier, result) if earlier else result
+
+
+def read_baseline(path: Path, data: Path, split: str, n: int, metric: str) -> dict[str, Any]:
+    """An earlier `--out` result, checked to be on the same examples and to hold what this run reports."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        same = (earlier["data"], earlier["split"], earlier["n"]) == (str(data), split, n)
+        models = earlier["models"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--baseline {path} is not an evaluate --out file: {e}") from None
+    if not same:
+        raise UserError(f"--baseline {path} scored other examples ({earlier['data']}, split {earlier['split']}, "
+                        f"{earlier['n']} examples); evaluate the same --data, --split and --limit")
+    if metric != "loss" and "predictions" not in earlier:
+        raise UserError(f"--baseline {path} has no exact-match predictions; score it with --metric both")
+    return earlier
+
+
+def merge_baseline(earlier: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The earlier models' rows first, then this run's; predictions side by side."""
+    names = {m["name"] for m in result["models"]}
+    result["models"] = [m for m in earlier["models"] if m["name"] not in names] + result["models"]
+    for mine, theirs in zip(result.get("predictions", []), earlier.get("predictions", [])):
+        mine["answers"] = {**{k: v for k, v in theirs["answers"].items() if k not in names}, **mine["answers"]}
     return result
 
 
-def score_losses(model, dataset, n, batch_size, precision, pad_id, adapters, scores, bar) -> None:
+def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) -> None:
     """Loss and perplexity of the base and each adapter (unmerged, in the LoRA dtype of `precision`)."""
     batches = eval_batches(dataset.lengths, n, batch_size)
     lora_dtype = PRECISIONS[precision][1]
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
-    for score, adapter in zip(scores, [None, *adapters]):
+    for score, adapter in models:
         start = time.perf_counter()
-        with lora_applied(model, adapter[1], adapter[2], lora_dtype) if adapter else contextlib.nullcontext():
+        with lora_applied(model, *adapter, lora_dtype) if adapter else contextlib.nullcontext():
             total = torch.zeros(2)
             for batch in batches:
                 total += summed_loss(model, dataset, [batch], pad_id, TrainSection(), autocast=autocast)
@@ -161,13 +195,13 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, adapters, sco
         score.seconds += time.perf_counter() - start
 
 
-def score_answers(model, tokenizer, pairs, template, batch_size, max_new_tokens, adapters, scores, bar) -> None:
+def score_answers(model, tokenizer, pairs, template, batch_size, max_new_tokens, models, bar) -> None:
     """Greedy answers of the base and each adapter (merged into the weights, then restored)."""
     prepare_for_generation(model)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0)
-    for score, adapter in zip(scores, [None, *adapters]):
+    for score, adapter in models:
         start = time.perf_counter()
-        originals = merge_adapter(model, adapter[1], adapter[2]) if adapter else {}
+        originals = merge_adapter(model, *adapter) if adapter else {}
         repack(model)
         for i in range(0, len(pairs), batch_size):
             texts, _ = complete(model, tokenizer, [p for p, _ in pairs[i : i + batch_size]], template, sampling)

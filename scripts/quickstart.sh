@@ -16,16 +16,17 @@ echo "== 1. download the model"
 [ -f "$CKPT/model_config.yaml" ] || download smollm2-135m-instruct --out "$CKPT"
 echo "== 2. prepare the built-in task (3,000 training and 200 held-out examples)"
 prepare-task extract --checkpoint_dir "$CKPT" --destination "$DATA" --overwrite
+mkdir -p "$OUT"
 echo "== 3. the base model on the held-out split"
-evaluate --checkpoint_dir "$CKPT" --data "$DATA" --metric exact_match --limit "$LIMIT" --batch_size 25 \
-    --max_new_tokens 24
+evaluate --checkpoint_dir "$CKPT" --data "$DATA" --limit "$LIMIT" --batch_size 25 --max_new_tokens 24 \
+    --out "$OUT/eval-base.json"
 echo "== 4. fine-tune (configs/smollm2-135m-task.yaml)"
 overrides=()
 [ -n "${STEPS:-}" ] && overrides=(--train.max_steps "$STEPS" --train.save_interval "$STEPS" --eval.interval "$STEPS")
 finetune-lora --config configs/smollm2-135m-task.yaml --out_dir "$OUT" "${overrides[@]}"
 echo "== 5. before / after on the same held-out examples (predictions in $OUT/eval.json, loss curve in $OUT/loss.png)"
 evaluate --checkpoint_dir "$CKPT" --lora_path "$OUT/final" --data "$DATA" --limit "$LIMIT" --batch_size 25 \
-    --max_new_tokens 24 --out "$OUT/eval.json"
+    --max_new_tokens 24 --baseline "$OUT/eval-base.json" --out "$OUT/eval.json"
 echo "== 6. merge the adapter and answer one held-out example with the merged model"
 merge-lora --checkpoint_dir "$CKPT" --lora_path "$OUT/final" --out "checkpoints/$RUN-merged"
 # The first held-out record (make_task draws each split from its own stream: the same one prepare-task wrote).
@@ -33,6 +34,6 @@ example() { python -c "from lit_lora.data.tasks import make_task; print(make_tas
 echo "question: $(example instruction)"
 echo "          $(example input)"
 echo "expected: $(example output)"
-echo -n "answer:   "
+echo "answer:"
 generate --checkpoint_dir "checkpoints/$RUN-merged" --prompt "$(example instruction)" --input "$(example input)" \
     --template chatml --temperature 0 --max_new_tokens 24

@@ -269,3 +269,16 @@ def test_atomic_dir_markers_of_ours(tmp_path):
     assert not fileio.looks_ours(tmp_path / "hf")  # anyone's config.json
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
     assert fileio.looks_ours(tmp_path / "hf")
+
+
+def test_every_program_is_a_command():
+    """Each per-command program in pyproject.toml runs the subcommand of its own name."""
+    import typer
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from lit_lora.cli import app
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    programs = {name for name, target in scripts.items() if target == "lit_lora.cli:command_main"}
+    assert programs == set(typer.main.get_command(app).commands)

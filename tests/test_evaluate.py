@@ -135,3 +135,22 @@ def test_quickstart_flow_on_a_tiny_model(tmp_path, monkeypatch, capsys):
               "--precision", "32-true")
     merged = cli("generate", "--checkpoint_dir", tmp_path / "merged", *common)
     assert merged == cli("generate", "--checkpoint_dir", ckpt, "--lora_path", out / "final", *common)
+
+
+def test_baseline_rows_are_reused_not_rescored(tiny_checkpoint, prepared, trained, tmp_path, monkeypatch):
+    out, _ = trained
+    kwargs = dict(limit=4, max_new_tokens=4, precision="32-true", progress=False)
+    both = evaluate(tiny_checkpoint, prepared, [out / "final"], **kwargs)
+    (tmp_path / "base.json").write_text(json.dumps(evaluate(tiny_checkpoint, prepared, **kwargs)))
+    import lit_lora.evaluate as ev
+
+    scored = []
+    original = ev.score_answers
+    monkeypatch.setattr(ev, "score_answers", lambda *a: (scored.extend(s.name for s, _ in a[-2]), original(*a))[1])
+    reused = evaluate(tiny_checkpoint, prepared, [out / "final"], baseline=tmp_path / "base.json", **kwargs)
+    assert scored == [str(out / "final")]  # the base came from the file
+    strip = lambda r: [{k: v for k, v in m.items() if k != "seconds"} for m in r["models"]]  # noqa: E731
+    assert strip(reused) == strip(both) and reused["predictions"] == both["predictions"]
+    with pytest.raises(Exception, match="scored other examples"):
+        evaluate(tiny_checkpoint, prepared, [out / "final"], baseline=tmp_path / "base.json", limit=3,
+                 max_new_tokens=4, precision="32-true", progress=False)
