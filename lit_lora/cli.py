@@ -23,13 +23,6 @@ from lit_lora.convert import export, gguf, hf
 from lit_lora.data import prepare, readers, tasks
 from lit_lora.errors import UserError, os_error_message
 
-app = typer.Typer(
-    help="LoRA fine-tuning of LLaMA-family models: import, prepare data, fine-tune, generate, merge, export.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
 
 def default(func: Callable, name: str) -> Any:
     """The library's own default for parameter `name` of `func`: each default is declared once, there."""
@@ -41,15 +34,31 @@ def option(func: Callable, name: str, help: str, **kwargs: Any) -> Any:
     return typer.Option(default(func, name), f"--{name}", help=help, **kwargs)
 
 
-class Command(typer.core.TyperCommand):
-    """A command whose boolean flags (--help too) are shown as flags, without a `<bool>` value placeholder."""
+def _flags_without_placeholder(params: list) -> list:
+    """Boolean flags (--help too) shown as flags, without a `<bool>` value placeholder."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
 
+
+class Command(typer.core.TyperCommand):
     def get_params(self, ctx: click.Context) -> list:
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False):
-                param.metavar = ""
-        return params
+        return _flags_without_placeholder(super().get_params(ctx))
+
+
+class Group(typer.core.TyperGroup):
+    def get_params(self, ctx: click.Context) -> list:
+        return _flags_without_placeholder(super().get_params(ctx))
+
+
+app = typer.Typer(
+    help="LoRA fine-tuning of LLaMA-family models: import, prepare data, fine-tune, generate, merge, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=Group,
+)
 
 
 def subcommand(name: str, example: str, **kwargs: Any) -> Callable:

@@ -64,7 +64,8 @@ def normalize(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- data
 @contextlib.contextmanager
-def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer, template: str) -> Iterator[PreparedDataset]:
+def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer,
+              template: str) -> Iterator[PreparedDataset]:
     """The examples to score: a prepared split, or a raw file prepared into a temporary directory."""
     from lit_lora.data.prepare import prepare  # prepare pulls in the readers' download code: only when needed
 
@@ -182,7 +183,8 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) 
     """Loss and perplexity of the base and each adapter (unmerged, in the LoRA dtype of `precision`)."""
     batches = eval_batches(dataset.lengths, n, batch_size)
     lora_dtype = PRECISIONS[precision][1]
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
+    def autocast():  # as Fabric's bf16-mixed on CPU
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     for score, adapter in models:
         start = time.perf_counter()
         with lora_applied(model, *adapter, lora_dtype) if adapter else contextlib.nullcontext():

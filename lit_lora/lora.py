@@ -176,7 +176,8 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 @contextlib.contextmanager
-def lora_applied(model: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+def lora_applied(model: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor],
+                 dtype: torch.dtype = torch.float32):
     """Inside the block the model carries an adapter's LoRA layers, unmerged as in training; after it, its own
     layers again (the base tensors were shared throughout, never copied or changed)."""
     originals = [(parent, attr, getattr(parent, attr)) for parent, attr in target_layers(model, config.targets)]
