@@ -281,8 +281,8 @@ DATA_DAMAGE = {  # name: (change the prepared directory, words of the error)
                       ["meta.json", "not valid JSON"]),
     "meta_not_object": (lambda d: (d / "meta.json").write_text("[1, 2]"), ["meta.json", "not a JSON object"]),
     "meta_lacks_keys": (lambda d: (d / "meta.json").write_text(json.dumps(
-        {k: v for k, v in json.loads((d / "meta.json").read_text()).items() if k != "mask_inputs"})),
-        ["meta.json lacks mask_inputs"]),
+        {k: v for k, v in json.loads((d / "meta.json").read_text()).items() if k != "tokenizer"})),
+        ["meta.json lacks tokenizer"]),
     "tensor_missing": (lambda d: _save_split(d / "train.safetensors", **{
         k: v for k, v in _split(d / "train.safetensors").items() if k != "prompt_lengths"}),
         ["lacks the tensors prompt_lengths"]),
@@ -290,6 +290,9 @@ DATA_DAMAGE = {  # name: (change the prepared directory, words of the error)
         **_split(d / "train.safetensors"), "offsets": _split(d / "train.safetensors")["offsets"] + 5}),
         ["offsets do not divide"]),
     "counts_disagree": (lambda d: _cut_last_example(d / "train.safetensors"), ["meta.json records"]),
+    "mask_too_short": (lambda d: _save_split(d / "train.safetensors", **{
+        **_split(d / "train.safetensors"), "targets": _split(d / "train.safetensors")["targets"][:-1]}),
+        ["wrong shape"]),
 }
 
 
@@ -297,7 +300,7 @@ def _cut_last_example(path: Path) -> None:
     """A consistent file with one example fewer: only meta.json's counts disagree with it."""
     arrays = _split(path)
     last = int(arrays["offsets"][-2])
-    _save_split(path, tokens=arrays["tokens"][:last], offsets=arrays["offsets"][:-1],
+    _save_split(path, tokens=arrays["tokens"][:last], targets=arrays["targets"][:last], offsets=arrays["offsets"][:-1],
                 prompt_lengths=arrays["prompt_lengths"][:-1])
 
 
@@ -310,6 +313,22 @@ def test_damaged_prepared_data_says_prepare_again(monkeypatch, capsys, tmp_path,
     before = snapshot(data, tiny_checkpoint)
     code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, data, tmp_path / "run"))
     assert_error(code, err, str(data), "damaged", "prepare it again", *words)
+    assert_not_written(tmp_path / "run")
+    assert snapshot(data, tiny_checkpoint) == before
+
+
+def test_data_from_an_older_version_says_prepare_again(monkeypatch, capsys, tmp_path, tiny_checkpoint, prepared):
+    """Format 1 had no per-token mask: reading it as if it had one would train on the wrong tokens."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    for split in ("train", "val"):
+        _save_split(data / f"{split}.safetensors", **{k: v for k, v in _split(data / f"{split}.safetensors").items()
+                                                        if k != "targets"})
+    before = snapshot(data, tiny_checkpoint)
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, data, tmp_path / "run"))
+    assert_error(code, err, str(data), "older lit-lora", "format 1", "prepare it again", "--overwrite")
     assert_not_written(tmp_path / "run")
     assert snapshot(data, tiny_checkpoint) == before
 

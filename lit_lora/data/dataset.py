@@ -1,14 +1,19 @@
-"""Prepared instruction data on disk, and the map-style dataset that reads it.
+"""Prepared training data on disk, and the map-style dataset that reads it.
 
     data/alpaca/
       train.safetensors   tokens int32 (total_tokens,)  every example's ids, concatenated
+                          targets uint8 (total_tokens,) 1 where the token is a loss target, 0 where it is not
                           offsets int64 (n + 1,)        example i is tokens[offsets[i]:offsets[i + 1]]
-                          prompt_lengths int32 (n,)     leading prompt tokens of example i (BOS included)
+                          prompt_lengths int32 (n,)     tokens before the answer evaluate asks for: the prompt of
+                                                        an instruction, the history before a conversation's last
+                                                        assistant turn (BOS included)
       val.safetensors     the same for the validation split
-      meta.json           template, tokenizer identity, mask_inputs, max_seq_length, counts, source, seed
+      meta.json           format_version, template, tokenizer identity, max_seq_length, counts, source, seed
 
-An example is prompt ids, then response ids, then EOS (unless it was truncated). Loading memory-maps the
-token array, so opening even a large prepared set costs nothing and DataLoader workers share the pages.
+The loss mask is stored per token, decided by position when the data was prepared (never by token id: padding
+and EOS often share an id): an instruction's response and EOS, or each assistant turn and its end-of-turn marker.
+Loading memory-maps the token array, so opening even a large prepared set costs nothing and DataLoader workers
+share the pages.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ from lit_lora.fileio import memmap_safetensors
 
 SPLITS = ("train", "val")
 META = "meta.json"
-REQUIRED_META = ("mask_inputs", "max_seq_length", "tokenizer")  # what training and evaluation read from it
+REQUIRED_META = ("format_version", "max_seq_length", "tokenizer")  # what training and evaluation read from it
+FORMAT_VERSION = 2  # 2: the per-token `targets` mask (1 had only prompt lengths)
+ARRAYS = ("tokens", "targets", "offsets", "prompt_lengths")
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (PyTorch's cross_entropy default)
 
 
@@ -35,8 +42,7 @@ def split_path(directory: Path, split: str) -> Path:
 class PreparedDataset(torch.utils.data.Dataset):
     """One split of a prepared directory: `ds[i]` is {"input_ids": (L,), "labels": (L,)} as int64 tensors.
 
-    With `mask_inputs` the prompt positions of the labels are IGNORE_INDEX. The mask is decided by position
-    (the stored prompt length), never by token id: padding and EOS often share an id.
+    Labels are IGNORE_INDEX wherever the stored mask says the token is not a target.
     """
 
     def __init__(self, directory: Path | str, split: str = "train") -> None:
@@ -48,7 +54,6 @@ class PreparedDataset(torch.utils.data.Dataset):
             raise UserError(f"{self.directory} holds no prepared {split} data; run `prepare-alpaca` "
                             f"(or prepare-dolly / prepare-json) with --destination {self.directory}")
         self.meta: dict[str, Any] = self._read_meta()
-        self.mask_inputs = bool(self.meta["mask_inputs"])
         self._open()
 
     def _damaged(self, problem: str) -> UserError:
@@ -65,9 +70,13 @@ class PreparedDataset(torch.utils.data.Dataset):
         missing = [key for key in REQUIRED_META if key not in meta]
         if missing:
             raise self._damaged(f"{META} lacks {', '.join(missing)}")
-        if not isinstance(meta["mask_inputs"], bool) or type(meta["max_seq_length"]) is not int \
-                or meta["max_seq_length"] < 1:
-            raise self._damaged(f"{META} has an invalid mask_inputs or max_seq_length")
+        if meta["format_version"] != FORMAT_VERSION:
+            older = type(meta["format_version"]) is int and meta["format_version"] < FORMAT_VERSION
+            raise UserError(f"{self.directory} was prepared by {'an older' if older else 'another'} lit-lora (data "
+                            f"format {meta['format_version']!r}, this one reads {FORMAT_VERSION}); prepare it again "
+                            f"with --destination {self.directory} --overwrite")
+        if type(meta["max_seq_length"]) is not int or meta["max_seq_length"] < 1:
+            raise self._damaged(f"{META} has an invalid max_seq_length")
         return meta
 
     def _open(self) -> None:
@@ -77,13 +86,13 @@ class PreparedDataset(torch.utils.data.Dataset):
             arrays = memmap_safetensors(path)
         except UserError as e:
             raise self._damaged(str(e)) from None
-        missing = [key for key in ("tokens", "offsets", "prompt_lengths") if key not in arrays]
+        missing = [key for key in ARRAYS if key not in arrays]
         if missing:
             raise self._damaged(f"{path.name} lacks the tensors {', '.join(missing)}")
-        if any(arrays[k].ndim != 1 or arrays[k].dtype.kind not in "iu" for k in ("tokens", "offsets",
-                                                                                  "prompt_lengths")):
+        if any(arrays[k].ndim != 1 or arrays[k].dtype.kind not in "iu" for k in ARRAYS) \
+                or len(arrays["targets"]) != len(arrays["tokens"]):
             raise self._damaged(f"{path.name} holds tensors of the wrong shape or type")
-        self.tokens = arrays["tokens"]  # stays mapped; offsets and prompt lengths are small, so read them in
+        self.tokens, self.targets = arrays["tokens"], arrays["targets"]  # stay mapped; the rest is small, read in
         self.offsets = np.asarray(arrays["offsets"], dtype=np.int64)
         self.prompt_lengths = np.asarray(arrays["prompt_lengths"], dtype=np.int64)
         self.lengths = np.diff(self.offsets)  # (n,) tokens per example, for length-grouped batching
@@ -102,7 +111,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     # A memmap would be pickled as a full copy; DataLoader workers started by spawn map the file themselves.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("tokens", "offsets", "prompt_lengths", "lengths")}
+        return {k: v for k, v in self.__dict__.items() if k not in (*ARRAYS, "lengths")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -115,10 +124,9 @@ class PreparedDataset(torch.utils.data.Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} out of range for {len(self)} examples")
         i = int(i) % len(self)
-        input_ids = torch.from_numpy(self.tokens[self.offsets[i]:self.offsets[i + 1]].astype(np.int64))
-        labels = input_ids.clone()
-        if self.mask_inputs:
-            labels[: self.prompt_lengths[i]] = IGNORE_INDEX
+        span = slice(self.offsets[i], self.offsets[i + 1])
+        input_ids = torch.from_numpy(self.tokens[span].astype(np.int64))
+        labels = input_ids.masked_fill(torch.from_numpy(self.targets[span] == 0), IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels}
 
 

@@ -3,7 +3,7 @@
 Each example is tokenised as two pieces, prompt (with BOS if the tokenizer wants one) and response, then
 EOS is appended. Keeping the pieces apart gives the exact prompt length for masking, and the response
 tokens decode to exactly the response text. The output depends only on the inputs and the seed, so two
-runs write byte-identical files.
+runs write byte-identical files. Conversations take the same path from `Example`s on (see data/chat.py).
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from lit_lora.checkpoint import check_checkpoint_dir
-from lit_lora.data.dataset import META, split_path
+from lit_lora.data.dataset import FORMAT_VERSION, META, split_path
 from lit_lora.data.readers import Record, is_placeholder_input, read_records
 from lit_lora.data.templates import Template, get_template
 from lit_lora.errors import UserError
@@ -33,7 +33,6 @@ DEFAULT_URLS = {
     "alpaca": "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json",
     "dolly": "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl",
 }
-FORMAT_VERSION = 1
 DEFAULT_VAL_SIZE = 2000  # alpaca-lora's choice
 TOKENIZE_BATCH = 4096  # records per encode_batch call: large enough for the Rust backend's threads
 EOS_LOSS_WARNING = 0.01  # warn when more than this fraction of the records lose their EOS
@@ -77,17 +76,24 @@ def check_template(template: Template, tokenizer: Tokenizer, checkpoint_dir: Pat
                             f"{checkpoint_dir} lacks; use --template alpaca or plain")
 
 
+class Example(NamedTuple):
+    ids: list[int]
+    targets: list[bool]  # per token: a loss target
+    prompt_length: int  # the tokens evaluate gives the model; the rest is the reference answer
+
+
 def build_examples(
-    prompts: list[list[int]], responses: list[list[int]], bos: list[int], eos: int, max_seq_length: int
-) -> tuple[list[list[int]], list[int], list[int], dict[str, int], list[int]]:
-    """(ids, prompt length) per kept example, untruncated length per record, truncation counts, and the index
-    of the record each kept example comes from.
+    prompts: list[list[int]], responses: list[list[int]], bos: list[int], eos: int, max_seq_length: int,
+    mask_inputs: bool = True,
+) -> tuple[list[Example], list[int], dict[str, int], list[int]]:
+    """The kept examples, untruncated length per record, truncation counts, and the index of the record each
+    kept example comes from.
 
     A response that does not fit is cut and keeps its EOS, so the model still learns to stop. A prompt that
     leaves no room for a single response token plus EOS has nothing left to learn from: it is dropped
     (and counted as having lost its EOS).
     """
-    examples, prompt_lengths, full_lengths, kept = [], [], [], []
+    examples, full_lengths, kept = [], [], []
     truncated = dropped = 0
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         prompt = bos + prompt
@@ -99,10 +105,10 @@ def build_examples(
         if len(response) > room:
             response = response[:room]
             truncated += 1
-        examples.append(prompt + response + [eos])
-        prompt_lengths.append(len(prompt))
+        examples.append(Example(prompt + response + [eos], [not mask_inputs] * len(prompt) + [True] * (len(response) + 1),
+                                len(prompt)))
         kept.append(i)
-    return examples, prompt_lengths, full_lengths, {"truncated": truncated, "prompt_too_long": dropped}, kept
+    return examples, full_lengths, {"truncated": truncated, "prompt_too_long": dropped}, kept
 
 
 def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed: int,
@@ -144,14 +150,16 @@ def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed
     return {"train": np.setdiff1d(np.arange(n, dtype=np.int64), val), "val": val}
 
 
-def write_split(path: Path, examples: list[list[int]], prompt_lengths: list[int], indices: np.ndarray) -> int:
+def write_split(path: Path, examples: list[Example], indices: np.ndarray) -> int:
     chosen = [examples[i] for i in indices]
     offsets = np.zeros(len(chosen) + 1, dtype=np.int64)
-    np.cumsum([len(e) for e in chosen], out=offsets[1:])
+    np.cumsum([len(e.ids) for e in chosen], out=offsets[1:])
+    total = int(offsets[-1])
     tensors = {
-        "tokens": np.fromiter(itertools.chain.from_iterable(chosen), dtype=np.int32, count=int(offsets[-1])),
+        "tokens": np.fromiter(itertools.chain.from_iterable(e.ids for e in chosen), dtype=np.int32, count=total),
+        "targets": np.fromiter(itertools.chain.from_iterable(e.targets for e in chosen), dtype=np.uint8, count=total),
         "offsets": offsets,
-        "prompt_lengths": np.array([prompt_lengths[i] for i in indices], dtype=np.int32),
+        "prompt_lengths": np.array([e.prompt_length for e in chosen], dtype=np.int32),
     }
     # One metadata key only: safetensors writes several in hash-map order, which differs from run to run.
     save_file(tensors, str(path), metadata={"format": f"lit-lora-data-v{FORMAT_VERSION}"})
@@ -239,8 +247,8 @@ def prepare(
     prompts = tokenize(tokenizer, [prompt_template.prompt(r.instruction, r.input) for r in records], "prompts")
     responses = tokenize(tokenizer, [r.output for r in records], "responses")
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-    examples, prompt_lengths, full_lengths, cut, kept = build_examples(prompts, responses, bos, tokenizer.eos_id,
-                                                                       max_seq_length)
+    examples, full_lengths, cut, kept = build_examples(prompts, responses, bos, tokenizer.eos_id, max_seq_length,
+                                                       mask_inputs)
     if not examples:
         shortest = min(len(bos) + len(p) for p in prompts)
         raise UserError(f"--max_seq_length {max_seq_length} is too small for any prompt: the shortest prompt "
@@ -267,7 +275,7 @@ def prepare(
         "lengths_before_truncation": length_stats(full_lengths),
     }
     with atomic_dir(destination, overwrite, inputs, "--destination") as tmp:
-        meta["tokens"] = {split: write_split(split_path(tmp, split), examples, prompt_lengths, indices)
+        meta["tokens"] = {split: write_split(split_path(tmp, split), examples, indices)
                           for split, indices in splits.items()}
         write_json(tmp / META, meta)
     return meta
