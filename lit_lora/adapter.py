@@ -28,14 +28,20 @@ from lit_lora.model import LLaMA, Config
 
 ADAPTER_WEIGHTS = "lora.safetensors"
 ADAPTER_CONFIG = "adapter_config.yaml"
+# What an adapter (and prepared data, and a merged checkpoint) records of the format it was trained in: an instruction
+# template's name, and the chat template ({"name", "source"}) for conversations.
+PROMPT_KEYS = ("template", "chat_template")
 # Fields that decide whether adapter tensors fit a base (name and context length do not).
 _ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
 
 
 # ---------------------------------------------------------------------------------------------- the format
-def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path | None, template: str | None,
+def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path | None, prompt: dict[str, Any],
                         dtype: torch.dtype | None = None) -> None:
     """Write lora.safetensors (LoRA tensors only) and adapter_config.yaml into an existing directory.
+
+    `prompt` is the data's format, {"template": name, "chat_template": {"name", "source"} or None}: generation
+    asks the adapter in exactly the format it was trained in.
 
     Callers wrap this in `atomic_dir` together with whatever else belongs in the same directory.
     """
@@ -49,10 +55,15 @@ def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path
         "base_checkpoint": str(base_checkpoint_dir) if base_checkpoint_dir else None,
         "base_content_hash": base_info.get("content_hash"),
         "base_model": model.config.to_dict(),
-        "template": template,
+        **recorded_prompt(prompt),
         "weights_sha256": sha256_file(Path(directory) / ADAPTER_WEIGHTS),
     }
     write_yaml(Path(directory) / ADAPTER_CONFIG, meta)
+
+
+def recorded_prompt(meta: dict[str, Any]) -> dict[str, Any]:
+    """The PROMPT_KEYS of an adapter config, prepared data's meta.json or a checkpoint.json (None when absent)."""
+    return {key: meta.get(key) for key in PROMPT_KEYS}
 
 
 def load_adapter(path: Path, verify: bool = True) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:

@@ -27,13 +27,44 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lit_lora.checkpoint import CHAT_TEMPLATE_FILE
 from lit_lora.errors import UserError
+from lit_lora.tokenizer import token_content
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # The named special tokens transformers passes to every template (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TRAIN_ON = ("assistant", "last", "all")
+
+# Templates for checkpoints that carry none (base models), written as transformers-style Jinja so they take the same
+# path as a checkpoint's own: (source, special tokens the tokenizer must have as single tokens).
+BUILTIN_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        ("<|im_start|>", "<|im_end|>")),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+        "+ m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    # Stanford Alpaca's wording, one "### Instruction / ### Response" block per exchange; EOS closes each answer.
+    "alpaca": (
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% set rest = messages[1:] %}"
+        "{% else %}{{ 'Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n' }}{% set rest = messages %}{% endif %}"
+        "{% for m in rest %}{% if m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}"
+        "{% else %}{{ raise_exception('the alpaca template takes a system turn only first') }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}",
+        ()),
+    # No markup: each turn on its own line, EOS after each answer. For base models and continuation tasks.
+    "plain": (
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+        "{{ '\n' }}{% endfor %}",
+        ()),
+}
 
 
 class TemplateRaised(jinja2.exceptions.TemplateError):
@@ -124,11 +155,16 @@ def _plain(value: Any) -> Any:
     raise UserError(f"chat data must be JSON-like (str, number, bool, list, dict), got {type(value).__name__}")
 
 
-def _token_text(value: Any) -> str | None:
-    """tokenizer_config.json writes special tokens as strings or as {"content": ...} dicts."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
+def special_tokens(tokenizer: Any) -> dict[str, str | None]:
+    """The named special tokens a template sees, as transformers' special_tokens_map: tokenizer_config.json's,
+    then the legacy special_tokens_map.json's."""
+    legacy = Path(tokenizer.path).parent / "special_tokens_map.json"
+    try:
+        legacy_map = json.loads(legacy.read_text(encoding="utf-8")) if legacy.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"{legacy} is not valid JSON: {e}") from None
+    return {key: token_content(tokenizer.config.get(key)) or token_content(legacy_map.get(key))
+            for key in SPECIAL_TOKEN_KEYS}
 
 
 class ChatTemplate:
@@ -147,24 +183,61 @@ class ChatTemplate:
     def from_tokenizer(cls, tokenizer: Any) -> ChatTemplate:
         """The checkpoint's own template: `chat_template.jinja` (transformers 5) or tokenizer_config.json's."""
         directory = Path(tokenizer.path).parent
-        config = tokenizer.config
+        source = cls.source_of(tokenizer)
+        if source is None:
+            raise UserError(f"the tokenizer in {directory} has no chat template; pass --template "
+                            f"{' or '.join(BUILTIN_TEMPLATES)} (or a .jinja file)")
+        return cls(source, special_tokens(tokenizer), name=f"the chat template of {directory}")
+
+    @staticmethod
+    def source_of(tokenizer: Any) -> str | None:
+        """The checkpoint's own template source: `chat_template.jinja` (transformers 5) or tokenizer_config.json's."""
         source: Any = tokenizer.chat_template
-        jinja_file = directory / "chat_template.jinja"
+        jinja_file = Path(tokenizer.path).parent / CHAT_TEMPLATE_FILE
         if jinja_file.is_file():  # transformers lets this file win over tokenizer_config.json, so do we
             source = jinja_file.read_text(encoding="utf-8")
         if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
-        if not isinstance(source, str) or not source.strip():
-            raise UserError(f"the tokenizer in {directory} has no chat template; pass --template chatml|llama3|...")
-        # Named special tokens, as transformers' special_tokens_map: tokenizer_config.json, then the legacy file.
-        legacy = directory / "special_tokens_map.json"
+        return source if isinstance(source, str) and source.strip() else None
+
+    @classmethod
+    def load(cls, name: str, tokenizer: Any) -> ChatTemplate:
+        """`auto`: the checkpoint's own template; a built-in (BUILTIN_TEMPLATES); or a path to a .jinja file."""
+        if name == "auto":
+            return cls.from_tokenizer(tokenizer)
+        if name in BUILTIN_TEMPLATES:
+            source, needed = BUILTIN_TEMPLATES[name]
+            missing = [t for t in needed if tokenizer.token_to_id(t) is None]
+            if missing:
+                raise UserError(f"the {name} template needs the special tokens {', '.join(missing)}, which the "
+                                f"tokenizer of {Path(tokenizer.path).parent} lacks; choose another --template")
+            return cls(source, special_tokens(tokenizer), name=f"the {name} template")
+        if name.endswith(".jinja"):
+            try:
+                source = Path(name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read the template {name}: {e}") from None
+            return cls(source, special_tokens(tokenizer), name=f"the template {name}")
+        raise UserError(f"unknown chat template {name!r}; use auto (the checkpoint's own), "
+                        f"{', '.join(BUILTIN_TEMPLATES)}, or a .jinja file")
+
+    def record(self) -> dict[str, str]:
+        """What prepared data and adapters keep, so generation renders with exactly this template."""
+        return {"name": self.name, "source": self.source}
+
+    @classmethod
+    def from_record(cls, record: dict[str, str], tokenizer: Any) -> ChatTemplate:
+        return cls(record["source"], special_tokens(tokenizer), name=record.get("name", "the recorded chat template"))
+
+    def end_markers(self, tokenizer: Any) -> tuple[str, ...]:
+        """The special tokens this template closes an assistant turn with (to stop generation at), found by
+        rendering a one-exchange probe; empty if the template writes none or refuses the probe."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         try:
-            legacy_map = json.loads(legacy.read_text(encoding="utf-8")) if legacy.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise UserError(f"{legacy} is not valid JSON: {e}") from None
-        special = {key: _token_text(config.get(key)) or _token_text(legacy_map.get(key)) for key in SPECIAL_TOKEN_KEYS}
-        return cls(source, special, name=f"the chat template of {directory}")
+            return tuple(m for m in assistant_spans(self, probe, _special_texts(tokenizer))[2] if m)
+        except UserError:
+            return ()
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **extra: Any) -> str:
         """The conversation as text. `extra` become template variables and override the special tokens."""
@@ -215,19 +288,26 @@ def normalize_conversation(record: Any) -> list[dict[str, str]]:
     return messages
 
 
+def instruction_turns(instruction: str, input: str = "") -> dict[str, str]:
+    """The user turn an instruction record becomes: the instruction, then its input after a blank line."""
+    return {"role": "user", "content": f"{instruction}\n\n{input}" if input and input.strip() else instruction}
+
+
 class EncodedChat(NamedTuple):
     ids: list[int]
     targets: list[bool]  # per token: counts in the loss
     # Per assistant turn, the special token that closes it; None where the template writes none (the caller should
     # warn: the model will not learn to stop). Empty with train_on="all", which does not locate the turns.
     end_markers: tuple[str | None, ...]
+    # Tokens before the last assistant turn's first target token: the prompt evaluate gives the model (0 with "all").
+    prompt_length: int = 0
 
 
 def _special_texts(tokenizer: Any) -> list[str]:
     """Strings that can be an end-of-turn marker: the tokenizer's added tokens (not bare whitespace, which some
     vocabularies add as tokens) and the EOS text. Longest first, so the longest match wins."""
     texts = {t.content for t in tokenizer.processor.get_added_tokens_decoder().values() if t.content.strip()}
-    eos = _token_text(tokenizer.config.get("eos_token"))
+    eos = token_content(tokenizer.config.get("eos_token"))
     if eos:
         texts.add(eos)
     return sorted(texts, key=len, reverse=True)
@@ -330,4 +410,7 @@ def encode_conversation(tokenizer: Any, template: ChatTemplate, messages: list[d
     # merged with the template's space before it) must be learnt, or the turn's first word never would be.
     targets = [any(start < span_end and end > span_start for span_start, span_end in spans)
                for start, end in offsets]
-    return EncodedChat(ids, targets, markers)
+    last_start = spans[-1][0]
+    prompt_length = next((i for i, (start, end) in enumerate(offsets) if end > last_start or start >= last_start),
+                         len(ids) - 1)
+    return EncodedChat(ids, targets, markers, prompt_length)

@@ -31,8 +31,9 @@ MODEL_CONFIG = "model_config.yaml"
 CHECKPOINT_INFO = "checkpoint.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 saves the template apart; it wins over tokenizer_config's
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json", "chat_template.jinja")  # transformers 5 saves the template apart
+                   "special_tokens_map.json", CHAT_TEMPLATE_FILE)
 FORMAT_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # a shard is held in memory (and copied once by save_file) while written
 _SKIP_VERIFY = "--no-verify, or verify: false in a training config, skips this check"
@@ -95,9 +96,10 @@ class ShardWriter:
 
 
 def finish_checkpoint(directory: Path, writer: ShardWriter, config: Config, dtype: torch.dtype, source: str,
-                      tokenizer_src: Path | None = None) -> dict:
+                      tokenizer_src: Path | None = None, extra: dict[str, Any] | None = None) -> dict:
     """Complete a checkpoint being built: close the weights, copy the tokenizer files of `tokenizer_src`
-    (callers that build their own tokenizer files pass None), write model_config.yaml and checkpoint.json."""
+    (callers that build their own tokenizer files pass None), write model_config.yaml and checkpoint.json
+    (with `extra` keys: a merged checkpoint records the prompt format its adapter was trained in)."""
     directory = Path(directory)
     weight_files = writer.close()
     if tokenizer_src is not None:
@@ -106,7 +108,7 @@ def finish_checkpoint(directory: Path, writer: ShardWriter, config: Config, dtyp
     hashes = {f: sha256_file(directory / f) for f in weight_files}
     content_hash = hashlib.sha256("".join(f"{f}:{h}\n" for f, h in sorted(hashes.items())).encode()).hexdigest()
     info = {"format": "lit-lora", "format_version": FORMAT_VERSION, "dtype": dtype_name(dtype), "source": source,
-            "weights_sha256": hashes, "content_hash": content_hash}
+            "weights_sha256": hashes, "content_hash": content_hash, **(extra or {})}
     write_json(directory / CHECKPOINT_INFO, info)
     return info
 

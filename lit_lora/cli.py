@@ -20,7 +20,7 @@ from lit_lora import evaluate as ev
 from lit_lora import generate as gen
 from lit_lora import merge
 from lit_lora.convert import export, gguf, hf
-from lit_lora.data import prepare, readers, tasks
+from lit_lora.data import chat, prepare, readers, tasks
 from lit_lora.errors import UserError, os_error_message
 
 
@@ -78,6 +78,10 @@ def overwrite_option(func: Callable, flag: str = "--out") -> Any:
 def verify_option() -> Any:
     return typer.Option(True, "--verify/--no-verify", help="Check every weights file against the sha256 recorded "
                         "when it was written, while reading it (--no-verify skips the check).")
+
+
+TEMPLATE_HELP = ("auto (the adapter's recorded template; else the checkpoint's own chat template; else plain), "
+                 "alpaca, chatml or plain (single-turn, as prepare-alpaca writes them), llama3, or a .jinja file.")
 
 
 # ------------------------------------------------------------------------------------------ model import
@@ -191,6 +195,39 @@ prepare_command("prepare-json", "Tokenise your own JSON list or JSONL of instruc
 ))
 
 
+@subcommand("prepare-chat", "prepare-chat --checkpoint_dir checkpoints/smollm2-135m-instruct --data_file chats.jsonl "
+                            "--destination data/chats")
+def prepare_chat(
+    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Checkpoint whose tokenizer (and chat template) "
+                                                                      "to use."),
+    data_file: Path = typer.Option(..., "--data_file", help='JSON list or JSONL of {"messages": [{"role", '
+                                   '"content"}]}, ShareGPT {"conversations": [{"from", "value"}]}, or instruction '
+                                   'records (Alpaca, Dolly: one user and one assistant turn each).'),
+    destination: Path = typer.Option(Path("data/chat"), "--destination", help="Directory to write."),
+    template: str = option(chat.prepare_chat, "template", "auto (the checkpoint's own chat template), chatml, llama3, "
+                                                          "alpaca, plain, or a .jinja file."),
+    train_on: str = option(chat.prepare_chat, "train_on", "Loss on: assistant (every assistant turn and its end "
+                                                          "marker), last (the final assistant turn), all."),
+    system: Optional[str] = option(chat.prepare_chat, "system", "System prompt for conversations that have none."),
+    max_seq_length: int = option(chat.prepare_chat, "max_seq_length", "Longest conversation in tokens; longer ones "
+                                                                      "are cut after an earlier assistant turn."),
+    val_size: Optional[int] = option(chat.prepare_chat, "val_size", f"Conversations held out for validation; "
+                                                                    f"default {prepare.DEFAULT_VAL_SIZE}."),
+    val_fraction: Optional[float] = option(chat.prepare_chat, "val_fraction", "Fraction held out (instead of "
+                                                                              "--val_size)."),
+    seed: int = option(chat.prepare_chat, "seed", "Seed of the train/val split."),
+    overwrite: bool = overwrite_option(chat.prepare_chat, "--destination"),
+) -> None:
+    """Render conversations with the model's chat template and mask the loss per token."""
+    meta = chat.prepare_chat(checkpoint_dir, data_file, destination, template=template, train_on=train_on,
+                             system=system, max_seq_length=max_seq_length, val_size=val_size,
+                             val_fraction=val_fraction, seed=seed, overwrite=overwrite)
+    lines, warnings = chat.summary(meta, destination)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 @subcommand("prepare-task", "prepare-task extract --checkpoint_dir checkpoints/smollm2-135m-instruct "
                             "--destination data/task-extract")
 def prepare_task(
@@ -253,8 +290,8 @@ def generate(
                                           "generated as one left-padded batch (instead of --prompt)."),
     lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="Adapter directory or file (ours or "
                                                    "a PEFT adapter directory); repeat to answer with each in turn."),
-    template: str = option(gen.run_generate, "template", "alpaca, chatml, plain or auto (the adapter's template; "
-                                                         "else chatml for ChatML tokenizers; else plain)."),
+    template: str = option(gen.run_generate, "template", TEMPLATE_HELP),
+    system: Optional[str] = option(gen.run_generate, "system", "System prompt (needs a chat template)."),
     max_new_tokens: int = option(gen.Sampling, "max_new_tokens", "Most tokens to generate per answer."),
     temperature: float = option(gen.Sampling, "temperature", "Sampling temperature; 0 is greedy."),
     top_k: Optional[int] = option(gen.Sampling, "top_k", "Sample among the k most likely tokens (>= 1)."),
@@ -275,7 +312,7 @@ def generate(
     sampling = gen.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     gen.run_generate(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file, lora_paths=lora_path or [],
                      template=template, sampling=sampling, seed=seed, num_samples=num_samples, stream=stream,
-                     precision=precision, compile=compile, verify=verify)
+                     precision=precision, compile=compile, verify=verify, system=system)
 
 
 @subcommand("merge-lora", "merge-lora --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
@@ -334,7 +371,7 @@ def evaluate(
     limit: Optional[int] = option(ev.evaluate, "limit", "Score only the first N examples; default: all."),
     batch_size: int = option(ev.evaluate, "batch_size", "Examples per forward pass and per generation batch."),
     max_new_tokens: int = option(ev.evaluate, "max_new_tokens", "Most tokens per generated answer."),
-    template: str = option(ev.evaluate, "template", "For a raw file: alpaca, chatml, plain or auto (the adapter's)."),
+    template: str = option(ev.evaluate, "template", "For a raw file: " + TEMPLATE_HELP),
     precision: str = option(ev.evaluate, "precision", "auto, bf16-mixed, bf16-true or 32-true."),
     baseline: Optional[Path] = option(ev.evaluate, "baseline", "An earlier --out on the same examples: its models are "
                                                                "shown first and not scored again (before/after)."),

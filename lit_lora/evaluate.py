@@ -8,7 +8,7 @@
                        folds case and runs of whitespace
 
 The data is a prepared directory (its template and prompts exactly as trained) or a raw Alpaca/Dolly/JSON(L)
-file, prepared on the fly with the checkpoint's tokenizer and the adapter's template.
+file (or conversations), prepared on the fly with the checkpoint's tokenizer and the adapter's template.
 """
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
-from lit_lora.checkpoint import load_config, load_model
+from lit_lora.adapter import load_checked_adapter, merge_adapter, recorded_prompt, restore_weights
+from lit_lora.checkpoint import load_config, load_info, load_model
 from lit_lora.data.dataset import PreparedDataset, check_tokenizer
 from lit_lora.data.readers import load_json_records
-from lit_lora.data.templates import get_template
+from lit_lora.chat_template import ChatTemplate
+from lit_lora.data.templates import Template
 from lit_lora.device import PRECISIONS, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
-from lit_lora.generate import Sampling, complete, resolve_template
+from lit_lora.generate import Sampling, complete, prompt_format
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
 from lit_lora.tokenizer import Tokenizer
@@ -65,9 +66,10 @@ def normalize(text: str) -> str:
 # ---------------------------------------------------------------------------------------------- data
 @contextlib.contextmanager
 def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer,
-              template: str) -> Iterator[PreparedDataset]:
+              template: Template | ChatTemplate) -> Iterator[PreparedDataset]:
     """The examples to score: a prepared split, or a raw file prepared into a temporary directory."""
-    from lit_lora.data.prepare import prepare  # prepare pulls in the readers' download code: only when needed
+    from lit_lora.data.chat import prepare_chat  # these pull in the readers' download code: only when needed
+    from lit_lora.data.prepare import prepare
 
     data = Path(data)
     if data.is_dir():
@@ -82,8 +84,11 @@ def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer
         raise UserError(f"{data} has no reference outputs (no {' or '.join(_OUTPUT_FIELDS)} field); "
                         f"evaluate needs the expected answers")
     with tempfile.TemporaryDirectory() as tmp:
-        prepare(checkpoint_dir, Path(tmp) / "data", data_file=data, template=template, val_size=0,
-                max_seq_length=load_config(checkpoint_dir).max_seq_len)
+        options = dict(val_size=0, max_seq_length=load_config(checkpoint_dir).max_seq_len)
+        if isinstance(template, ChatTemplate):  # the last assistant turn of each conversation is the reference
+            prepare_chat(checkpoint_dir, data, Path(tmp) / "data", template=template, **options)
+        else:
+            prepare(checkpoint_dir, Path(tmp) / "data", data_file=data, template=template.name, **options)
         yield PreparedDataset(Path(tmp) / "data", "train")  # every record of the file, in its order
 
 
@@ -116,8 +121,8 @@ def evaluate(
         raise UserError(f"unknown --precision {precision!r}; use auto or one of {', '.join(PRECISIONS)}")
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify=verify)) for p in lora_paths]
-    adapter_template = next((meta.get("template") for *_, meta in adapters if meta.get("template")), None)
-    chosen = resolve_template(template, adapter_template, tokenizer).name
+    recorded = next((meta for *_, meta in adapters if any(recorded_prompt(meta).values())), load_info(checkpoint_dir))
+    chosen = prompt_format(template, recorded, tokenizer).template
 
     with open_data(data, split, checkpoint_dir, tokenizer, chosen) as dataset:
         n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -138,8 +143,8 @@ def evaluate(
                 score_losses(model, dataset, n, batch_size, precision, tokenizer.pad_id, models, bar)
             if metric != "loss":
                 pairs = examples(dataset, n, tokenizer.eos_id)
-                stop_template = get_template(dataset.meta.get("template") or chosen)
-                score_answers(model, tokenizer, pairs, stop_template, batch_size, max_new_tokens, models, bar)
+                stop_strings = prompt_format("auto", dataset.meta, tokenizer).stop_strings
+                score_answers(model, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar)
                 references = [tokenizer.decode(ref) for _, ref in pairs]
                 prompts = [tokenizer.decode(prompt, skip_special=False) for prompt, _ in pairs]
     if metric != "loss":
@@ -197,7 +202,7 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) 
         score.seconds += time.perf_counter() - start
 
 
-def score_answers(model, tokenizer, pairs, template, batch_size, max_new_tokens, models, bar) -> None:
+def score_answers(model, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar) -> None:
     """Greedy answers of the base and each adapter (merged into the weights, then restored)."""
     prepare_for_generation(model)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0)
@@ -206,7 +211,7 @@ def score_answers(model, tokenizer, pairs, template, batch_size, max_new_tokens,
         originals = merge_adapter(model, *adapter) if adapter else {}
         repack(model)
         for i in range(0, len(pairs), batch_size):
-            texts, _ = complete(model, tokenizer, [p for p, _ in pairs[i : i + batch_size]], template, sampling)
+            texts, _ = complete(model, tokenizer, [p for p, _ in pairs[i : i + batch_size]], stop_strings, sampling)
             score.answers.extend(texts)
             bar.update(1)
         restore_weights(model, originals)

@@ -32,15 +32,14 @@ import torch
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
-from lit_lora.adapter import ADAPTER_WEIGHTS
+from lit_lora.adapter import ADAPTER_WEIGHTS, recorded_prompt
 from lit_lora.checkpoint import check_checkpoint_dir, load_model
 from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
-from lit_lora.data.templates import get_template
 from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_write_bytes, write_json, write_yaml
-from lit_lora.generate import Sampling, complete
+from lit_lora.generate import Sampling, complete, prompt_format, user_turns
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
 from lit_lora.model import LLaMA, Block
@@ -130,13 +129,14 @@ def validate(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_id: int
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
 
-def sample_answer(model: LLaMA, tokenizer: Tokenizer, template: str | None, prompt: str, max_new_tokens: int) -> str:
-    """Greedy answer of the unwrapped model to one prompt, through the generation code (one process)."""
-    chosen = get_template(template or "plain")
+def sample_answer(model: LLaMA, tokenizer: Tokenizer, prompt_meta: dict[str, Any], prompt: str,
+                  max_new_tokens: int) -> str:
+    """Greedy answer of the unwrapped model to one prompt, in the data's format, through the generation code."""
+    chosen = prompt_format("auto", prompt_meta, tokenizer)
     model.eval()
     try:
-        texts, _ = complete(model, tokenizer, [tokenizer.encode(chosen.prompt(prompt))], chosen,
-                            Sampling(max_new_tokens=max_new_tokens, temperature=0))
+        texts, _ = complete(model, tokenizer, [tokenizer.encode(chosen.render(user_turns(prompt)))],
+                            chosen.stop_strings, Sampling(max_new_tokens=max_new_tokens, temperature=0))
     finally:
         model.train()
     return texts[0]
@@ -250,7 +250,7 @@ class Run:
     progress: Progress
     max_steps: int
     metrics: MetricsLog
-    template: str | None
+    prompt_meta: dict[str, Any]  # the data's format ("template", "chat_template"), recorded in every adapter
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     no_val_noted: bool = False  # the data has no validation split and the user was told so
@@ -294,7 +294,8 @@ def setup(config: TrainConfig, resume: str | None) -> Run | None:
         write_yaml(out_dir / "config.yaml", config.to_dict())
     metrics = MetricsLog(fabric, out_dir / "metrics.csv", resume_step=progress.step if point else None)
     return Run(config, fabric, model, optimizer, train_data, val_data, Tokenizer(config.checkpoint_dir), progress,
-               max_steps, metrics, train_data.meta.get("template"))
+               max_steps, metrics,
+               recorded_prompt(train_data.meta))
 
 
 def run_is_complete(out_dir: Path, resume: str | None, point: ResumePoint | None, max_steps: int) -> bool:
@@ -343,7 +344,7 @@ def evaluate(run: Run) -> float | None:
     loss = validate(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
     run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss, perplexity=math.exp(min(loss, 50)))
     if fabric.global_rank == 0 and not is_fsdp(fabric):  # sampling uses the unsharded model
-        sample = sample_answer(run.model.module, run.tokenizer, run.template, config.eval.prompt,
+        sample = sample_answer(run.model.module, run.tokenizer, run.prompt_meta, config.eval.prompt,
                                config.eval.max_new_tokens)
         fabric.print(f"\nstep {progress.step}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}\n"
                      f"  sample for {config.eval.prompt!r}: {sample!r}")
@@ -434,13 +435,13 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
                 evaluate(run)
             if progress.step % t.save_interval == 0 and progress.step < run.max_steps:
                 save(fabric, out_dir / f"step-{progress.step:06d}", run.model, run.optimizer, progress, config,
-                     run.template, True, run.max_steps)
+                     run.prompt_meta, True, run.max_steps)
     bar.close()
     elapsed = time.perf_counter() - start_time
 
     adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_by_signal else FINAL)
     # final/ keeps the training state too, so raising max_steps later continues from here.
-    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.template, True, run.max_steps)
+    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.prompt_meta, True, run.max_steps)
     if stopped_by_signal:
         fabric.print(f"interrupted at step {progress.step}: saved {adapter_dir}; continue with --resume auto")
     summary = summarize(run, adapter_dir, stopped_by_signal, elapsed, start_tokens, start_step)

@@ -19,13 +19,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from functools import partial
+from typing import Any, Callable, Iterator, NamedTuple, TextIO
 
 import torch
 
 from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
-from lit_lora.checkpoint import load_model
-from lit_lora.data.templates import Template, get_template
+from lit_lora.checkpoint import load_info, load_model
+from lit_lora.chat_template import ChatTemplate, instruction_turns
+from lit_lora.data.templates import TEMPLATES, Template, get_template
 from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
@@ -161,35 +163,64 @@ class TextStream:
         return piece
 
 
-def stop_ids_for(tokenizer: Tokenizer, template: Template) -> set[int]:
+def stop_ids_for(tokenizer: Tokenizer, stop_strings: tuple[str, ...]) -> set[int]:
     """The tokenizer's end ids plus any stop string that is a single token (ChatML's <|im_end|>)."""
     ids = set(tokenizer.stop_ids)
-    for s in template.stop_strings:
+    for s in stop_strings:
         token_id = tokenizer.token_to_id(s)
         if token_id is not None:
             ids.add(token_id)
     return ids
 
 
-def resolve_template(name: str, adapter_template: str | None, tokenizer: Tokenizer) -> Template:
-    """`auto`: the adapter's own template; else ChatML if the tokenizer's chat template is ChatML (an
-    instruct model such as SmolLM2-Instruct); else `plain`, since a base model was tuned in no format."""
-    if name != "auto":
-        return get_template(name)
-    if adapter_template:
-        return get_template(adapter_template)
-    if "<|im_start|>" in (tokenizer.chat_template or ""):
-        return get_template("chatml")
-    return get_template("plain")
+class PromptFormat(NamedTuple):
+    """How messages become the text the model continues, and the strings that end its answer."""
+    template: Template | ChatTemplate
+    render: Callable[[list[dict[str, str]]], str]
+    stop_strings: tuple[str, ...]
+
+
+def instruction_format(template: Template) -> PromptFormat:
+    def render(messages: list[dict[str, str]]) -> str:
+        if [m["role"] for m in messages] != ["user"]:
+            raise UserError(f"the {template.name} template takes one instruction, without a system prompt or "
+                            f"earlier turns; use a chat template (--template auto, chatml, llama3)")
+        return template.prompt(messages[0]["content"])
+    return PromptFormat(template, render, template.stop_strings)
+
+
+def chat_format(template: ChatTemplate, tokenizer: Tokenizer) -> PromptFormat:
+    return PromptFormat(template, partial(template.render, add_generation_prompt=True),
+                        template.end_markers(tokenizer))
+
+
+def prompt_format(name: str, recorded: dict[str, Any], tokenizer: Tokenizer, multi_turn: bool = False) -> PromptFormat:
+    """The format to ask in. `auto`: what the adapter (or prepared data) `recorded`: its chat template or its
+    instruction template; without one, the checkpoint's own chat template, else plain. A name: an instruction
+    template (alpaca, chatml, plain: single-turn, as prepare-alpaca writes them), else a chat template (llama3, a
+    .jinja file). `multi_turn` (chat) takes the chat template of an instruction template's name."""
+    if name == "auto" and recorded.get("chat_template"):
+        return chat_format(ChatTemplate.from_record(recorded["chat_template"], tokenizer), tokenizer)
+    if name == "auto":
+        name = recorded.get("template") or ("auto" if ChatTemplate.source_of(tokenizer) else "plain")
+    if name in TEMPLATES and not multi_turn:
+        return instruction_format(get_template(name))
+    return chat_format(ChatTemplate.load(name, tokenizer), tokenizer)
+
+
+def user_turns(text: str, input: str = "", system: str | None = None) -> list[dict[str, str]]:
+    """One question as messages: the system prompt if any, then the user turn (input after a blank line)."""
+    return ([{"role": "system", "content": system}] if system else []) + [instruction_turns(text, input)]
 
 
 def complete(
-    model: LLaMA, tokenizer: Tokenizer, prompts: list[list[int]], template: Template, sampling: Sampling,
+    model: LLaMA, tokenizer: Tokenizer, prompts: list[list[int]], stop_strings: tuple[str, ...], sampling: Sampling,
     generator: torch.Generator | None = None, stream: TextIO | None = None, forward: Callable = next_logits,
 ) -> tuple[list[str], int]:
-    """Texts for a batch of token prompts, and the number of tokens generated. `stream` gets row 0 live."""
-    stop_ids = stop_ids_for(tokenizer, template)
-    rows = [TextStream(tokenizer, stop_ids, template.stop_strings) for _ in prompts]
+    """Texts for a batch of token prompts, and the number of tokens generated. `stream` gets row 0 live.
+    A row ends at an end id of the tokenizer or at one of `stop_strings` (not included in its text)."""
+    stop_ids = stop_ids_for(tokenizer, stop_strings)
+    rows = [TextStream(tokenizer, stop_ids, stop_strings) for _ in prompts]
     n_generated = 0
     for step in generate_tokens(model, prompts, sampling, tokenizer.pad_id, generator, forward):
         for row, token in zip(rows, step.tolist()):
@@ -225,7 +256,7 @@ def run_generate(
     checkpoint_dir: Path, prompt: str | None = None, input: str = "", prompts_file: Path | None = None,
     lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
     num_samples: int = 1, stream: bool = True, precision: str = "auto", compile: bool = False,
-    out: TextIO | None = None, log: TextIO | None = None, verify: bool = True,
+    out: TextIO | None = None, log: TextIO | None = None, verify: bool = True, system: str | None = None,
 ) -> list[str]:
     """Answer the prompts with the base (or with each adapter in turn); texts to `out`, timings to `log`.
 
@@ -247,11 +278,12 @@ def run_generate(
     many = len(adapters) > 1 or num_samples > 1 or len(texts) > 1
 
     answers = []
-    for name, lora_config, state, meta in adapters or [("base", None, None, {})]:
+    # Without an adapter: the format a merged checkpoint's adapter was trained in, if it records one.
+    for name, lora_config, state, meta in adapters or [("base", None, None, load_info(checkpoint_dir))]:
         originals = merge_adapter(model, lora_config, state) if lora_config else {}
         repack(model)
-        chosen = resolve_template(template, meta.get("template"), tokenizer)
-        prompts = [tokenizer.encode(chosen.prompt(text, input)) for text in texts]
+        chosen = prompt_format(template, meta, tokenizer)
+        prompts = [tokenizer.encode(chosen.render(user_turns(text, input, system))) for text in texts]
         # One generator per adapter, so each adapter's output matches a run of its own with the same seed.
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for i in range(num_samples):
@@ -259,7 +291,8 @@ def run_generate(
                 print(f"### {name}" + (f", sample {i + 1}" if num_samples > 1 else ""), file=out, flush=True)
             live = out if stream and len(prompts) == 1 else None
             t0 = time.perf_counter()
-            results, n_generated = complete(model, tokenizer, prompts, chosen, sampling, generator, live, forward)
+            results, n_generated = complete(model, tokenizer, prompts, chosen.stop_strings, sampling, generator,
+                                              live, forward)
             elapsed = time.perf_counter() - t0
             for j, result in enumerate(results):
                 if live is None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
-from lit_lora.adapter import load_checked_adapter, lora_pairs
-from lit_lora.checkpoint import ShardWriter, finish_checkpoint, iter_weights, load_config
+from lit_lora.adapter import load_checked_adapter, lora_pairs, recorded_prompt
+from lit_lora.checkpoint import CHAT_TEMPLATE_FILE, ShardWriter, finish_checkpoint, iter_weights, load_config
 from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
-from lit_lora.fileio import atomic_dir
+from lit_lora.fileio import atomic_dir, atomic_write_bytes
 from lit_lora.lora import merged_weight
 
 
@@ -27,7 +26,8 @@ def merge_checkpoint(checkpoint_dir: Path, lora_path: Path, out: Path, dtype: st
     """
     dtype = parse_dtype(dtype)
     config = load_config(checkpoint_dir)
-    lora_config, state, _ = load_checked_adapter(lora_path, checkpoint_dir, config, verify=verify)
+    lora_config, state, adapter_meta = load_checked_adapter(lora_path, checkpoint_dir, config, verify=verify)
+    prompt = recorded_prompt(adapter_meta)
     pairs = lora_pairs(state)
     out_dtype = None
     with atomic_dir(out, overwrite, inputs=[checkpoint_dir, lora_path]) as tmp:
@@ -43,5 +43,7 @@ def merge_checkpoint(checkpoint_dir: Path, lora_path: Path, out: Path, dtype: st
             raise UserError(f"{checkpoint_dir} has no tensors {sorted(pairs)[:2]} that the adapter updates; "
                             f"the checkpoint is incomplete, convert it again")
         finish_checkpoint(tmp, writer, config, out_dtype, source=f"merge-lora: {checkpoint_dir} + {lora_path}",
-                          tokenizer_src=checkpoint_dir)
+                          tokenizer_src=checkpoint_dir, extra=prompt)
+        if prompt["chat_template"]:  # served anywhere (HF export included) with the template it was trained in
+            atomic_write_bytes(tmp / CHAT_TEMPLATE_FILE, prompt["chat_template"]["source"].encode())
     return Path(out)

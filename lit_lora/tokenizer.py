@@ -16,7 +16,7 @@ import torch
 from lit_lora.errors import UserError
 
 
-def _token_content(value: Any) -> str | None:
+def token_content(value: Any) -> str | None:
     """tokenizer_config.json writes special tokens as strings or as {"content": ...} dicts."""
     if isinstance(value, dict):
         return value.get("content")
@@ -78,7 +78,7 @@ class Tokenizer:
         self.chat_template: str | None = self.config.get("chat_template")
 
     def _special_id(self, key: str, generation: dict, model_config: dict, default: int | None) -> int | None:
-        text = _token_content(self.config.get(key))
+        text = token_content(self.config.get(key))
         if text is not None:
             token_id = self.token_to_id(text)
             if token_id is not None:
@@ -92,7 +92,7 @@ class Tokenizer:
 
     def _post_processor_adds(self, bos: Any) -> bool:
         """Does tokenizer.json's post-processor prepend BOS (as Llama 3's does)?"""
-        text = _token_content(bos)
+        text = token_content(bos)
         processor = json.loads(self.processor.to_str()).get("post_processor") or {}
         return bool(text) and text in json.dumps(processor.get("single", []))
 

@@ -88,7 +88,7 @@ def _rng_states(fabric: L.Fabric) -> torch.Tensor:
 
 
 def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress, config: TrainConfig,
-         template: str | None, resumable: bool, max_steps: int | None = None) -> None:
+         prompt_meta: dict[str, Any], resumable: bool, max_steps: int | None = None) -> None:
     """step-XXXXXX/ or final/: the adapter, plus (when resumable) everything --resume needs. Rank 0 writes.
 
     The directory is built under a temporary name and renamed when complete, so a failed save (a full disk)
@@ -100,7 +100,7 @@ def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress
         if fabric.global_rank == 0:
             try:
                 with atomic_dir(directory, overwrite=True) as tmp:
-                    write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), template)
+                    write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), prompt_meta)
                     if resumable:
                         state = {"progress": vars(progress), "optimizer": optim, "rng": rng,
                                  "world_size": fabric.world_size, "global_batch_size": config.train.global_batch_size,

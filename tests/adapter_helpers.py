@@ -28,7 +28,7 @@ def make_adapter(checkpoint_dir: Path, out: Path, seed: int = 0, targets=("query
     model = apply_lora(load_model(checkpoint_dir), LoRAConfig(r=r, alpha=alpha, dropout=0.0, targets=list(targets)))
     randomize_lora(model, seed)
     with atomic_dir(out) as tmp:
-        write_adapter_files(tmp, model, checkpoint_dir, template)
+        write_adapter_files(tmp, model, checkpoint_dir, {"template": template})
     return out
 
 

@@ -274,6 +274,12 @@ def prepare(
                    "examples": len(examples), "train": len(splits["train"]), "val": len(splits["val"])},
         "lengths_before_truncation": length_stats(full_lengths),
     }
+    return write_prepared(destination, overwrite, inputs, examples, splits, meta)
+
+
+def write_prepared(destination: Path, overwrite: bool, inputs: list, examples: list[Example],
+                   splits: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the splits and meta.json into `destination` at once (atomic_dir); returns meta with token counts."""
     with atomic_dir(destination, overwrite, inputs, "--destination") as tmp:
         meta["tokens"] = {split: write_split(split_path(tmp, split), examples, indices)
                           for split, indices in splits.items()}

@@ -88,12 +88,13 @@ def detect_format(path: Path, record: Any, field_map: dict[str, str]) -> str:
                     f"pass --format or --field_map")
 
 
-def read_records(path: Path, format: str = "auto", field_map: dict[str, str] | None = None
-                 ) -> tuple[list[Record], dict[str, str]]:
-    """Every record of `path`, and the field names read (the format's, overridden by `field_map`)."""
+def read_records(path: Path, format: str = "auto", field_map: dict[str, str] | None = None,
+                 raw: list[tuple[str, Any]] | None = None) -> tuple[list[Record], dict[str, str]]:
+    """Every record of `path` (or of `raw`, its records already loaded), and the field names read (the format's,
+    overridden by `field_map`)."""
     if format not in (*FORMATS, "auto"):
         raise UserError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}, auto")
-    raw = load_json_records(path)
+    raw = load_json_records(path) if raw is None else raw
     if not raw:
         raise UserError(f"{path} contains no records")
     field_map = field_map or {}

@@ -1,0 +1,177 @@
+"""Turn a file of conversations (or of instruction records) into prepared data, rendered with a chat template.
+
+Every conversation is rendered and masked by `chat_template.encode_conversation`, so training sees exactly the text
+the model is served with, and the loss falls on the turns `train_on` names and on the marker that closes each.
+A conversation longer than max_seq_length loses its last exchanges: it is cut after the last assistant turn that
+fits. Only when the first exchange alone is too long are its tokens cut (that answer then loses its end marker).
+Both are counted, and so are conversations with nothing left to learn from, which are dropped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lit_lora.chat_template import (TRAIN_ON, ChatTemplate, EncodedChat, encode_conversation, instruction_turns,
+                                    normalize_conversation)
+from lit_lora.checkpoint import check_checkpoint_dir
+from lit_lora.data.dataset import FORMAT_VERSION
+from lit_lora.data.prepare import Example, clean, length_stats, split_indices, write_prepared
+from lit_lora.data.readers import load_json_records, read_records
+from lit_lora.errors import UserError
+from lit_lora.fileio import check_destination, sha256_file
+from lit_lora.tokenizer import Tokenizer
+
+def _is_conversation(record: Any) -> bool:
+    return isinstance(record, list) or isinstance(record, dict) and ("messages" in record or "conversations" in record)
+
+
+def read_conversations(path: Path, system: str | None = None) -> tuple[list[list[dict[str, str]]], dict[str, Any]]:
+    """The conversations in `path`, and what was read: OpenAI-style {"messages": [...]}, ShareGPT-style
+    {"conversations": [...]}, or instruction records (Alpaca, Dolly) as one user and one assistant turn each.
+    `system` becomes the first turn of every conversation that has no system turn."""
+    raw = load_json_records(path)
+    if not raw:
+        raise UserError(f"{path} contains no records")
+    counts: dict[str, Any] = {"records": len(raw)}
+    if _is_conversation(raw[0][1]):
+        conversations = []
+        for where, record in raw:
+            try:
+                conversations.append(normalize_conversation(record))
+            except UserError as e:
+                raise UserError(f"{path}: {where}: {e}") from None
+        kind = "sharegpt" if isinstance(raw[0][1], dict) and "conversations" in raw[0][1] else "messages"
+    else:
+        records, fields = read_records(path, raw=raw)
+        records, cleaned = clean(records)
+        counts.update(cleaned)
+        conversations = [[instruction_turns(r.instruction, r.input), {"role": "assistant", "content": r.output}]
+                         for r in records]
+        kind = "instructions (" + ", ".join(f"{ours}={theirs}" for ours, theirs in fields.items()) + ")"
+    if system is not None:
+        conversations = [c if c[0]["role"] == "system" else [{"role": "system", "content": system}, *c]
+                         for c in conversations]
+    return conversations, {"kind": kind, **counts}
+
+
+def fit(tokenizer: Tokenizer, template: ChatTemplate, messages: list[dict[str, str]], train_on: str,
+        max_seq_length: int) -> tuple[EncodedChat | None, str | None, int]:
+    """(the encoded conversation cut to fit, or None when nothing to learn is left; how it was cut; its full length)."""
+    full = encode_conversation(tokenizer, template, messages, train_on)
+    if len(full.ids) <= max_seq_length:
+        return full, None, len(full.ids)
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for end in reversed(ends[:-1]):
+        shorter = encode_conversation(tokenizer, template, messages[: end + 1], train_on)
+        if len(shorter.ids) <= max_seq_length:
+            return shorter, "cut_at_turn", len(full.ids)
+    first = encode_conversation(tokenizer, template, messages[: ends[0] + 1], train_on) if len(ends) > 1 else full
+    if first.prompt_length >= max_seq_length or not any(first.targets[:max_seq_length]):
+        return None, "dropped", len(full.ids)
+    cut = EncodedChat(first.ids[:max_seq_length], first.targets[:max_seq_length], first.end_markers,
+                      first.prompt_length)
+    return cut, "cut_mid_turn", len(full.ids)
+
+
+def encode_all(tokenizer: Tokenizer, template: ChatTemplate, conversations: list[list[dict[str, str]]],
+               train_on: str, max_seq_length: int, path: Path
+               ) -> tuple[list[Example], list[int], list[int], dict[str, int]]:
+    """(examples, the index of the conversation each comes from, full lengths, counts of what was cut)."""
+    examples, kept, full_lengths = [], [], []
+    counts = {"cut_at_turn": 0, "cut_mid_turn": 0, "dropped": 0, "no_end_marker": 0}
+    for i, messages in enumerate(tqdm(conversations, desc="conversations", unit="conv",
+                                      disable=len(conversations) < 2000)):
+        try:
+            encoded, how, length = fit(tokenizer, template, messages, train_on, max_seq_length)
+        except UserError as e:
+            raise UserError(f"{path}: conversation {i + 1}: {e}") from None
+        full_lengths.append(length)
+        if how:
+            counts[how] += 1
+        if encoded is not None:
+            counts["no_end_marker"] += encoded.end_markers.count(None)
+            examples.append(Example(encoded.ids, encoded.targets, encoded.prompt_length))
+            kept.append(i)
+    return examples, kept, full_lengths, counts
+
+
+def prepare_chat(
+    checkpoint_dir: Path,
+    data_file: Path,
+    destination: Path,
+    template: str | ChatTemplate = "auto",
+    train_on: str = "assistant",
+    system: str | None = None,
+    max_seq_length: int = 2048,
+    val_size: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 42,
+    overwrite: bool = False,
+    data_name: str | None = None,
+) -> dict[str, Any]:
+    """Prepare the conversations of `data_file` into `destination`; returns the meta.json written there.
+
+    template: auto (the checkpoint's own chat template), a built-in (chatml, llama3, alpaca, plain), a .jinja file,
+    or a loaded ChatTemplate (evaluate passes the one an adapter recorded).
+    train_on: assistant (every assistant turn and its end marker), last (the final assistant turn), all (every token).
+    """
+    inputs = [checkpoint_dir, data_file]
+    check_destination(destination, overwrite, inputs, "--destination")  # before the work
+    if train_on not in TRAIN_ON:
+        raise UserError(f"unknown --train_on {train_on!r}; use one of {', '.join(TRAIN_ON)}")
+    if max_seq_length < 2:
+        raise UserError(f"--max_seq_length must be at least 2, got {max_seq_length}")
+    tokenizer = Tokenizer(check_checkpoint_dir(checkpoint_dir))
+    chat_template = template if isinstance(template, ChatTemplate) else ChatTemplate.load(template, tokenizer)
+    conversations, read = read_conversations(data_file, system)
+    examples, kept, full_lengths, cut = encode_all(tokenizer, chat_template, conversations, train_on,
+                                                   max_seq_length, data_file)
+    if not examples:
+        raise UserError(f"--max_seq_length {max_seq_length} is too small for any conversation of {data_file}: "
+                        f"the shortest is {min(full_lengths)} tokens")
+    first: dict[str, int] = {}
+    groups = [first.setdefault(json.dumps(conversations[i], sort_keys=True), i) for i in kept]
+    splits = split_indices(len(examples), val_size, val_fraction, seed, groups)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "template": "chat",
+        "chat_template": chat_template.record(),
+        "train_on": train_on,
+        "system": system,
+        "tokenizer": tokenizer.identity(),
+        "max_seq_length": max_seq_length,
+        "seed": seed,
+        "source": {"path": data_name or str(data_file), "sha256": sha256_file(data_file), "kind": read.pop("kind")},
+        "counts": {**read, "duplicates": len(kept) - len(first), **cut, "examples": len(examples),
+                   "train": len(splits["train"]), "val": len(splits["val"])},
+        "lengths_before_truncation": length_stats(full_lengths),
+    }
+    return write_prepared(destination, overwrite, inputs, examples, splits, meta)
+
+
+def summary(meta: dict[str, Any], destination: Path) -> tuple[list[str], list[str]]:
+    """(lines to print, warnings) describing a prepare-chat run."""
+    c, s = meta["counts"], meta["lengths_before_truncation"]
+    lines = [
+        f"read {c['records']} records ({meta['source']['kind']}) from {meta['source']['path']}: {c['examples']} "
+        f"conversations ({c['train']} train, {c['val']} val) written to {destination}",
+        f"rendered with {meta['chat_template']['name']}; loss on {meta['train_on']} turns",
+        f"token lengths before truncation: min {s['min']}, median {s['median']}, p95 {s['p95']}, max {s['max']}",
+        f"over --max_seq_length {meta['max_seq_length']}: {c['cut_at_turn']} cut after an earlier assistant turn, "
+        f"{c['cut_mid_turn']} cut inside their first answer (end marker lost), {c['dropped']} dropped (no answer "
+        f"token left)",
+    ]
+    if "empty_output" in c:
+        lines.append(f"dropped {c['empty_output']} with an empty output; {c['placeholder_input']} placeholder inputs "
+                     f"(like <noinput>) treated as no input")
+    warnings = []
+    if c["duplicates"]:
+        warnings.append(f"{c['duplicates']} conversations repeat an earlier one; they are kept, and all copies are in "
+                        f"the same split")
+    if c["no_end_marker"] and meta["train_on"] != "all":
+        warnings.append(f"the template closes {c['no_end_marker']} assistant turns with no special token, so the "
+                        f"model may not learn to stop; a chat model's own template (--template auto) does")
+    return lines, warnings
