@@ -15,12 +15,13 @@ from typing import Any, Callable, List, Optional
 import click
 import typer
 
+from lit_lora import chat
 from lit_lora import download as models
 from lit_lora import evaluate as ev
 from lit_lora import generate as gen
 from lit_lora import merge
 from lit_lora.convert import export, gguf, hf
-from lit_lora.data import chat, prepare, readers, tasks
+from lit_lora.data import conversations, prepare, readers, tasks
 from lit_lora.errors import UserError, os_error_message
 
 
@@ -204,25 +205,25 @@ def prepare_chat(
                                    '"content"}]}, ShareGPT {"conversations": [{"from", "value"}]}, or instruction '
                                    'records (Alpaca, Dolly: one user and one assistant turn each).'),
     destination: Path = typer.Option(Path("data/chat"), "--destination", help="Directory to write."),
-    template: str = option(chat.prepare_chat, "template", "auto (the checkpoint's own chat template), chatml, llama3, "
+    template: str = option(conversations.prepare_chat, "template", "auto (the checkpoint's own chat template), chatml, llama3, "
                                                           "alpaca, plain, or a .jinja file."),
-    train_on: str = option(chat.prepare_chat, "train_on", "Loss on: assistant (every assistant turn and its end "
+    train_on: str = option(conversations.prepare_chat, "train_on", "Loss on: assistant (every assistant turn and its end "
                                                           "marker), last (the final assistant turn), all."),
-    system: Optional[str] = option(chat.prepare_chat, "system", "System prompt for conversations that have none."),
-    max_seq_length: int = option(chat.prepare_chat, "max_seq_length", "Longest conversation in tokens; longer ones "
+    system: Optional[str] = option(conversations.prepare_chat, "system", "System prompt for conversations that have none."),
+    max_seq_length: int = option(conversations.prepare_chat, "max_seq_length", "Longest conversation in tokens; longer ones "
                                                                       "are cut after an earlier assistant turn."),
-    val_size: Optional[int] = option(chat.prepare_chat, "val_size", f"Conversations held out for validation; "
+    val_size: Optional[int] = option(conversations.prepare_chat, "val_size", f"Conversations held out for validation; "
                                                                     f"default {prepare.DEFAULT_VAL_SIZE}."),
-    val_fraction: Optional[float] = option(chat.prepare_chat, "val_fraction", "Fraction held out (instead of "
+    val_fraction: Optional[float] = option(conversations.prepare_chat, "val_fraction", "Fraction held out (instead of "
                                                                               "--val_size)."),
-    seed: int = option(chat.prepare_chat, "seed", "Seed of the train/val split."),
-    overwrite: bool = overwrite_option(chat.prepare_chat, "--destination"),
+    seed: int = option(conversations.prepare_chat, "seed", "Seed of the train/val split."),
+    overwrite: bool = overwrite_option(conversations.prepare_chat, "--destination"),
 ) -> None:
     """Render conversations with the model's chat template and mask the loss per token."""
-    meta = chat.prepare_chat(checkpoint_dir, data_file, destination, template=template, train_on=train_on,
+    meta = conversations.prepare_chat(checkpoint_dir, data_file, destination, template=template, train_on=train_on,
                              system=system, max_seq_length=max_seq_length, val_size=val_size,
                              val_fraction=val_fraction, seed=seed, overwrite=overwrite)
-    lines, warnings = chat.summary(meta, destination)
+    lines, warnings = conversations.summary(meta, destination)
     print("\n".join(lines))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -313,6 +314,33 @@ def generate(
     gen.run_generate(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file, lora_paths=lora_path or [],
                      template=template, sampling=sampling, seed=seed, num_samples=num_samples, stream=stream,
                      precision=precision, compile=compile, verify=verify, system=system)
+
+
+@subcommand("chat", "chat --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path out/lora/a/final "
+                    "--lora_path out/lora/b/final")
+def chat_command(
+    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
+    lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="Adapter directory (ours or PEFT's); "
+                                                   "repeat for several, then switch with /adapter NAME."),
+    template: str = option(chat.run_chat, "template", TEMPLATE_HELP.replace("single-turn, as prepare-alpaca writes "
+                                                                            "them", "their chat forms")),
+    system: Optional[str] = option(chat.run_chat, "system", "System prompt (change it with /system TEXT)."),
+    max_new_tokens: int = option(gen.Sampling, "max_new_tokens", "Most tokens per answer."),
+    temperature: float = option(gen.Sampling, "temperature", "Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = option(gen.Sampling, "top_k", "Sample among the k most likely tokens (>= 1)."),
+    top_p: float = option(gen.Sampling, "top_p", "Nucleus sampling: keep the smallest set with this mass."),
+    seed: Optional[int] = option(chat.run_chat, "seed", "Random seed for sampling."),
+    precision: str = option(chat.run_chat, "precision", "bf16-true, 32-true or auto (the faster on this machine)."),
+    verify: bool = verify_option(),
+) -> None:
+    """Talk with a model and its adapters, turn by turn: one message per line, from a terminal or a pipe.
+
+    Commands: /reset, /system TEXT, /adapter NAME (an index, the path given, or base), /help, /exit. Answers go to
+    stdout; notes (switches, dropped turns, errors in a message) go to stderr.
+    """
+    sampling = gen.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    chat.run_chat(checkpoint_dir, lora_paths=lora_path or [], template=template, system=system, sampling=sampling,
+                  seed=seed, precision=precision, verify=verify)
 
 
 @subcommand("merge-lora", "merge-lora --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "

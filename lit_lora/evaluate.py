@@ -52,11 +52,13 @@ class Score:
     perplexity: float | None = None
     exact_match: float | None = None
     exact_match_normalized: float | None = None
+    stopped: float | None = None  # answers that ended at EOS / the end-of-turn marker, not at max_new_tokens
     seconds: float = 0.0
     answers: list[str] = field(default_factory=list)
+    stops: list[bool] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k != "answers"}
+        return {k: v for k, v in vars(self).items() if k not in ("answers", "stops")}
 
 
 def normalize(text: str) -> str:
@@ -68,7 +70,7 @@ def normalize(text: str) -> str:
 def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer,
               template: Template | ChatTemplate) -> Iterator[PreparedDataset]:
     """The examples to score: a prepared split, or a raw file prepared into a temporary directory."""
-    from lit_lora.data.chat import prepare_chat  # these pull in the readers' download code: only when needed
+    from lit_lora.data.conversations import prepare_chat  # these pull in the readers' download code: only when needed
     from lit_lora.data.prepare import prepare
 
     data = Path(data)
@@ -151,6 +153,7 @@ def evaluate(
         for s in scores:
             s.exact_match = sum(a.strip() == r.strip() for a, r in zip(s.answers, references)) / n
             s.exact_match_normalized = sum(normalize(a) == normalize(r) for a, r in zip(s.answers, references)) / n
+            s.stopped = sum(s.stops) / n
     result = {"checkpoint_dir": str(checkpoint_dir), "data": str(data), "split": split, "n": n, "precision": precision,
               "models": [s.row() for s in scores]}
     if metric != "loss":
@@ -211,8 +214,10 @@ def score_answers(model, tokenizer, pairs, stop_strings, batch_size, max_new_tok
         originals = merge_adapter(model, *adapter) if adapter else {}
         repack(model)
         for i in range(0, len(pairs), batch_size):
-            texts, _ = complete(model, tokenizer, [p for p, _ in pairs[i : i + batch_size]], stop_strings, sampling)
+            texts, _, stopped = complete(model, tokenizer, [p for p, _ in pairs[i : i + batch_size]], stop_strings,
+                                         sampling)
             score.answers.extend(texts)
+            score.stops.extend(stopped)
             bar.update(1)
         restore_weights(model, originals)
         repack(model)
@@ -220,7 +225,8 @@ def score_answers(model, tokenizer, pairs, stop_strings, batch_size, max_new_tok
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """One row per model: loss, perplexity, exact match (strict / normalised), examples, seconds."""
+    """One row per model: loss, perplexity, exact match (strict / normalised), answers that stopped, examples,
+    seconds."""
     def cell(value: float | None, fmt: str, width: int) -> str:
         return f"{'-':>{width}}" if value is None else format(value, fmt)
 
@@ -228,9 +234,11 @@ def format_table(result: dict[str, Any]) -> str:
         return cell(None if value is None else 100 * value, "6.1f", 6) + ("%" if value is not None else " ")
 
     width = max(len(m["name"]) for m in result["models"])
-    lines = [f"{'model':<{width}}  {'loss':>7}  {'ppl':>8}  {'exact':>7}  {'normed':>7}  {'n':>5}  {'seconds':>7}"]
+    lines = [f"{'model':<{width}}  {'loss':>7}  {'ppl':>8}  {'exact':>7}  {'normed':>7}  {'stopped':>7}  {'n':>5}  "
+             f"{'seconds':>7}"]
     for m in result["models"]:
         lines.append(f"{m['name']:<{width}}  {cell(m['loss'], '7.4f', 7)}  {cell(m['perplexity'], '8.2f', 8)}  "
-                     f"{percent(m['exact_match'])}  {percent(m['exact_match_normalized'])}  {m['n']:>5}  "
+                     f"{percent(m['exact_match'])}  {percent(m['exact_match_normalized'])}  "
+                     f"{percent(m.get('stopped'))}  {m['n']:>5}  "
                      f"{m['seconds']:>7.1f}")
     return "\n".join(lines)

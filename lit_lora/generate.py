@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, NamedTuple, TextIO
 import torch
 
 from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
-from lit_lora.checkpoint import load_info, load_model
+from lit_lora.checkpoint import load_config, load_info, load_model
 from lit_lora.chat_template import ChatTemplate, instruction_turns
 from lit_lora.data.templates import TEMPLATES, Template, get_template
 from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, peak_memory_bytes, resolve_precision
@@ -213,11 +213,17 @@ def user_turns(text: str, input: str = "", system: str | None = None) -> list[di
     return ([{"role": "system", "content": system}] if system else []) + [instruction_turns(text, input)]
 
 
+class Completion(NamedTuple):
+    texts: list[str]
+    n_generated: int  # tokens generated over all rows, up to and without each row's stop
+    stopped: list[bool]  # per row: ended at a stop id or string (not cut by max_new_tokens or the context)
+
+
 def complete(
     model: LLaMA, tokenizer: Tokenizer, prompts: list[list[int]], stop_strings: tuple[str, ...], sampling: Sampling,
     generator: torch.Generator | None = None, stream: TextIO | None = None, forward: Callable = next_logits,
-) -> tuple[list[str], int]:
-    """Texts for a batch of token prompts, and the number of tokens generated. `stream` gets row 0 live.
+) -> Completion:
+    """Texts for a batch of token prompts. `stream` gets row 0 live.
     A row ends at an end id of the tokenizer or at one of `stop_strings` (not included in its text)."""
     stop_ids = stop_ids_for(tokenizer, stop_strings)
     rows = [TextStream(tokenizer, stop_ids, stop_strings) for _ in prompts]
@@ -232,11 +238,12 @@ def complete(
                     stream.flush()
         if all(row.done for row in rows):
             break
+    stopped = [row.done for row in rows]
     for row in rows:
         piece = row.finish()
         if stream is not None and row is rows[0] and piece:
             stream.write(piece)
-    return [row.text for row in rows], n_generated
+    return Completion([row.text for row in rows], n_generated, stopped)
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
@@ -269,21 +276,24 @@ def run_generate(
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)
+    # Everything that can be refused (adapters, templates, prompts) is checked before the model loads.
+    config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
+    adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify)) for p in lora_paths]
+    # Without an adapter: the format a merged checkpoint's adapter was trained in, if it records one.
+    jobs = []
+    for name, lora_config, state, meta in adapters or [("base", None, None, load_info(checkpoint_dir))]:
+        chosen = prompt_format(template, meta, tokenizer)
+        prompts = [tokenizer.encode(chosen.render(user_turns(text, input, system))) for text in texts]
+        jobs.append((name, lora_config, state, chosen.stop_strings, prompts))
     dtype = PRECISIONS[resolve_precision(precision, training=False)][0]
     model = prepare_for_generation(load_model(checkpoint_dir, dtype, verify=verify).eval(), pack=not compile)
-    tokenizer = Tokenizer(checkpoint_dir)
-    # Load and check every adapter before generating anything, so a bad one fails fast.
-    adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, model.config, verify)) for p in lora_paths]
     forward = torch.compile(next_logits, dynamic=True) if compile else next_logits
     many = len(adapters) > 1 or num_samples > 1 or len(texts) > 1
 
     answers = []
-    # Without an adapter: the format a merged checkpoint's adapter was trained in, if it records one.
-    for name, lora_config, state, meta in adapters or [("base", None, None, load_info(checkpoint_dir))]:
+    for name, lora_config, state, stop_strings, prompts in jobs:
         originals = merge_adapter(model, lora_config, state) if lora_config else {}
         repack(model)
-        chosen = prompt_format(template, meta, tokenizer)
-        prompts = [tokenizer.encode(chosen.render(user_turns(text, input, system))) for text in texts]
         # One generator per adapter, so each adapter's output matches a run of its own with the same seed.
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for i in range(num_samples):
@@ -291,8 +301,8 @@ def run_generate(
                 print(f"### {name}" + (f", sample {i + 1}" if num_samples > 1 else ""), file=out, flush=True)
             live = out if stream and len(prompts) == 1 else None
             t0 = time.perf_counter()
-            results, n_generated = complete(model, tokenizer, prompts, chosen.stop_strings, sampling, generator,
-                                              live, forward)
+            results, n_generated, _ = complete(model, tokenizer, prompts, stop_strings, sampling, generator, live,
+                                               forward)
             elapsed = time.perf_counter() - t0
             for j, result in enumerate(results):
                 if live is None:

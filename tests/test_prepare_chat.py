@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_lora.data.chat import prepare_chat
+from lit_lora.data.conversations import prepare_chat
 from test_data import run_cli
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.tokenizer import Tokenizer

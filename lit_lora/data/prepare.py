@@ -3,7 +3,7 @@
 Each example is tokenised as two pieces, prompt (with BOS if the tokenizer wants one) and response, then
 EOS is appended. Keeping the pieces apart gives the exact prompt length for masking, and the response
 tokens decode to exactly the response text. The output depends only on the inputs and the seed, so two
-runs write byte-identical files. Conversations take the same path from `Example`s on (see data/chat.py).
+runs write byte-identical files. Conversations take the same path from `Example`s on (see data/conversations.py).
 """
 from __future__ import annotations
 

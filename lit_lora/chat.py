@@ -1,0 +1,159 @@
+"""chat: a multi-turn conversation with a base model and its adapters, in the terminal or through a pipe.
+
+Each message is rendered with the conversation so far in the active adapter's format (the chat template it was
+trained with, else the checkpoint's own) and the answer streams as it is generated, ending at the template's
+end-of-turn marker. When the conversation no longer fits the context window with room for an answer, the oldest
+exchanges are dropped (the user is told once). Adapters are merged into the weights of the one loaded base and
+swapped by restoring the base's own tensors, so switching costs a merge, not a reload.
+
+Commands: /reset, /system TEXT (no TEXT: none), /adapter NAME (an index, a path as given, or `base`), /help, /exit.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
+from lit_lora.checkpoint import load_config, load_info, load_model
+from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, resolve_precision
+from lit_lora.errors import UserError
+from lit_lora.fast_decode import prepare_for_generation, repack
+from lit_lora.generate import PromptFormat, Sampling, complete, prompt_format
+from lit_lora.model import LLaMA
+from lit_lora.tokenizer import Tokenizer
+
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), "
+        "/adapter NAME (switch: {names}), /help, /exit")
+
+
+@dataclass
+class Adapter:
+    name: str  # the path as given on the command line, or "base"
+    weights: tuple[Any, dict[str, torch.Tensor]] | None  # (LoRA config, tensors), None for the base
+    format: PromptFormat
+
+
+@dataclass
+class ChatSession:
+    model: LLaMA
+    tokenizer: Tokenizer
+    adapters: list[Adapter]
+    sampling: Sampling
+    system: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)  # user and assistant turns, oldest first
+    active: Adapter | None = None
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensors the active adapter replaced
+    overflow_noted: bool = False
+    generator: torch.Generator | None = None  # seeded sampling, for answers that can be reproduced
+
+    def switch(self, adapter: Adapter) -> None:
+        restore_weights(self.model, self.originals)
+        self.originals = merge_adapter(self.model, *adapter.weights) if adapter.weights else {}
+        repack(self.model)
+        self.active = adapter
+
+    def find(self, name: str) -> Adapter:
+        for i, adapter in enumerate(self.adapters):
+            if name in (str(i), adapter.name, Path(adapter.name).name) and name:
+                return adapter
+        raise UserError(f"no adapter {name!r}; choose one of: {self.names()}")
+
+    def names(self) -> str:
+        return ", ".join(f"{i} = {a.name}" for i, a in enumerate(self.adapters))
+
+    def prompt_ids(self, log: TextIO) -> list[int]:
+        """The conversation rendered for the next answer; the oldest exchanges are dropped until it fits."""
+        room = self.model.config.max_seq_len - self.sampling.max_new_tokens
+        while True:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+            ids = self.tokenizer.encode(self.active.format.render(messages))
+            if len(ids) <= room:
+                return ids
+            if len(self.history) <= 1:
+                raise UserError(f"this message needs {len(ids)} tokens, and the context window has room for {room} "
+                                f"with {self.sampling.max_new_tokens} for the answer; send a shorter one")
+            if not self.overflow_noted:
+                print(f"(the conversation is longer than the context window of {self.model.config.max_seq_len} "
+                      f"tokens: dropping the oldest turns to make room)", file=log, flush=True)
+                self.overflow_noted = True
+            del self.history[:2]  # the oldest exchange: a user turn and its answer
+
+    def ask(self, text: str, out: TextIO, log: TextIO) -> str:
+        self.history.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt_ids(log)
+        except UserError:  # the template refused it, or it is too long: the conversation stays as it was
+            self.history = self.history[:-1]
+            raise
+        answer = complete(self.model, self.tokenizer, [ids], self.active.format.stop_strings, self.sampling,
+                          self.generator, stream=out).texts[0]
+        print(file=out, flush=True)
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+    def command(self, line: str, log: TextIO) -> bool:
+        """Run a /command; False when the session should end."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        if name in ("exit", "quit"):
+            return False
+        if name == "reset":
+            self.history.clear()
+            print("(conversation cleared)", file=log, flush=True)
+        elif name == "system":
+            self.system = arg or None
+            print(f"(system prompt {'set' if arg else 'cleared'})", file=log, flush=True)
+        elif name == "adapter":
+            self.switch(self.find(arg))
+            print(f"(now answering with {self.active.name})", file=log, flush=True)
+        else:
+            print(HELP.format(names=self.names()), file=log, flush=True)
+        return True
+
+
+def run_chat(
+    checkpoint_dir: Path, lora_paths: list[Path] = (), template: str = "auto", system: str | None = None,
+    sampling: Sampling = Sampling(), seed: int | None = None, precision: str = "auto", verify: bool = True,
+    input: TextIO | None = None, out: TextIO | None = None, log: TextIO | None = None,
+) -> ChatSession:
+    """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input."""
+    input, out, log = input or sys.stdin, out or sys.stdout, log or sys.stderr
+    if precision not in GENERATE_PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(GENERATE_PRECISIONS)}")
+    # Everything that can be refused (templates, adapters, the token budget) is checked before the model loads.
+    config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
+    if sampling.max_new_tokens >= config.max_seq_len:
+        raise UserError(f"--max_new_tokens {sampling.max_new_tokens} leaves no room for the conversation in the "
+                        f"context window of {config.max_seq_len} tokens")
+    adapters = [Adapter("base", None, prompt_format(template, load_info(checkpoint_dir), tokenizer, multi_turn=True))]
+    for path in lora_paths:
+        lora_config, state, meta = load_checked_adapter(path, checkpoint_dir, config, verify)
+        adapters.append(Adapter(str(path), (lora_config, state), prompt_format(template, meta, tokenizer, True)))
+    dtype = PRECISIONS[resolve_precision(precision, training=False)][0]
+    model = prepare_for_generation(load_model(checkpoint_dir, dtype, verify=verify).eval())
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    session = ChatSession(model, tokenizer, adapters, sampling, system=system, generator=generator)
+    session.switch(adapters[1] if len(adapters) > 1 else adapters[0])
+    interactive = input.isatty()
+    print(f"chatting with {session.active.name} ({session.active.format.template.name}); "
+          f"{HELP.format(names=session.names())}", file=log, flush=True)
+    while True:
+        if interactive:
+            print("> ", end="", file=out, flush=True)
+        line = input.readline()
+        if not line:  # end of input
+            break
+        line = line.strip()
+        try:
+            if line.startswith("/"):
+                if not session.command(line, log):
+                    break
+            elif line:
+                session.ask(line, out, log)
+        except UserError as e:  # a bad command or an over-long message ends nothing but itself
+            print(f"error: {e}", file=log, flush=True)
+    return session

@@ -1,0 +1,136 @@
+"""Generation in the adapter's own chat format, merged checkpoints that keep it, and the `chat` command through a
+pipe: two adapters, a switch, history kept, a context-window overflow handled."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adapter_helpers import make_adapter
+from lit_lora.adapter import ADAPTER_CONFIG
+from lit_lora.chat import run_chat
+from lit_lora.chat_template import ChatTemplate
+from lit_lora.checkpoint import CHAT_TEMPLATE_FILE, load_info, load_model
+from lit_lora.errors import UserError
+from lit_lora.fast_decode import prepare_for_generation
+from lit_lora.generate import Sampling, complete, prompt_format, run_generate, user_turns
+from lit_lora.merge import merge_checkpoint
+from lit_lora.tokenizer import Tokenizer
+
+# ChatML with a generation prompt and a default system prompt, as SmolLM2's (the tiny checkpoint's own has neither).
+CHAT_SOURCE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
+               "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+GREEDY = Sampling(max_new_tokens=8, temperature=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoint, tmp_path_factory) -> list[Path]:
+    """Two random adapters that record CHAT_SOURCE as the template they were trained with."""
+    root = tmp_path_factory.mktemp("adapters")
+    paths = [make_adapter(tiny_checkpoint, root / f"a{seed}", seed=seed, template=None) for seed in (1, 2)]
+    for path in paths:
+        config = yaml.safe_load((path / ADAPTER_CONFIG).read_text())
+        config["chat_template"] = {"name": "test chat template", "source": CHAT_SOURCE}
+        (path / ADAPTER_CONFIG).write_text(yaml.safe_dump(config))
+    return paths
+
+
+def adapter_meta(path: Path) -> dict:
+    return yaml.safe_load((path / ADAPTER_CONFIG).read_text())
+
+
+def test_generate_asks_in_the_recorded_chat_template(tiny_checkpoint, adapters):
+    tokenizer = Tokenizer(tiny_checkpoint)
+    chosen = prompt_format("auto", adapter_meta(adapters[0]), tokenizer)
+    expected = ChatTemplate(CHAT_SOURCE).render([{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "hello\n\nworld"}],
+                                                add_generation_prompt=True)
+    assert chosen.render(user_turns("hello", "world", system="Be brief.")) == expected
+    assert chosen.stop_strings == ("<|im_end|>",)
+    with pytest.raises(UserError, match="takes one instruction"):  # an instruction template has no system turn
+        prompt_format("alpaca", {}, tokenizer).render(user_turns("hello", system="Be brief."))
+
+
+def test_merged_checkpoint_keeps_the_chat_template(tiny_checkpoint, adapters, tmp_path):
+    merged = merge_checkpoint(tiny_checkpoint, adapters[0], tmp_path / "merged")
+    assert load_info(merged)["chat_template"]["source"] == CHAT_SOURCE
+    assert (merged / CHAT_TEMPLATE_FILE).read_text() == CHAT_SOURCE  # what an HF export serves it with
+    a = run_generate(merged, "hello world", sampling=GREEDY, precision="32-true", stream=False, system="Be brief.")
+    b = run_generate(tiny_checkpoint, "hello world", lora_paths=[adapters[0]], sampling=GREEDY, precision="32-true",
+                     stream=False, system="Be brief.")
+    assert a == b
+
+
+def answers_of(merged: Path, conversation: list[dict], system: str | None = None) -> str:
+    """What a model with the adapter merged offline answers to `conversation`, greedily."""
+    tokenizer = Tokenizer(merged)
+    model = prepare_for_generation(load_model(merged).eval())
+    messages = ([{"role": "system", "content": system}] if system else []) + conversation
+    prompt = tokenizer.encode(ChatTemplate(CHAT_SOURCE).render(messages, add_generation_prompt=True))
+    return complete(model, tokenizer, [prompt], ("<|im_end|>",), GREEDY).texts[0]
+
+
+def chat(checkpoint: Path, adapters: list[Path], lines: list[str], max_new_tokens: int = 8):
+    out, log = io.StringIO(), io.StringIO()
+    session = run_chat(checkpoint, adapters, sampling=Sampling(max_new_tokens=max_new_tokens, temperature=0),
+                       precision="32-true", input=io.StringIO("".join(f"{line}\n" for line in lines)), out=out,
+                       log=log)
+    return session, out.getvalue(), log.getvalue()
+
+
+def test_chat_switches_adapters_and_keeps_the_history(tiny_checkpoint, adapters, tmp_path):
+    session, out, log = chat(tiny_checkpoint, adapters, ["hello world", "/adapter 2", "/system Be brief.",
+                                                         "the quick brown fox", "/exit", "never read"])
+    assert session.active.name == str(adapters[1]) and f"now answering with {adapters[1]}" in log
+    history = session.history
+    assert [m["content"] for m in history[::2]] == ["hello world", "the quick brown fox"]
+    # Each answer is what the adapter active at the time answers, merged offline, to the conversation so far.
+    first = answers_of(merge_checkpoint(tiny_checkpoint, adapters[0], tmp_path / "m1"), history[:1])
+    second = answers_of(merge_checkpoint(tiny_checkpoint, adapters[1], tmp_path / "m2"), history[:3], "Be brief.")
+    assert (history[1]["content"], history[3]["content"]) == (first, second)
+    assert out.startswith(first)
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_checkpoint, adapters):
+    message = "Summarise the following sentence: the quick brown fox jumps over the lazy dog."
+    session, out, log = chat(tiny_checkpoint, adapters[:1], [f"{message} {i}" for i in range(6)], max_new_tokens=60)
+    assert log.count("dropping the oldest turns") == 1
+    assert "error" not in log and session.history[-1]["role"] == "assistant"  # the last message was answered too
+    contents = [m["content"] for m in session.history[::2]]
+    assert contents[-1] == f"{message} 5" and contents[0] != f"{message} 0"  # newest kept, oldest gone
+    prompt = session.tokenizer.encode(session.active.format.render(session.history[:-1]))
+    assert len(prompt) <= session.model.config.max_seq_len  # every turn was answered inside the window
+
+
+def test_chat_command_reads_a_pipe(tiny_checkpoint, adapters):
+    script = Path(sys.executable).parent / "chat"
+    result = subprocess.run([str(script), "--checkpoint_dir", str(tiny_checkpoint), "--lora_path", str(adapters[0]),
+                             "--lora_path", str(adapters[1]), "--temperature", "0", "--max_new_tokens", "4"],
+                            input="hello\n/adapter nope\n/adapter 0\nhello\n/exit\n", capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "error: no adapter 'nope'; choose one of: 0 = base" in result.stderr
+    assert "now answering with base" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chat_bad_start_is_one_line(tiny_checkpoint, tmp_path):
+    script = Path(sys.executable).parent / "chat"
+    result = subprocess.run([str(script), "--checkpoint_dir", str(tiny_checkpoint), "--template", "llama3"],
+                            input="", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert "llama3 template needs the special tokens" in result.stderr and len(result.stderr.splitlines()) == 1
