@@ -29,8 +29,8 @@ from lit_lora.model import LLaMA, Config
 ADAPTER_WEIGHTS = "lora.safetensors"
 ADAPTER_CONFIG = "adapter_config.yaml"
 # What an adapter (and prepared data, and a merged checkpoint) records of the format it was trained in: an instruction
-# template's name, and the chat template ({"name", "source"}) for conversations.
-PROMPT_KEYS = ("template", "chat_template")
+# template's name, or for conversations the chat template ({"name", "source"}) and the system prompt given to all.
+PROMPT_KEYS = ("template", "chat_template", "system")
 # Fields that decide whether adapter tensors fit a base (name and context length do not).
 _ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
 

@@ -43,7 +43,7 @@ class ChatSession:
     tokenizer: Tokenizer
     adapters: list[Adapter]
     sampling: Sampling
-    system: str | None = None
+    system: str | None = None  # None: the active adapter's default (its data's system prompt); "": none
     history: list[dict[str, str]] = field(default_factory=list)  # user and assistant turns, oldest first
     active: Adapter | None = None
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensors the active adapter replaced
@@ -69,7 +69,8 @@ class ChatSession:
         """The conversation rendered for the next answer; the oldest exchanges are dropped until it fits."""
         room = self.model.config.max_seq_len - self.sampling.max_new_tokens
         while True:
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+            system = self.active.format.system if self.system is None else self.system
+            messages = ([{"role": "system", "content": system}] if system else []) + self.history
             ids = self.tokenizer.encode(self.active.format.render(messages))
             if len(ids) <= room:
                 return ids
@@ -105,7 +106,7 @@ class ChatSession:
             self.history.clear()
             print("(conversation cleared)", file=log, flush=True)
         elif name == "system":
-            self.system = arg or None
+            self.system = arg
             print(f"(system prompt {'set' if arg else 'cleared'})", file=log, flush=True)
         elif name == "adapter":
             self.switch(self.find(arg))

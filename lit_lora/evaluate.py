@@ -70,7 +70,7 @@ def normalize(text: str) -> str:
 def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer,
               template: Template | ChatTemplate) -> Iterator[PreparedDataset]:
     """The examples to score: a prepared split, or a raw file prepared into a temporary directory."""
-    from lit_lora.data.conversations import prepare_chat  # these pull in the readers' download code: only when needed
+    from lit_lora.data.conversations import is_conversation, prepare_chat  # these pull in the readers' download code: only when needed
     from lit_lora.data.prepare import prepare
 
     data = Path(data)
@@ -82,12 +82,13 @@ def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer
     if not data.is_file():
         raise UserError(f"--data {data} does not exist; pass a prepared directory or a JSON/JSONL file")
     records = [record for _, record in load_json_records(data)]
-    if not any(isinstance(r, dict) and any(r.get(k) for k in _OUTPUT_FIELDS) for r in records):
+    chat = isinstance(template, ChatTemplate)  # the last assistant turn of each conversation is the reference
+    if not any(is_conversation(r) or isinstance(r, dict) and any(r.get(k) for k in _OUTPUT_FIELDS) for r in records):
         raise UserError(f"{data} has no reference outputs (no {' or '.join(_OUTPUT_FIELDS)} field); "
                         f"evaluate needs the expected answers")
     with tempfile.TemporaryDirectory() as tmp:
         options = dict(val_size=0, max_seq_length=load_config(checkpoint_dir).max_seq_len)
-        if isinstance(template, ChatTemplate):  # the last assistant turn of each conversation is the reference
+        if chat:
             prepare_chat(checkpoint_dir, data, Path(tmp) / "data", template=template, **options)
         else:
             prepare(checkpoint_dir, Path(tmp) / "data", data_file=data, template=template.name, **options)
@@ -95,12 +96,16 @@ def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer
 
 
 def examples(dataset: PreparedDataset, n: int, eos_id: int | None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, reference ids without EOS) of the first n examples."""
+    """(prompt ids, reference ids) of the first n examples. The reference is the run of target tokens after the
+    prompt (a conversation's last answer, not the template's text after it), without a final EOS."""
     out = []
     for i in range(n):
-        ids = dataset.tokens[dataset.offsets[i] : dataset.offsets[i + 1]].tolist()
-        prompt, response = ids[: dataset.prompt_lengths[i]], ids[dataset.prompt_lengths[i] :]
-        out.append((prompt, response[:-1] if response and response[-1] == eos_id else response))
+        start, end = dataset.offsets[i], dataset.offsets[i + 1]
+        ids, targets = dataset.tokens[start:end].tolist(), dataset.targets[start:end]
+        prompt_length = int(dataset.prompt_lengths[i])
+        stop = next((j for j in range(prompt_length, len(ids)) if not targets[j]), len(ids))
+        response = ids[prompt_length:stop]
+        out.append((ids[:prompt_length], response[:-1] if response and response[-1] == eos_id else response))
     return out
 
 

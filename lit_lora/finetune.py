@@ -135,7 +135,7 @@ def sample_answer(model: LLaMA, tokenizer: Tokenizer, prompt_meta: dict[str, Any
     chosen = prompt_format("auto", prompt_meta, tokenizer)
     model.eval()
     try:
-        texts, *_ = complete(model, tokenizer, [tokenizer.encode(chosen.render(user_turns(prompt)))],
+        texts, *_ = complete(model, tokenizer, [tokenizer.encode(chosen.render(user_turns(prompt, system=chosen.system)))],
                             chosen.stop_strings, Sampling(max_new_tokens=max_new_tokens, temperature=0))
     finally:
         model.train()

@@ -178,6 +178,7 @@ class PromptFormat(NamedTuple):
     template: Template | ChatTemplate
     render: Callable[[list[dict[str, str]]], str]
     stop_strings: tuple[str, ...]
+    system: str | None = None  # the system prompt the data was prepared with (prepare-chat --system): the default
 
 
 def instruction_format(template: Template) -> PromptFormat:
@@ -189,9 +190,9 @@ def instruction_format(template: Template) -> PromptFormat:
     return PromptFormat(template, render, template.stop_strings)
 
 
-def chat_format(template: ChatTemplate, tokenizer: Tokenizer) -> PromptFormat:
+def chat_format(template: ChatTemplate, tokenizer: Tokenizer, system: str | None = None) -> PromptFormat:
     return PromptFormat(template, partial(template.render, add_generation_prompt=True),
-                        template.end_markers(tokenizer))
+                        template.end_markers(tokenizer), system)
 
 
 def prompt_format(name: str, recorded: dict[str, Any], tokenizer: Tokenizer, multi_turn: bool = False) -> PromptFormat:
@@ -200,7 +201,8 @@ def prompt_format(name: str, recorded: dict[str, Any], tokenizer: Tokenizer, mul
     template (alpaca, chatml, plain: single-turn, as prepare-alpaca writes them), else a chat template (llama3, a
     .jinja file). `multi_turn` (chat) takes the chat template of an instruction template's name."""
     if name == "auto" and recorded.get("chat_template"):
-        return chat_format(ChatTemplate.from_record(recorded["chat_template"], tokenizer), tokenizer)
+        return chat_format(ChatTemplate.from_record(recorded["chat_template"], tokenizer), tokenizer,
+                           recorded.get("system"))
     if name == "auto":
         name = recorded.get("template") or ("auto" if ChatTemplate.source_of(tokenizer) else "plain")
     if name in TEMPLATES and not multi_turn:
@@ -209,7 +211,8 @@ def prompt_format(name: str, recorded: dict[str, Any], tokenizer: Tokenizer, mul
 
 
 def user_turns(text: str, input: str = "", system: str | None = None) -> list[dict[str, str]]:
-    """One question as messages: the system prompt if any, then the user turn (input after a blank line)."""
+    """One question as messages: the system prompt if any ("" or None: none), then the user turn (input after a
+    blank line)."""
     return ([{"role": "system", "content": system}] if system else []) + [instruction_turns(text, input)]
 
 
@@ -283,7 +286,8 @@ def run_generate(
     jobs = []
     for name, lora_config, state, meta in adapters or [("base", None, None, load_info(checkpoint_dir))]:
         chosen = prompt_format(template, meta, tokenizer)
-        prompts = [tokenizer.encode(chosen.render(user_turns(text, input, system))) for text in texts]
+        prompts = [tokenizer.encode(chosen.render(user_turns(text, input, chosen.system if system is None else system)))
+                   for text in texts]
         jobs.append((name, lora_config, state, chosen.stop_strings, prompts))
     dtype = PRECISIONS[resolve_precision(precision, training=False)][0]
     model = prepare_for_generation(load_model(checkpoint_dir, dtype, verify=verify).eval(), pack=not compile)

@@ -134,3 +134,51 @@ def test_chat_bad_start_is_one_line(tiny_checkpoint, tmp_path):
                             input="", capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert "llama3 template needs the special tokens" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_hf_export_of_a_merged_chat_model_serves_its_template(tiny_checkpoint, adapters, tmp_path):
+    """transformers, given the export, renders conversations as the adapter was trained (test-only reference)."""
+    transformers = pytest.importorskip("transformers")
+    from lit_lora.convert.export import export_hf
+
+    exported = export_hf(merge_checkpoint(tiny_checkpoint, adapters[0], tmp_path / "merged"), tmp_path / "hf")
+    reference = transformers.AutoTokenizer.from_pretrained(str(exported))
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+                {"role": "user", "content": "again"}]
+    ours = ChatTemplate(CHAT_SOURCE).render(messages, add_generation_prompt=True)
+    assert reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == ours
+
+
+def test_finetune_on_conversations_records_the_template(tiny_checkpoint, tmp_path):
+    from lit_lora.data.conversations import prepare_chat
+    from lit_lora.finetune import finetune
+    from lit_lora.train_config import load_config
+
+    fixtures = Path(__file__).parent / "fixtures"
+    prepare_chat(tiny_checkpoint, fixtures / "chat_tiny.jsonl", tmp_path / "data", val_size=2, system="Be brief.")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [
+        f"--checkpoint_dir={tiny_checkpoint}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'run'}",
+        "--train.max_steps=2", "--eval.max_new_tokens=2", "--train.global_batch_size=2", "--train.micro_batch_size=2"])
+    finetune(config)
+    meta = adapter_meta(tmp_path / "run" / "final")
+    assert meta["template"] == "chat" and meta["system"] == "Be brief."
+    assert meta["chat_template"]["source"] == Tokenizer(tiny_checkpoint).chat_template
+    chosen = prompt_format("auto", meta, Tokenizer(tiny_checkpoint))
+    assert chosen.system == "Be brief." and chosen.stop_strings == ("<|im_end|>",)
+
+
+def test_evaluate_scores_conversations_in_the_adapters_template(tiny_checkpoint, adapters):
+    """A raw conversation file is rendered with the adapter's recorded template; the reference is the last answer."""
+    from lit_lora.evaluate import evaluate, format_table
+
+    data = Path(__file__).parent / "fixtures" / "chat_tiny.jsonl"
+    result = evaluate(tiny_checkpoint, data, [adapters[0]], split="train", limit=3, max_new_tokens=4,
+                      precision="32-true", progress=False)
+    last_answers = [[m for m in json.loads(line)["messages"] if m["role"] == "assistant"][-1]["content"]
+                    for line in data.read_text().splitlines()[:3]]
+    assert [p["reference"] for p in result["predictions"]] == last_answers
+    prompts = [p["prompt"] for p in result["predictions"]]
+    assert prompts[0].startswith("<|im_start|>system\nYou are a terse assistant.")  # its own system turn
+    assert all(p.startswith("<|im_start|>system\nYou are helpful.") for p in prompts[1:])  # the template's default
+    assert all(p.endswith("<|im_end|>\n<|im_start|>assistant\n") for p in prompts)
+    assert all(0 <= m["stopped"] <= 1 for m in result["models"]) and "stopped" in format_table(result)

@@ -24,7 +24,7 @@ from lit_lora.errors import UserError
 from lit_lora.fileio import check_destination, sha256_file
 from lit_lora.tokenizer import Tokenizer
 
-def _is_conversation(record: Any) -> bool:
+def is_conversation(record: Any) -> bool:
     return isinstance(record, list) or isinstance(record, dict) and ("messages" in record or "conversations" in record)
 
 
@@ -36,7 +36,7 @@ def read_conversations(path: Path, system: str | None = None) -> tuple[list[list
     if not raw:
         raise UserError(f"{path} contains no records")
     counts: dict[str, Any] = {"records": len(raw)}
-    if _is_conversation(raw[0][1]):
+    if is_conversation(raw[0][1]):
         conversations = []
         for where, record in raw:
             try:
