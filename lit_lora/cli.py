@@ -7,6 +7,7 @@ Option defaults are read from the library functions' signatures, so each is decl
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from pathlib import Path
@@ -79,6 +80,25 @@ def overwrite_option(func: Callable, flag: str = "--out") -> Any:
 def verify_option() -> Any:
     return typer.Option(True, "--verify/--no-verify", help="Check every weights file against the sha256 recorded "
                         "when it was written, while reading it (--no-verify skips the check).")
+
+
+def sampling_options(command: Callable) -> Callable:
+    """Give `command` the sampling options (generate and chat share them), passed to it as one `sampling`."""
+    s = gen.Sampling
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=value) for
+               name, annotation, value in (
+        ("max_new_tokens", int, option(s, "max_new_tokens", "Most tokens to generate per answer.")),
+        ("temperature", float, option(s, "temperature", "Sampling temperature; 0 is greedy.")),
+        ("top_k", Optional[int], option(s, "top_k", "Sample among the k most likely tokens (>= 1).")),
+        ("top_p", float, option(s, "top_p", "Nucleus sampling: keep the smallest set with this mass.")))]
+
+    @functools.wraps(command)
+    def with_sampling(**kwargs: Any) -> Any:
+        return command(sampling=gen.Sampling(**{p.name: kwargs.pop(p.name) for p in options}), **kwargs)
+
+    own = inspect.signature(command).parameters
+    with_sampling.__signature__ = inspect.Signature([p for name, p in own.items() if name != "sampling"] + options)
+    return with_sampling
 
 
 TEMPLATE_HELP = ("auto (the adapter's recorded template; else the checkpoint's own chat template; else plain), "
@@ -283,6 +303,7 @@ def finetune_lora(
 # ------------------------------------------------------------------------------------------ generation, merge, export
 @subcommand("generate", "generate --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
                         "out/lora/smollm2-135m-alpaca/final --prompt \"Give three tips for staying healthy.\"")
+@sampling_options
 def generate(
     checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
     prompt: Optional[str] = option(gen.run_generate, "prompt", "The instruction to answer."),
@@ -293,10 +314,7 @@ def generate(
                                                    "a PEFT adapter directory); repeat to answer with each in turn."),
     template: str = option(gen.run_generate, "template", TEMPLATE_HELP),
     system: Optional[str] = option(gen.run_generate, "system", "System prompt (needs a chat template)."),
-    max_new_tokens: int = option(gen.Sampling, "max_new_tokens", "Most tokens to generate per answer."),
-    temperature: float = option(gen.Sampling, "temperature", "Sampling temperature; 0 is greedy."),
-    top_k: Optional[int] = option(gen.Sampling, "top_k", "Sample among the k most likely tokens (>= 1)."),
-    top_p: float = option(gen.Sampling, "top_p", "Nucleus sampling: keep the smallest set with this mass."),
+    sampling: gen.Sampling = gen.Sampling(),  # the --max_new_tokens... options, made one by sampling_options
     seed: Optional[int] = option(gen.run_generate, "seed", "Random seed for sampling (per adapter)."),
     num_samples: int = option(gen.run_generate, "num_samples", "Answers to generate per prompt."),
     stream: bool = typer.Option(default(gen.run_generate, "stream"), "--stream/--no-stream",
@@ -310,7 +328,6 @@ def generate(
 
     The answer goes to stdout; "Time for inference" and "Memory used" go to stderr.
     """
-    sampling = gen.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     gen.run_generate(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file, lora_paths=lora_path or [],
                      template=template, sampling=sampling, seed=seed, num_samples=num_samples, stream=stream,
                      precision=precision, compile=compile, verify=verify, system=system)
@@ -318,6 +335,7 @@ def generate(
 
 @subcommand("chat", "chat --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path out/lora/a/final "
                     "--lora_path out/lora/b/final")
+@sampling_options
 def chat_command(
     checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
     lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="Adapter directory (ours or PEFT's); "
@@ -325,10 +343,7 @@ def chat_command(
     template: str = option(chat.run_chat, "template", TEMPLATE_HELP.replace("single-turn, as prepare-alpaca writes "
                                                                             "them", "their chat forms")),
     system: Optional[str] = option(chat.run_chat, "system", "System prompt (change it with /system TEXT)."),
-    max_new_tokens: int = option(gen.Sampling, "max_new_tokens", "Most tokens per answer."),
-    temperature: float = option(gen.Sampling, "temperature", "Sampling temperature; 0 is greedy."),
-    top_k: Optional[int] = option(gen.Sampling, "top_k", "Sample among the k most likely tokens (>= 1)."),
-    top_p: float = option(gen.Sampling, "top_p", "Nucleus sampling: keep the smallest set with this mass."),
+    sampling: gen.Sampling = gen.Sampling(),  # the --max_new_tokens... options, made one by sampling_options
     seed: Optional[int] = option(chat.run_chat, "seed", "Random seed for sampling."),
     precision: str = option(chat.run_chat, "precision", "bf16-true, 32-true or auto (the faster on this machine)."),
     verify: bool = verify_option(),
@@ -338,7 +353,6 @@ def chat_command(
     Commands: /reset, /system TEXT, /adapter NAME (an index, the path given, or base), /help, /exit. Answers go to
     stdout; notes (switches, dropped turns, errors in a message) go to stderr.
     """
-    sampling = gen.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     chat.run_chat(checkpoint_dir, lora_paths=lora_path or [], template=template, system=system, sampling=sampling,
                   seed=seed, precision=precision, verify=verify)
 

@@ -18,7 +18,7 @@ from lit_lora.chat_template import (TRAIN_ON, ChatTemplate, EncodedChat, encode_
                                     normalize_conversation)
 from lit_lora.checkpoint import check_checkpoint_dir
 from lit_lora.data.dataset import FORMAT_VERSION
-from lit_lora.data.prepare import Example, clean, length_stats, split_indices, write_prepared
+from lit_lora.data.prepare import Example, clean, length_stats, lengths_line, split_indices, write_prepared
 from lit_lora.data.readers import load_json_records, read_records
 from lit_lora.errors import UserError
 from lit_lora.fileio import check_destination, sha256_file
@@ -154,12 +154,12 @@ def prepare_chat(
 
 def summary(meta: dict[str, Any], destination: Path) -> tuple[list[str], list[str]]:
     """(lines to print, warnings) describing a prepare-chat run."""
-    c, s = meta["counts"], meta["lengths_before_truncation"]
+    c = meta["counts"]
     lines = [
         f"read {c['records']} records ({meta['source']['kind']}) from {meta['source']['path']}: {c['examples']} "
         f"conversations ({c['train']} train, {c['val']} val) written to {destination}",
         f"rendered with {meta['chat_template']['name']}; loss on {meta['train_on']} turns",
-        f"token lengths before truncation: min {s['min']}, median {s['median']}, p95 {s['p95']}, max {s['max']}",
+        lengths_line(meta["lengths_before_truncation"]),
         f"over --max_seq_length {meta['max_seq_length']}: {c['cut_at_turn']} cut after an earlier assistant turn, "
         f"{c['cut_mid_turn']} cut inside their first answer (end marker lost), {c['dropped']} dropped (no answer "
         f"token left)",

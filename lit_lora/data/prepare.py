@@ -287,13 +287,17 @@ def write_prepared(destination: Path, overwrite: bool, inputs: list, examples: l
     return meta
 
 
+def lengths_line(s: dict[str, int]) -> str:
+    return f"token lengths before truncation: min {s['min']}, median {s['median']}, p95 {s['p95']}, max {s['max']}"
+
+
 def summary(meta: dict[str, Any], destination: Path) -> tuple[list[str], list[str]]:
     """(lines to print, warnings) describing a prepare run."""
     c, s = meta["counts"], meta["lengths_before_truncation"]
     lines = [
         f"read {c['records']} records from {meta['source']['path']}: {c['examples']} examples "
         f"({c['train']} train, {c['val']} val) written to {destination}",
-        f"token lengths before truncation: min {s['min']}, median {s['median']}, p95 {s['p95']}, max {s['max']}",
+        lengths_line(s),
         f"truncated to --max_seq_length {meta['max_seq_length']}: {c['truncated']} (response cut, EOS kept), "
         f"{c['prompt_too_long']} dropped (prompt alone too long, EOS lost)",
         f"dropped {c['empty_output']} with an empty output; {c['placeholder_input']} placeholder inputs "
