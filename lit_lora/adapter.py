@@ -40,8 +40,8 @@ def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path
                         dtype: torch.dtype | None = None) -> None:
     """Write lora.safetensors (LoRA tensors only) and adapter_config.yaml into an existing directory.
 
-    `prompt` is the data's format, {"template": name, "chat_template": {"name", "source"} or None}: generation
-    asks the adapter in exactly the format it was trained in.
+    `prompt` is the data's format (PROMPT_KEYS: "template", and for conversations "chat_template" {"name",
+    "source"} and "system"): generation asks the adapter in exactly the format it was trained in.
 
     Callers wrap this in `atomic_dir` together with whatever else belongs in the same directory.
     """

@@ -18,11 +18,10 @@ from typing import Any, TextIO
 import torch
 
 from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
-from lit_lora.checkpoint import load_config, load_info, load_model
-from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, resolve_precision
+from lit_lora.checkpoint import load_config, load_info
 from lit_lora.errors import UserError
-from lit_lora.fast_decode import prepare_for_generation, repack
-from lit_lora.generate import PromptFormat, Sampling, complete, prompt_format
+from lit_lora.fast_decode import repack
+from lit_lora.generate import PromptFormat, Sampling, check_precision, complete, load_for_generation, prompt_format
 from lit_lora.model import LLaMA
 from lit_lora.tokenizer import Tokenizer
 
@@ -57,31 +56,34 @@ class ChatSession:
         self.active = adapter
 
     def find(self, name: str) -> Adapter:
-        for i, adapter in enumerate(self.adapters):
-            if name in (str(i), adapter.name, Path(adapter.name).name) and name:
-                return adapter
-        raise UserError(f"no adapter {name!r}; choose one of: {self.names()}")
+        matches = [a for i, a in enumerate(self.adapters) if name and name in (str(i), a.name, Path(a.name).name)]
+        if len(matches) != 1:
+            raise UserError(f"{'no' if not matches else 'more than one'} adapter {name!r}; choose by number: "
+                            f"{self.names()}")
+        return matches[0]
 
     def names(self) -> str:
         return ", ".join(f"{i} = {a.name}" for i, a in enumerate(self.adapters))
 
     def prompt_ids(self, log: TextIO) -> list[int]:
-        """The conversation rendered for the next answer; the oldest exchanges are dropped until it fits."""
+        """The conversation rendered for the next answer, without its oldest exchanges if that is what fits."""
         room = self.model.config.max_seq_len - self.sampling.max_new_tokens
+        turns = self.history
         while True:
-            system = self.active.format.system if self.system is None else self.system
-            messages = ([{"role": "system", "content": system}] if system else []) + self.history
-            ids = self.tokenizer.encode(self.active.format.render(messages))
+            ids = self.active.format.conversation_ids(self.tokenizer, turns, self.system)
             if len(ids) <= room:
-                return ids
-            if len(self.history) <= 1:
+                break
+            if len(turns) <= 1:
                 raise UserError(f"this message needs {len(ids)} tokens, and the context window has room for {room} "
                                 f"with {self.sampling.max_new_tokens} for the answer; send a shorter one")
+            turns = turns[2:]  # the oldest exchange: a user turn and its answer
+        if len(turns) < len(self.history):
             if not self.overflow_noted:
                 print(f"(the conversation is longer than the context window of {self.model.config.max_seq_len} "
                       f"tokens: dropping the oldest turns to make room)", file=log, flush=True)
                 self.overflow_noted = True
-            del self.history[:2]  # the oldest exchange: a user turn and its answer
+            self.history = turns
+        return ids
 
     def ask(self, text: str, out: TextIO, log: TextIO) -> str:
         self.history.append({"role": "user", "content": text})
@@ -123,8 +125,7 @@ def run_chat(
 ) -> ChatSession:
     """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input."""
     input, out, log = input or sys.stdin, out or sys.stdout, log or sys.stderr
-    if precision not in GENERATE_PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(GENERATE_PRECISIONS)}")
+    check_precision(precision)
     # Everything that can be refused (templates, adapters, the token budget) is checked before the model loads.
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     if sampling.max_new_tokens >= config.max_seq_len:
@@ -134,8 +135,7 @@ def run_chat(
     for path in lora_paths:
         lora_config, state, meta = load_checked_adapter(path, checkpoint_dir, config, verify)
         adapters.append(Adapter(str(path), (lora_config, state), prompt_format(template, meta, tokenizer, True)))
-    dtype = PRECISIONS[resolve_precision(precision, training=False)][0]
-    model = prepare_for_generation(load_model(checkpoint_dir, dtype, verify=verify).eval())
+    model = load_for_generation(checkpoint_dir, precision, verify)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     session = ChatSession(model, tokenizer, adapters, sampling, system=system, generator=generator)
     session.switch(adapters[1] if len(adapters) > 1 else adapters[0])

@@ -161,7 +161,7 @@ def special_tokens(tokenizer: Any) -> dict[str, str | None]:
     legacy = Path(tokenizer.path).parent / "special_tokens_map.json"
     try:
         legacy_map = json.loads(legacy.read_text(encoding="utf-8")) if legacy.is_file() else {}
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{legacy} is not valid JSON: {e}") from None
     return {key: token_content(tokenizer.config.get(key)) or token_content(legacy_map.get(key))
             for key in SPECIAL_TOKEN_KEYS}
@@ -204,6 +204,7 @@ class ChatTemplate:
     @classmethod
     def load(cls, name: str, tokenizer: Any) -> ChatTemplate:
         """`auto`: the checkpoint's own template; a built-in (BUILTIN_TEMPLATES); or a path to a .jinja file."""
+        require_huggingface(tokenizer)
         if name == "auto":
             return cls.from_tokenizer(tokenizer)
         if name in BUILTIN_TEMPLATES:
@@ -306,6 +307,7 @@ class EncodedChat(NamedTuple):
 def _special_texts(tokenizer: Any) -> list[str]:
     """Strings that can be an end-of-turn marker: the tokenizer's added tokens (not bare whitespace, which some
     vocabularies add as tokens) and the EOS text. Longest first, so the longest match wins."""
+    require_huggingface(tokenizer)
     texts = {t.content for t in tokenizer.processor.get_added_tokens_decoder().values() if t.content.strip()}
     eos = token_content(tokenizer.config.get("eos_token"))
     if eos:
@@ -378,12 +380,16 @@ def _place_contents(text: str, literals: list[str], contents: list[str]) -> list
     return spans
 
 
-def _offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def require_huggingface(tokenizer: Any) -> None:
     if tokenizer.backend != "huggingface":
         # SentencePiece alone neither matches special-token strings in text (as transformers does first) nor
         # reports offsets, so rendering through it would not be token-for-token the model's own format.
         raise UserError(f"chat templates need a tokenizer.json next to {tokenizer.path}; create it with "
                         "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+
+
+def _offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    require_huggingface(tokenizer)
     encoding = tokenizer.processor.encode(text, add_special_tokens=False)
     return encoding.ids, encoding.offsets
 
@@ -393,15 +399,21 @@ def encode_conversation(tokenizer: Any, template: ChatTemplate, messages: list[d
     """Token ids of the rendered conversation and which of them are loss targets.
 
     train_on: "assistant" = every assistant turn's content and end marker; "last" = the final assistant turn only;
-    "all" = every token (end_markers is then empty). No BOS is added: the template writes it, as transformers
+    "all" = every token (end_markers is then empty, and prompt_length 0 where the turns cannot be located). No
+    BOS is added: the template writes it, as transformers
     assumes (so never two BOS, and none when the template writes none, exactly as apply_chat_template)."""
     if train_on not in TRAIN_ON:
         raise UserError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
     if not any(m.get("role") == "assistant" for m in messages):
         raise UserError("the conversation has no assistant turn, so there is nothing to train on")
-    if train_on == "all":  # no spans needed, so this also serves templates whose turns cannot be located
-        ids, _ = _offsets(tokenizer, template.render(messages))
-        return EncodedChat(ids, [True] * len(ids), ())
+    if train_on == "all":  # spans only for the prompt length, so this also serves templates whose turns hide
+        text = template.render(messages)
+        try:
+            _, spans, _ = assistant_spans(template, messages, _special_texts(tokenizer))
+        except UserError:
+            spans = []
+        ids, offsets = _offsets(tokenizer, text)
+        return EncodedChat(ids, [True] * len(ids), (), _first_token_at(offsets, spans[-1][0]) if spans else 0)
     text, spans, markers = assistant_spans(template, messages, _special_texts(tokenizer))
     ids, offsets = _offsets(tokenizer, text)
     if train_on == "last":
@@ -410,7 +422,9 @@ def encode_conversation(tokenizer: Any, template: ChatTemplate, messages: list[d
     # merged with the template's space before it) must be learnt, or the turn's first word never would be.
     targets = [any(start < span_end and end > span_start for span_start, span_end in spans)
                for start, end in offsets]
-    last_start = spans[-1][0]
-    prompt_length = next((i for i, (start, end) in enumerate(offsets) if end > last_start or start >= last_start),
-                         len(ids) - 1)
-    return EncodedChat(ids, targets, markers, prompt_length)
+    return EncodedChat(ids, targets, markers, _first_token_at(offsets, spans[-1][0]))
+
+
+def _first_token_at(offsets: list[tuple[int, int]], char: int) -> int:
+    """The first token that covers or follows character `char` (the last one if none does)."""
+    return next((i for i, (start, end) in enumerate(offsets) if end > char or start >= char), len(offsets) - 1)

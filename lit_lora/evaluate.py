@@ -30,11 +30,10 @@ from lit_lora.checkpoint import load_config, load_info, load_model
 from lit_lora.data.dataset import PreparedDataset, check_tokenizer
 from lit_lora.data.readers import load_json_records
 from lit_lora.chat_template import ChatTemplate
-from lit_lora.data.templates import Template
 from lit_lora.device import PRECISIONS, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
-from lit_lora.generate import Sampling, complete, prompt_format
+from lit_lora.generate import PromptFormat, Sampling, complete, prompt_format
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
 from lit_lora.tokenizer import Tokenizer
@@ -68,7 +67,7 @@ def normalize(text: str) -> str:
 # ---------------------------------------------------------------------------------------------- data
 @contextlib.contextmanager
 def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer,
-              template: Template | ChatTemplate) -> Iterator[PreparedDataset]:
+              chosen: PromptFormat) -> Iterator[PreparedDataset]:
     """The examples to score: a prepared split, or a raw file prepared into a temporary directory."""
     from lit_lora.data.conversations import is_conversation, prepare_chat  # these pull in the readers' download code: only when needed
     from lit_lora.data.prepare import prepare
@@ -82,16 +81,17 @@ def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer
     if not data.is_file():
         raise UserError(f"--data {data} does not exist; pass a prepared directory or a JSON/JSONL file")
     records = [record for _, record in load_json_records(data)]
-    chat = isinstance(template, ChatTemplate)  # the last assistant turn of each conversation is the reference
+    chat = isinstance(chosen.template, ChatTemplate)  # the last assistant turn of each conversation is the reference
     if not any(is_conversation(r) or isinstance(r, dict) and any(r.get(k) for k in _OUTPUT_FIELDS) for r in records):
         raise UserError(f"{data} has no reference outputs (no {' or '.join(_OUTPUT_FIELDS)} field); "
                         f"evaluate needs the expected answers")
     with tempfile.TemporaryDirectory() as tmp:
         options = dict(val_size=0, max_seq_length=load_config(checkpoint_dir).max_seq_len)
         if chat:
-            prepare_chat(checkpoint_dir, data, Path(tmp) / "data", template=template, **options)
+            prepare_chat(checkpoint_dir, data, Path(tmp) / "data", template=chosen.template, system=chosen.system,
+                         **options)
         else:
-            prepare(checkpoint_dir, Path(tmp) / "data", data_file=data, template=template.name, **options)
+            prepare(checkpoint_dir, Path(tmp) / "data", data_file=data, template=chosen.template.name, **options)
         yield PreparedDataset(Path(tmp) / "data", "train")  # every record of the file, in its order
 
 
@@ -129,13 +129,17 @@ def evaluate(
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify=verify)) for p in lora_paths]
     recorded = next((meta for *_, meta in adapters if any(recorded_prompt(meta).values())), load_info(checkpoint_dir))
-    chosen = prompt_format(template, recorded, tokenizer).template
+    chosen = prompt_format(template, recorded, tokenizer)
 
     with open_data(data, split, checkpoint_dir, tokenizer, chosen) as dataset:
         n = len(dataset) if limit is None else min(limit, len(dataset))
         if n == 0:
             raise UserError(f"the {split} split of {data} is empty; choose another --split or prepare the data "
                             f"with a validation split (--val_size)")
+        if metric != "loss" and not dataset.prompt_lengths[:n].all():
+            raise UserError(f"{data} holds conversations whose answers cannot be located (prepared with --train_on all "
+                            f"and a template that hides its turns), so there is nothing to generate from; use "
+                            f"--metric loss")
         earlier = read_baseline(baseline, data, split, n, metric) if baseline else None
         precision = resolve_precision(precision)
         model = load_model(checkpoint_dir, PRECISIONS[precision][0], verify=verify).eval()

@@ -39,7 +39,7 @@ from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
 from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_write_bytes, write_json, write_yaml
-from lit_lora.generate import Sampling, complete, prompt_format, user_turns
+from lit_lora.generate import Sampling, complete, prompt_format
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
 from lit_lora.model import LLaMA, Block
@@ -135,7 +135,7 @@ def sample_answer(model: LLaMA, tokenizer: Tokenizer, prompt_meta: dict[str, Any
     chosen = prompt_format("auto", prompt_meta, tokenizer)
     model.eval()
     try:
-        texts, *_ = complete(model, tokenizer, [tokenizer.encode(chosen.render(user_turns(prompt, system=chosen.system)))],
+        texts, *_ = complete(model, tokenizer, [chosen.question_ids(tokenizer, prompt)],
                             chosen.stop_strings, Sampling(max_new_tokens=max_new_tokens, temperature=0))
     finally:
         model.train()

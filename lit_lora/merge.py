@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from lit_lora.adapter import load_checked_adapter, lora_pairs, recorded_prompt
 from lit_lora.checkpoint import CHAT_TEMPLATE_FILE, ShardWriter, finish_checkpoint, iter_weights, load_config
 from lit_lora.device import parse_dtype

@@ -19,7 +19,7 @@ from lit_lora.chat_template import ChatTemplate
 from lit_lora.checkpoint import CHAT_TEMPLATE_FILE, load_info, load_model
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation
-from lit_lora.generate import Sampling, complete, prompt_format, run_generate, user_turns
+from lit_lora.generate import Sampling, complete, prompt_format, run_generate
 from lit_lora.merge import merge_checkpoint
 from lit_lora.tokenizer import Tokenizer
 
@@ -60,10 +60,12 @@ def test_generate_asks_in_the_recorded_chat_template(tiny_checkpoint, adapters):
     expected = ChatTemplate(CHAT_SOURCE).render([{"role": "system", "content": "Be brief."},
                                                  {"role": "user", "content": "hello\n\nworld"}],
                                                 add_generation_prompt=True)
-    assert chosen.render(user_turns("hello", "world", system="Be brief.")) == expected
+    assert chosen.question_ids(tokenizer, "hello", "world", system="Be brief.") == tokenizer.encode(expected, bos=False)
     assert chosen.stop_strings == ("<|im_end|>",)
-    with pytest.raises(UserError, match="takes one instruction"):  # an instruction template has no system turn
-        prompt_format("alpaca", {}, tokenizer).render(user_turns("hello", system="Be brief."))
+    alpaca = prompt_format("alpaca", {}, tokenizer)  # an instruction template keeps its own form for an input
+    assert alpaca.question_ids(tokenizer, "hello", "world") == tokenizer.encode(alpaca.template.prompt("hello", "world"))
+    with pytest.raises(UserError, match="takes one instruction"):  # and has no system turn
+        alpaca.question_ids(tokenizer, "hello", system="Be brief.")
 
 
 def test_merged_checkpoint_keeps_the_chat_template(tiny_checkpoint, adapters, tmp_path):
@@ -113,7 +115,7 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_checkpoint, a
     assert "error" not in log and session.history[-1]["role"] == "assistant"  # the last message was answered too
     contents = [m["content"] for m in session.history[::2]]
     assert contents[-1] == f"{message} 5" and contents[0] != f"{message} 0"  # newest kept, oldest gone
-    prompt = session.tokenizer.encode(session.active.format.render(session.history[:-1]))
+    prompt = session.active.format.conversation_ids(session.tokenizer, session.history[:-1])
     assert len(prompt) <= session.model.config.max_seq_len  # every turn was answered inside the window
 
 
@@ -124,7 +126,7 @@ def test_chat_command_reads_a_pipe(tiny_checkpoint, adapters):
                             input="hello\n/adapter nope\n/adapter 0\nhello\n/exit\n", capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "error: no adapter 'nope'; choose one of: 0 = base" in result.stderr
+    assert "error: no adapter 'nope'; choose by number: 0 = base" in result.stderr
     assert "now answering with base" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -182,3 +184,47 @@ def test_evaluate_scores_conversations_in_the_adapters_template(tiny_checkpoint,
     assert all(p.startswith("<|im_start|>system\nYou are helpful.") for p in prompts[1:])  # the template's default
     assert all(p.endswith("<|im_end|>\n<|im_start|>assistant\n") for p in prompts)
     assert all(0 <= m["stopped"] <= 1 for m in result["models"]) and "stopped" in format_table(result)
+
+
+def test_a_template_that_writes_bos_gets_one_bos(tiny_checkpoint, tmp_path):
+    """The tokenizer adds BOS to plain text, but a chat template writes its own: generation must not add a second."""
+    import shutil
+
+    from lit_lora.chat_template import encode_conversation
+
+    directory = tmp_path / "bos"
+    shutil.copytree(tiny_checkpoint, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.update(add_bos_token=True, bos_token="<|endoftext|>", chat_template="{{ bos_token }}" + CHAT_SOURCE)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer(directory)
+    question = prompt_format("auto", {}, tokenizer).question_ids(tokenizer, "hello")
+    training = encode_conversation(tokenizer, ChatTemplate.from_tokenizer(tokenizer),
+                                   [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]).ids
+    assert question.count(tokenizer.bos_id) == 1 and training[: len(question)] == question
+
+
+def test_a_sentencepiece_checkpoint_is_asked_plainly_or_told_clearly(tiny_checkpoint):
+    """Without tokenizer.json a chat template cannot be tokenised as the model's own: auto falls back to plain."""
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(backend="sentencepiece", chat_template=CHAT_SOURCE, config={},
+                                path=tiny_checkpoint / "tokenizer.model")
+    assert prompt_format("auto", {}, tokenizer).template.name == "plain"
+    with pytest.raises(UserError, match="need a tokenizer.json"):
+        prompt_format("chatml", {}, tokenizer, multi_turn=True)
+
+
+def test_a_message_too_long_leaves_the_conversation_as_it_was(tiny_checkpoint, adapters):
+    session, _, log = chat(tiny_checkpoint, adapters[:1], ["hello", "hello world " * 200, "/exit"])
+    assert "error: this message needs" in log and "dropping the oldest turns" not in log
+    assert [m["content"] for m in session.history[::2]] == ["hello"]
+
+
+def test_an_ambiguous_adapter_name_is_refused(tiny_checkpoint, adapters, tmp_path):
+    import shutil
+
+    twin = tmp_path / "other" / adapters[0].name
+    shutil.copytree(adapters[0], twin)
+    session, _, log = chat(tiny_checkpoint, [adapters[0], twin], [f"/adapter {twin.name}", "/adapter 2", "/exit"])
+    assert f"more than one adapter '{twin.name}'; choose by number" in log and session.active.name == str(twin)

@@ -141,6 +141,7 @@ BAD_INPUT = {  # name: (records or None, extra args, words of the error)
     "unknown_template": (None, ["--template", "vicuna"], ["unknown chat template 'vicuna'", "auto"]),
     "builtin_needs_tokens": (None, ["--template", "llama3"], ["llama3 template needs", "<|eot_id|>"]),
     "bad_train_on": (None, ["--train_on", "user"], ["unknown --train_on 'user'", "assistant, last, all"]),
+    "val_options": (None, ["--val_fraction", "1.5"], ["--val_fraction 1.5 must be at least 0 and below 1"]),
 }
 
 
@@ -164,3 +165,27 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, cap
     for word in words:
         assert word in err
     assert not (tmp_path / "out").exists()
+
+
+def test_last_keeps_the_final_answer_when_cutting(tiny_checkpoint, tmp_path):
+    """With train_on=last the target is the final answer, so a long conversation loses its first exchanges instead."""
+    tokenizer = Tokenizer(tiny_checkpoint)
+    longest = conversations()[2]  # three exchanges
+    two = len(tokenizer.encode(tokenizer_template_text(tokenizer, longest[2:])))
+    meta = prepare_chat(tiny_checkpoint, CHATS, tmp_path / "out", val_size=0, train_on="last", max_seq_length=two)
+    assert meta["counts"]["cut_at_turn"] >= 1
+    answers = sorted(tokenizer.decode(span, skip_special=False) for ex in all_examples(tmp_path / "out")
+                     for span in target_spans(ex))
+    assert answers == sorted([m for m in conv if m["role"] == "assistant"][-1]["content"] + "<|im_end|>"
+                             for conv in conversations())
+
+
+def test_empty_answers_and_an_empty_system_prompt(tiny_checkpoint, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}
+    data.write_text(json.dumps(empty) + "\n" + CHATS.read_text())
+    meta = prepare_chat(tiny_checkpoint, data, tmp_path / "out", val_size=0, system="")
+    assert meta["counts"]["empty_output"] == 1 and meta["counts"]["examples"] == 8
+    tokenizer = Tokenizer(tiny_checkpoint)
+    texts = [tokenizer.decode(ex["input_ids"], skip_special=False) for ex in all_examples(tmp_path / "out")]
+    assert sum(t.startswith("<|im_start|>system\n<|im_end|>") for t in texts) == 0  # no empty system turn

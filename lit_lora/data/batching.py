@@ -9,7 +9,8 @@ Collation pads on the right to the longest example of the micro-batch, rounded u
 examples end to end in as few rows as fit, with positions restarting per example and a block-diagonal causal
 mask so no example sees another.
 
-Examples are dicts with `input_ids` and `labels` (L,), labels -100 where no loss is taken (the prompt).
+Examples are dicts with `input_ids` and `labels` (L,), labels -100 where no loss is taken (the prompt, the
+turns a conversation does not train on).
 Collation shifts them once: `targets[t]` is the label of token t+1, the token position t must predict.
 
 Why round the length up: every new (batch, length) shape makes oneDNN build and cache new matmul kernels and

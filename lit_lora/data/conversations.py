@@ -18,7 +18,8 @@ from lit_lora.chat_template import (TRAIN_ON, ChatTemplate, EncodedChat, encode_
                                     normalize_conversation)
 from lit_lora.checkpoint import check_checkpoint_dir
 from lit_lora.data.dataset import FORMAT_VERSION
-from lit_lora.data.prepare import Example, clean, length_stats, lengths_line, split_indices, write_prepared
+from lit_lora.data.prepare import (Example, check_split_options, clean, identical_groups, length_stats, lengths_line,
+                                   split_indices, write_prepared)
 from lit_lora.data.readers import load_json_records, read_records
 from lit_lora.errors import UserError
 from lit_lora.fileio import check_destination, sha256_file
@@ -31,7 +32,8 @@ def is_conversation(record: Any) -> bool:
 def read_conversations(path: Path, system: str | None = None) -> tuple[list[list[dict[str, str]]], dict[str, Any]]:
     """The conversations in `path`, and what was read: OpenAI-style {"messages": [...]}, ShareGPT-style
     {"conversations": [...]}, or instruction records (Alpaca, Dolly) as one user and one assistant turn each.
-    `system` becomes the first turn of every conversation that has no system turn."""
+    `system` (if not empty) becomes the first turn of every conversation that has no system turn. Conversations with
+    an empty answer are dropped and counted, as prepare drops records with an empty output."""
     raw = load_json_records(path)
     if not raw:
         raise UserError(f"{path} contains no records")
@@ -44,6 +46,10 @@ def read_conversations(path: Path, system: str | None = None) -> tuple[list[list
             except UserError as e:
                 raise UserError(f"{path}: {where}: {e}") from None
         kind = "sharegpt" if isinstance(raw[0][1], dict) and "conversations" in raw[0][1] else "messages"
+        # An empty answer would teach the model to answer with nothing but the end marker.
+        answered = [c for c in conversations if all(m["content"].strip() for m in c if m["role"] == "assistant")]
+        counts["empty_output"] = len(conversations) - len(answered)
+        conversations = answered
     else:
         records, fields = read_records(path, raw=raw)
         records, cleaned = clean(records)
@@ -51,29 +57,41 @@ def read_conversations(path: Path, system: str | None = None) -> tuple[list[list
         conversations = [[instruction_turns(r.instruction, r.input), {"role": "assistant", "content": r.output}]
                          for r in records]
         kind = "instructions (" + ", ".join(f"{ours}={theirs}" for ours, theirs in fields.items()) + ")"
-    if system is not None:
+    if system:
         conversations = [c if c[0]["role"] == "system" else [{"role": "system", "content": system}, *c]
                          for c in conversations]
     return conversations, {"kind": kind, **counts}
 
 
+def shorter_versions(messages: list[dict[str, str]], train_on: str) -> list[list[dict[str, str]]]:
+    """The conversation cut at turn boundaries, longest first: without its last exchanges, or with train_on="last"
+    (whose target is the final answer) without its first ones, a leading system turn kept."""
+    if train_on == "last":
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        return [head + messages[i:] for i, m in enumerate(messages) if m["role"] == "user" and i > len(head)]
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return [messages[: end + 1] for end in reversed(ends)]
+
+
 def fit(tokenizer: Tokenizer, template: ChatTemplate, messages: list[dict[str, str]], train_on: str,
         max_seq_length: int) -> tuple[EncodedChat | None, str | None, int]:
-    """(the encoded conversation cut to fit, or None when nothing to learn is left; how it was cut; its full length)."""
+    """(the encoded conversation cut to fit, or None when nothing to learn is left; how it was cut; its full length).
+
+    Cut at a turn boundary where one fits; else the shortest version's tokens are cut, which counts as mid-turn
+    only if that loses targets (an answer's end), not just the template's text after the last one."""
     full = encode_conversation(tokenizer, template, messages, train_on)
     if len(full.ids) <= max_seq_length:
         return full, None, len(full.ids)
-    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for end in reversed(ends[:-1]):
-        shorter = encode_conversation(tokenizer, template, messages[: end + 1], train_on)
-        if len(shorter.ids) <= max_seq_length:
-            return shorter, "cut_at_turn", len(full.ids)
-    first = encode_conversation(tokenizer, template, messages[: ends[0] + 1], train_on) if len(ends) > 1 else full
-    if first.prompt_length >= max_seq_length or not any(first.targets[:max_seq_length]):
+    shortest = full
+    for version in shorter_versions(messages, train_on):
+        shortest = encode_conversation(tokenizer, template, version, train_on)
+        if len(shortest.ids) <= max_seq_length:
+            return shortest, "cut_at_turn", len(full.ids)
+    if shortest.prompt_length >= max_seq_length or not any(shortest.targets[:max_seq_length]):
         return None, "dropped", len(full.ids)
-    cut = EncodedChat(first.ids[:max_seq_length], first.targets[:max_seq_length], first.end_markers,
-                      first.prompt_length)
-    return cut, "cut_mid_turn", len(full.ids)
+    cut = EncodedChat(shortest.ids[:max_seq_length], shortest.targets[:max_seq_length], shortest.end_markers,
+                      shortest.prompt_length)
+    return cut, "cut_mid_turn" if any(shortest.targets[max_seq_length:]) else "cut_at_turn", len(full.ids)
 
 
 def encode_all(tokenizer: Tokenizer, template: ChatTemplate, conversations: list[list[dict[str, str]]],
@@ -124,6 +142,7 @@ def prepare_chat(
         raise UserError(f"unknown --train_on {train_on!r}; use one of {', '.join(TRAIN_ON)}")
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length must be at least 2, got {max_seq_length}")
+    check_split_options(val_size, val_fraction)
     tokenizer = Tokenizer(check_checkpoint_dir(checkpoint_dir))
     chat_template = template if isinstance(template, ChatTemplate) else ChatTemplate.load(template, tokenizer)
     conversations, read = read_conversations(data_file, system)
@@ -132,8 +151,7 @@ def prepare_chat(
     if not examples:
         raise UserError(f"--max_seq_length {max_seq_length} is too small for any conversation of {data_file}: "
                         f"the shortest is {min(full_lengths)} tokens")
-    first: dict[str, int] = {}
-    groups = [first.setdefault(json.dumps(conversations[i], sort_keys=True), i) for i in kept]
+    groups, duplicates = identical_groups([json.dumps(conversations[i], sort_keys=True) for i in kept])
     splits = split_indices(len(examples), val_size, val_fraction, seed, groups)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -145,7 +163,7 @@ def prepare_chat(
         "max_seq_length": max_seq_length,
         "seed": seed,
         "source": {"path": data_name or str(data_file), "sha256": sha256_file(data_file), "kind": read.pop("kind")},
-        "counts": {**read, "duplicates": len(kept) - len(first), **cut, "examples": len(examples),
+        "counts": {**read, "duplicates": duplicates, **cut, "examples": len(examples),
                    "train": len(splits["train"]), "val": len(splits["val"])},
         "lengths_before_truncation": length_stats(full_lengths),
     }
@@ -164,9 +182,9 @@ def summary(meta: dict[str, Any], destination: Path) -> tuple[list[str], list[st
         f"{c['cut_mid_turn']} cut inside their first answer (end marker lost), {c['dropped']} dropped (no answer "
         f"token left)",
     ]
-    if "empty_output" in c:
-        lines.append(f"dropped {c['empty_output']} with an empty output; {c['placeholder_input']} placeholder inputs "
-                     f"(like <noinput>) treated as no input")
+    lines.append(f"dropped {c['empty_output']} with an empty answer" + (
+        f"; {c['placeholder_input']} placeholder inputs (like <noinput>) treated as no input"
+        if "placeholder_input" in c else ""))
     warnings = []
     if c["duplicates"]:
         warnings.append(f"{c['duplicates']} conversations repeat an earlier one; they are kept, and all copies are in "

@@ -52,7 +52,7 @@ class PreparedDataset(torch.utils.data.Dataset):
         path = split_path(self.directory, split)
         if not (self.directory / META).is_file() or not path.is_file():
             raise UserError(f"{self.directory} holds no prepared {split} data; run `prepare-alpaca` "
-                            f"(or prepare-dolly / prepare-json) with --destination {self.directory}")
+                            f"(or prepare-dolly, prepare-json, prepare-chat) with --destination {self.directory}")
         self.meta: dict[str, Any] = self._read_meta()
         self._open()
 

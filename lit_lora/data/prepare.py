@@ -111,6 +111,16 @@ def build_examples(
     return examples, full_lengths, {"truncated": truncated, "prompt_too_long": dropped}, kept
 
 
+def check_split_options(val_size: int | None, val_fraction: float | None) -> None:
+    """What can be refused before the work; whether val_size leaves training examples is known only after it."""
+    if val_size is not None and val_fraction is not None:
+        raise UserError("pass either --val_size or --val_fraction, not both")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise UserError(f"--val_fraction {val_fraction} must be at least 0 and below 1")
+    if val_size is not None and val_size < 0:
+        raise UserError(f"--val_size {val_size} must be 0 or more")
+
+
 def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed: int,
                   groups: list[int] | None = None) -> dict[str, np.ndarray]:
     """Random train/val split fixed by `seed`; each split keeps the file's order.
@@ -119,16 +129,11 @@ def split_indices(n: int, val_size: int | None, val_fraction: float | None, seed
     shuffled and go to val while they fit in val_size (which may then hold a few fewer examples). Without
     repeated groups this is the plain shuffle of the examples, so data without duplicates splits as it always did.
     """
-    if val_size is not None and val_fraction is not None:
-        raise UserError("pass either --val_size or --val_fraction, not both")
+    check_split_options(val_size, val_fraction)
     if val_fraction is not None:
-        if not 0 <= val_fraction < 1:
-            raise UserError(f"--val_fraction {val_fraction} must be at least 0 and below 1")
         val_size = round(n * val_fraction)
     elif val_size is None:
         val_size = DEFAULT_VAL_SIZE
-    if val_size < 0:
-        raise UserError(f"--val_size {val_size} must be 0 or more")
     if val_size >= n:
         raise UserError(f"--val_size {val_size} leaves no training examples out of {n}; "
                         f"pass a smaller --val_size or a --val_fraction")
@@ -186,12 +191,11 @@ def clean(records: list[Record]) -> tuple[list[Record], dict[str, int]]:
     return kept, {"empty_output": empty, "placeholder_input": placeholders}
 
 
-def identical_groups(records: list[Record]) -> tuple[list[int], int]:
-    """(for each record the index of the first record identical to it, how many records repeat an earlier one).
-    Identical: the same instruction, input and output after `clean`."""
-    first: dict[tuple[str, str, str], int] = {}
-    groups = [first.setdefault((r.instruction, r.input, r.output), i) for i, r in enumerate(records)]
-    return groups, len(records) - len(first)
+def identical_groups(keys: list[Any]) -> tuple[list[int], int]:
+    """(for each item the index of the first item with the same key, how many items repeat an earlier one)."""
+    first: dict[Any, int] = {}
+    groups = [first.setdefault(key, i) for i, key in enumerate(keys)]
+    return groups, len(keys) - len(first)
 
 
 def prepare(
@@ -226,6 +230,7 @@ def prepare(
         raise UserError("pass either --data_file or --url, not both")
     if val_file is not None and (val_size is not None or val_fraction is not None):
         raise UserError("pass either --val_file or --val_size/--val_fraction, not both")
+    check_split_options(val_size, val_fraction)
     with local_copy(data_file, url or DEFAULT_URLS.get(format)) as (path, source_name):
         records, fields = read_records(path, format, field_map)
         source_name = data_name or source_name
@@ -253,7 +258,8 @@ def prepare(
         shortest = min(len(bos) + len(p) for p in prompts)
         raise UserError(f"--max_seq_length {max_seq_length} is too small for any prompt: the shortest prompt "
                         f"is {shortest} tokens, and a response needs at least 2 more")
-    groups, duplicates = identical_groups(records)
+    # Identical: the same instruction, input and output after `clean`.
+    groups, duplicates = identical_groups([(r.instruction, r.input, r.output) for r in records])
     if val_file is None:
         splits = split_indices(len(examples), val_size, val_fraction, seed, [groups[i] for i in kept])
     else:  # the file's own split, in file order
