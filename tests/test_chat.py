@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from adapter_helpers import make_adapter
@@ -22,20 +21,13 @@ from lit_lora.fast_decode import prepare_for_generation
 from lit_lora.generate import Sampling, complete, prompt_format, run_generate
 from lit_lora.merge import merge_checkpoint
 from lit_lora.tokenizer import Tokenizer
+from test_finetune import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
 
 # ChatML with a generation prompt and a default system prompt, as SmolLM2's (the tiny checkpoint's own has neither).
 CHAT_SOURCE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 GREEDY = Sampling(max_new_tokens=8, temperature=0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
