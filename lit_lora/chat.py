@@ -21,7 +21,8 @@ from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weight
 from lit_lora.checkpoint import load_config, load_info
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import repack
-from lit_lora.generate import PromptFormat, Sampling, check_precision, complete, load_for_generation, prompt_format
+from lit_lora.generate import (PromptFormat, Sampling, check_precision, check_text, complete, load_for_generation,
+                               prompt_format)
 from lit_lora.model import LLaMA
 from lit_lora.tokenizer import Tokenizer
 
@@ -56,7 +57,11 @@ class ChatSession:
         self.active = adapter
 
     def find(self, name: str) -> Adapter:
-        matches = [a for i, a in enumerate(self.adapters) if name and name in (str(i), a.name, Path(a.name).name)]
+        def named(i: int, adapter: Adapter) -> bool:
+            given = Path(adapter.name)
+            return name in (str(i), adapter.name, given.name) or Path(name).resolve() == given.resolve()
+
+        matches = [a for i, a in enumerate(self.adapters) if name and named(i, a)]
         if len(matches) != 1:
             raise UserError(f"{'no' if not matches else 'more than one'} adapter {name!r}; choose by number: "
                             f"{self.names()}")
@@ -86,7 +91,7 @@ class ChatSession:
         return ids
 
     def ask(self, text: str, out: TextIO, log: TextIO) -> str:
-        self.history.append({"role": "user", "content": text})
+        self.history.append({"role": "user", "content": check_text(text, "this message")})
         try:
             ids = self.prompt_ids(log)
         except UserError:  # the template refused it, or it is too long: the conversation stays as it was
@@ -114,7 +119,8 @@ class ChatSession:
             self.switch(self.find(arg))
             print(f"(now answering with {self.active.name})", file=log, flush=True)
         else:
-            print(HELP.format(names=self.names()), file=log, flush=True)
+            unknown = f"unknown command /{name}; " if name != "help" else ""
+            print(unknown + HELP.format(names=self.names()), file=log, flush=True)
         return True
 
 

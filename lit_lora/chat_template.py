@@ -19,7 +19,7 @@ import json
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import jinja2
 import jinja2.ext
@@ -36,6 +36,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 # The named special tokens transformers passes to every template (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TRAIN_ON = ("assistant", "last", "all")
+MAX_RENDER_CHARS = 10_000_000
 
 # Templates for checkpoints that carry none (base models), written as transformers-style Jinja so they take the same
 # path as a checkpoint's own: (source, special tokens the tokenizer must have as single tokens).
@@ -167,6 +168,18 @@ def special_tokens(tokenizer: Any) -> dict[str, str | None]:
             for key in SPECIAL_TOKEN_KEYS}
 
 
+def _bounded(pieces: Any, name: str) -> Iterator[str]:
+    """The rendering's pieces, stopped once they pass MAX_RENDER_CHARS: an untrusted template may loop for ever
+    (nested loops each within the sandbox's range limit), and one that writes this much is not a chat format."""
+    size = 0
+    for piece in pieces:
+        size += len(piece)
+        if size > MAX_RENDER_CHARS:
+            raise UserError(f"{name} wrote more than {MAX_RENDER_CHARS:,} characters for one conversation and was "
+                            "stopped; check the template for runaway loops")
+        yield piece
+
+
 class ChatTemplate:
     """A compiled chat template plus the special tokens it may use, rendering as transformers does."""
 
@@ -249,9 +262,12 @@ class ChatTemplate:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {**self.special_tokens, **_plain(extra)}
         try:
-            return self._template.render(messages=messages, tools=variables.pop("tools", None),
-                                         documents=variables.pop("documents", None),
-                                         add_generation_prompt=add_generation_prompt, **variables)
+            pieces = self._template.generate(messages=messages, tools=variables.pop("tools", None),
+                                             documents=variables.pop("documents", None),
+                                             add_generation_prompt=add_generation_prompt, **variables)
+            return "".join(_bounded(pieces, self.name))
+        except UserError:
+            raise
         except TemplateRaised as e:
             raise UserError(f"{self.name} refused the conversation: {e.message}") from None
         except jinja2.exceptions.SecurityError as e:
@@ -281,6 +297,9 @@ def normalize_conversation(record: Any) -> list[dict[str, str]]:
             given = turn.get("from") if sharegpt else turn.get("role")
             raise UserError(f"turn {i} has role {given!r}; expected one of system, user, assistant "
                             "(ShareGPT: system, human, gpt)")
+        if isinstance(content, list):
+            raise UserError(f"turn {i} ({role}) has a list of content parts; lit-lora trains on text: give the "
+                            "content as one string")
         if not isinstance(content, str):
             raise UserError(f"turn {i} ({role}) has no text content")
         messages.append({"role": role, "content": content})
@@ -340,7 +359,7 @@ def assistant_spans(template: ChatTemplate, messages: list[dict[str, Any]], mark
         if rest.count(sentinel) != 1:
             raise UserError(f"{template.name}: assistant turn {i} appears {rest.count(sentinel)} times in the "
                             "rendering instead of once, so its loss mask cannot be located; "
-                            "use --template or train_on=all")
+                            "use another --template or --train_on all")
         before, rest = rest.split(sentinel)
         literals.append(before)
     literals.append(rest)
@@ -351,7 +370,7 @@ def assistant_spans(template: ChatTemplate, messages: list[dict[str, Any]], mark
     placed = _place_contents(text, literals, contents)
     if placed is None:
         raise UserError(f"{template.name} changes assistant contents in a way lit-lora cannot map back to the "
-                        "rendering, so the loss mask cannot be verified; use --template or train_on=all")
+                        "rendering, so the loss mask cannot be verified; use another --template or --train_on all")
     spans, found_markers = [], []
     for start, end in placed:
         marker = next((s for s in markers if text.startswith(s, end)), None)

@@ -216,6 +216,9 @@ prepare_command("prepare-json", "Tokenise your own JSON list or JSONL of instruc
 ))
 
 
+pc = conversations.prepare_chat  # whose defaults prepare-chat's options show
+
+
 @subcommand("prepare-chat", "prepare-chat --checkpoint_dir checkpoints/smollm2-135m-instruct --data_file chats.jsonl "
                             "--destination data/chats")
 def prepare_chat(
@@ -225,19 +228,18 @@ def prepare_chat(
                                    '"content"}]}, ShareGPT {"conversations": [{"from", "value"}]}, or instruction '
                                    'records (Alpaca, Dolly: one user and one assistant turn each).'),
     destination: Path = typer.Option(Path("data/chat"), "--destination", help="Directory to write."),
-    template: str = option(conversations.prepare_chat, "template", "auto (the checkpoint's own chat template), chatml, llama3, "
-                                                          "alpaca, plain, or a .jinja file."),
-    train_on: str = option(conversations.prepare_chat, "train_on", "Loss on: assistant (every assistant turn and its end "
-                                                          "marker), last (the final assistant turn), all."),
-    system: Optional[str] = option(conversations.prepare_chat, "system", "System prompt for conversations that have none."),
-    max_seq_length: int = option(conversations.prepare_chat, "max_seq_length", "Longest conversation in tokens; longer ones "
-                                                                      "are cut after an earlier assistant turn."),
-    val_size: Optional[int] = option(conversations.prepare_chat, "val_size", f"Conversations held out for validation; "
-                                                                    f"default {prepare.DEFAULT_VAL_SIZE}."),
-    val_fraction: Optional[float] = option(conversations.prepare_chat, "val_fraction", "Fraction held out (instead of "
-                                                                              "--val_size)."),
-    seed: int = option(conversations.prepare_chat, "seed", "Seed of the train/val split."),
-    overwrite: bool = overwrite_option(conversations.prepare_chat, "--destination"),
+    template: str = option(pc, "template", "auto (the checkpoint's own chat template), chatml, llama3, alpaca, "
+                                           "plain, or a .jinja file."),
+    train_on: str = option(pc, "train_on", "Loss on: assistant (every assistant turn and its end marker), last (the "
+                                           "final assistant turn), all."),
+    system: Optional[str] = option(pc, "system", "System prompt for conversations that have none."),
+    max_seq_length: int = option(pc, "max_seq_length", "Longest conversation in tokens; longer ones lose whole "
+                                                        "exchanges (with --train_on last, the first ones)."),
+    val_size: Optional[int] = option(pc, "val_size", f"Conversations held out for validation; default "
+                                                     f"{prepare.DEFAULT_VAL_SIZE}."),
+    val_fraction: Optional[float] = option(pc, "val_fraction", "Fraction held out (instead of --val_size)."),
+    seed: int = option(pc, "seed", "Seed of the train/val split."),
+    overwrite: bool = overwrite_option(pc, "--destination"),
 ) -> None:
     """Render conversations with the model's chat template and mask the loss per token."""
     meta = conversations.prepare_chat(checkpoint_dir, data_file, destination, template=template, train_on=train_on,

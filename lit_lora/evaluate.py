@@ -69,7 +69,8 @@ def normalize(text: str) -> str:
 def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer,
               chosen: PromptFormat) -> Iterator[PreparedDataset]:
     """The examples to score: a prepared split, or a raw file prepared into a temporary directory."""
-    from lit_lora.data.conversations import is_conversation, prepare_chat  # these pull in the readers' download code: only when needed
+    # These pull in the readers' download code: only when needed.
+    from lit_lora.data.conversations import is_conversation, prepare_chat
     from lit_lora.data.prepare import prepare
 
     data = Path(data)

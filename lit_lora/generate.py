@@ -267,14 +267,28 @@ def load_for_generation(checkpoint_dir: Path, precision: str, verify: bool, pack
     return prepare_for_generation(load_model(checkpoint_dir, dtype, verify=verify).eval(), pack=pack)
 
 
+def check_text(text: str, what: str) -> str:
+    """Refuse text that cannot be tokenised: bytes that are not UTF-8 arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} is not valid UTF-8 text; pass it as UTF-8") from None
+    return text
+
+
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     if (prompt is None) == (prompts_file is None):
         raise UserError("give exactly one of --prompt and --prompts_file")
     if prompts_file is None:
-        return [prompt]
-    if not Path(prompts_file).is_file():
-        raise UserError(f"prompts file {prompts_file} does not exist")
-    prompts = [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [check_text(prompt, "--prompt")]
+    if Path(prompts_file).is_dir() or not Path(prompts_file).exists():
+        problem = "is a directory" if Path(prompts_file).is_dir() else "does not exist"
+        raise UserError(f"prompts file {prompts_file} {problem}; pass a text file with one prompt per line")
+    try:
+        text = Path(prompts_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{prompts_file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"{prompts_file} holds no prompts (one prompt per line)")
     return prompts
@@ -296,6 +310,8 @@ def run_generate(
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)
+    check_text(input, "--input")
+    check_text(system or "", "--system")
     # Everything that can be refused (adapters, templates, prompts) is checked before the model loads.
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify)) for p in lora_paths]

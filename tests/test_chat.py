@@ -220,3 +220,17 @@ def test_an_ambiguous_adapter_name_is_refused(tiny_checkpoint, adapters, tmp_pat
     shutil.copytree(adapters[0], twin)
     session, _, log = chat(tiny_checkpoint, [adapters[0], twin], [f"/adapter {twin.name}", "/adapter 2", "/exit"])
     assert f"more than one adapter '{twin.name}'; choose by number" in log and session.active.name == str(twin)
+
+
+def test_text_that_is_not_utf8_is_refused(tiny_checkpoint, adapters, tmp_path):
+    """Bytes that are not UTF-8 reach Python as lone surrogates; they get one line, not a traceback."""
+    with pytest.raises(UserError, match="--prompt is not valid UTF-8"):
+        run_generate(tiny_checkpoint, "h\udcffi", sampling=GREEDY, precision="32-true")
+    (tmp_path / "prompts.txt").write_bytes(b"h\xffi\n")
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        run_generate(tiny_checkpoint, prompts_file=tmp_path / "prompts.txt", sampling=GREEDY, precision="32-true")
+    with pytest.raises(UserError, match="is a directory"):
+        run_generate(tiny_checkpoint, prompts_file=tmp_path, sampling=GREEDY, precision="32-true")
+    session, _, log = chat(tiny_checkpoint, adapters[:1], ["h\udcffi", "/nope", "hello", "/exit"])
+    assert "error: this message is not valid UTF-8" in log and "unknown command /nope" in log
+    assert [m["content"] for m in session.history[::2]] == ["hello"]

@@ -142,6 +142,12 @@ BAD_INPUT = {  # name: (records or None, extra args, words of the error)
     "builtin_needs_tokens": (None, ["--template", "llama3"], ["llama3 template needs", "<|eot_id|>"]),
     "bad_train_on": (None, ["--train_on", "user"], ["unknown --train_on 'user'", "assistant, last, all"]),
     "val_options": (None, ["--val_fraction", "1.5"], ["--val_fraction 1.5 must be at least 0 and below 1"]),
+    "only_empty_answers": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}],
+                           [], ["every record has an empty answer"]),
+    "neither_shape": ([{"foo": 1}], [], ["line 1 is neither a conversation", "nor an instruction record"]),
+    "content_parts": ([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                     {"role": "assistant", "content": "x"}]}], [], ["list of content parts", "one string"]),
+    "runaway_template": (None, ["--template", "RUNAWAY"], ["wrote more than 10,000,000 characters", "runaway loops"]),
 }
 
 
@@ -152,7 +158,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, cap
     data.write_text("".join(json.dumps(r) + "\n" for r in records) if records else CHATS.read_text())
     (tmp_path / "strict.jinja").write_text(STRICT)
     (tmp_path / "broken.jinja").write_text("{{ messages[0].content.nothing() }}")
+    (tmp_path / "runaway.jinja").write_text("{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}"
+                                            "{% endfor %}")
     replace = {"STRICT": str(tmp_path / "strict.jinja"), "BROKEN": str(tmp_path / "broken.jinja"),
+               "RUNAWAY": str(tmp_path / "runaway.jinja"),
                "NOTEMPLATE": str(without_template(tiny_checkpoint, tmp_path / "plain-ckpt")) if case == "no_template"
                else ""}
     args = {"--checkpoint_dir": str(tiny_checkpoint), "--data_file": str(data), "--destination": str(tmp_path / "out")}

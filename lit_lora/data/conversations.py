@@ -50,6 +50,9 @@ def read_conversations(path: Path, system: str | None = None) -> tuple[list[list
         answered = [c for c in conversations if all(m["content"].strip() for m in c if m["role"] == "assistant")]
         counts["empty_output"] = len(conversations) - len(answered)
         conversations = answered
+    elif not (isinstance(raw[0][1], dict) and "instruction" in raw[0][1]):
+        raise UserError(f"{path}: {raw[0][0]} is neither a conversation ({{\"messages\": [...]}} or "
+                        f"{{\"conversations\": [...]}}) nor an instruction record ({{\"instruction\", \"output\"}})")
     else:
         records, fields = read_records(path, raw=raw)
         records, cleaned = clean(records)
@@ -57,6 +60,8 @@ def read_conversations(path: Path, system: str | None = None) -> tuple[list[list
         conversations = [[instruction_turns(r.instruction, r.input), {"role": "assistant", "content": r.output}]
                          for r in records]
         kind = "instructions (" + ", ".join(f"{ours}={theirs}" for ours, theirs in fields.items()) + ")"
+    if not conversations:
+        raise UserError(f"{path}: every record has an empty answer; nothing to train on")
     if system:
         conversations = [c if c[0]["role"] == "system" else [{"role": "system", "content": system}, *c]
                          for c in conversations]

@@ -63,7 +63,7 @@ def load_json_records(path: Path) -> list[tuple[str, Any]]:
         else:
             if not isinstance(data, list):
                 raise UserError(f"{path} holds a JSON {type(data).__name__}, not a list of records "
-                                f"(expected [{{\"instruction\": ..., \"output\": ...}}, ...] or JSONL)")
+                                f"(expected [record, ...], or JSONL: one record per line)")
             return [(f"record {i + 1}", record) for i, record in enumerate(data)]
     records = []
     for n, line in enumerate(text.splitlines(), start=1):
