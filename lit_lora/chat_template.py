@@ -246,8 +246,10 @@ class ChatTemplate:
 
     def end_markers(self, tokenizer: Any) -> tuple[str, ...]:
         """The special tokens this template closes an assistant turn with (to stop generation at), found by
-        rendering a one-exchange probe; empty if the template writes none or refuses the probe."""
+        rendering a one-exchange probe; empty if the template writes none or refuses the probe. A SentencePiece-only
+        tokenizer is a UserError."""
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        require_huggingface(tokenizer)  # outside the try: a tokenizer that cannot render chats is the user's to fix
         try:
             return tuple(m for m in assistant_spans(self, probe, _special_texts(tokenizer))[2] if m)
         except UserError:

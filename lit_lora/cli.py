@@ -170,6 +170,13 @@ def _prepare_options() -> list[inspect.Parameter]:
     ]
 
 
+def print_summary(lines: list[str], warnings: list[str]) -> None:
+    """A prepare command's summary on stdout, its warnings on stderr."""
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def prepare_command(name: str, doc: str, format: str | None, destination: str, url_help: str,
                     extra: tuple[inspect.Parameter, ...] = (), example_file: str = "records.json") -> None:
     """Register `name`: its own source options and destination, then the shared ones, all forwarded to prepare()."""
@@ -179,11 +186,7 @@ def prepare_command(name: str, doc: str, format: str | None, destination: str, u
             kwargs["format"] = format
         if "field_map" in kwargs:
             kwargs["field_map"] = readers.parse_field_map(kwargs["field_map"])
-        meta = prepare.prepare(**kwargs)
-        lines, warnings = prepare.summary(meta, kwargs["destination"])
-        print("\n".join(lines))
-        for warning in warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+        print_summary(*prepare.summary(prepare.prepare(**kwargs), kwargs["destination"]))
 
     own = [
         inspect.Parameter("url", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
@@ -243,12 +246,9 @@ def prepare_chat(
 ) -> None:
     """Render conversations with the model's chat template and mask the loss per token."""
     meta = conversations.prepare_chat(checkpoint_dir, data_file, destination, template=template, train_on=train_on,
-                             system=system, max_seq_length=max_seq_length, val_size=val_size,
-                             val_fraction=val_fraction, seed=seed, overwrite=overwrite)
-    lines, warnings = conversations.summary(meta, destination)
-    print("\n".join(lines))
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+                                      system=system, max_seq_length=max_seq_length, val_size=val_size,
+                                      val_fraction=val_fraction, seed=seed, overwrite=overwrite)
+    print_summary(*conversations.summary(meta, destination))
 
 
 @subcommand("prepare-task", "prepare-task extract --checkpoint_dir checkpoints/smollm2-135m-instruct "

@@ -26,10 +26,10 @@ import torch
 from tqdm import tqdm
 
 from lit_lora.adapter import load_checked_adapter, merge_adapter, recorded_prompt, restore_weights
+from lit_lora.chat_template import ChatTemplate
 from lit_lora.checkpoint import load_config, load_info, load_model
 from lit_lora.data.dataset import PreparedDataset, check_tokenizer
 from lit_lora.data.readers import load_json_records
-from lit_lora.chat_template import ChatTemplate
 from lit_lora.device import PRECISIONS, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack

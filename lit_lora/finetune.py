@@ -135,11 +135,10 @@ def sample_answer(model: LLaMA, tokenizer: Tokenizer, prompt_meta: dict[str, Any
     chosen = prompt_format("auto", prompt_meta, tokenizer)
     model.eval()
     try:
-        texts, *_ = complete(model, tokenizer, [chosen.question_ids(tokenizer, prompt)],
-                            chosen.stop_strings, Sampling(max_new_tokens=max_new_tokens, temperature=0))
+        return complete(model, tokenizer, [chosen.question_ids(tokenizer, prompt)], chosen.stop_strings,
+                        Sampling(max_new_tokens=max_new_tokens, temperature=0)).texts[0]
     finally:
         model.train()
-    return texts[0]
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -250,7 +249,7 @@ class Run:
     progress: Progress
     max_steps: int
     metrics: MetricsLog
-    prompt_meta: dict[str, Any]  # the data's format ("template", "chat_template"), recorded in every adapter
+    prompt_meta: dict[str, Any]  # the data's format (adapter.PROMPT_KEYS), recorded in every adapter
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     no_val_noted: bool = False  # the data has no validation split and the user was told so
@@ -294,8 +293,7 @@ def setup(config: TrainConfig, resume: str | None) -> Run | None:
         write_yaml(out_dir / "config.yaml", config.to_dict())
     metrics = MetricsLog(fabric, out_dir / "metrics.csv", resume_step=progress.step if point else None)
     return Run(config, fabric, model, optimizer, train_data, val_data, Tokenizer(config.checkpoint_dir), progress,
-               max_steps, metrics,
-               recorded_prompt(train_data.meta))
+               max_steps, metrics, recorded_prompt(train_data.meta))
 
 
 def run_is_complete(out_dir: Path, resume: str | None, point: ResumePoint | None, max_steps: int) -> bool:

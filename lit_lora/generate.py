@@ -25,7 +25,7 @@ import torch
 
 from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
 from lit_lora.checkpoint import load_config, load_info, load_model
-from lit_lora.chat_template import ChatTemplate, instruction_turns, require_huggingface
+from lit_lora.chat_template import ChatTemplate, instruction_turns
 from lit_lora.data.templates import TEMPLATES, Template, get_template
 from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
@@ -199,7 +199,6 @@ class PromptFormat(NamedTuple):
 
 
 def chat_format(template: ChatTemplate, tokenizer: Tokenizer, system: str | None = None) -> PromptFormat:
-    require_huggingface(tokenizer)
     return PromptFormat(template, template.end_markers(tokenizer), system)
 
 

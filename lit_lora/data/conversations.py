@@ -2,9 +2,10 @@
 
 Every conversation is rendered and masked by `chat_template.encode_conversation`, so training sees exactly the text
 the model is served with, and the loss falls on the turns `train_on` names and on the marker that closes each.
-A conversation longer than max_seq_length loses its last exchanges: it is cut after the last assistant turn that
-fits. Only when the first exchange alone is too long are its tokens cut (that answer then loses its end marker).
-Both are counted, and so are conversations with nothing left to learn from, which are dropped.
+A conversation longer than max_seq_length loses whole exchanges: its last ones (it ends after the last assistant turn
+that fits), or with train_on="last", whose target is the final answer, its first ones. Only when the shortest of
+these is still too long are its tokens cut (counted as mid-turn when that loses targets: the answer's end marker).
+All of it is counted, and so are conversations with nothing left to learn from, which are dropped.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from lit_lora.data.readers import load_json_records, read_records
 from lit_lora.errors import UserError
 from lit_lora.fileio import check_destination, sha256_file
 from lit_lora.tokenizer import Tokenizer
+
 
 def is_conversation(record: Any) -> bool:
     return isinstance(record, list) or isinstance(record, dict) and ("messages" in record or "conversations" in record)
@@ -133,7 +135,6 @@ def prepare_chat(
     val_fraction: float | None = None,
     seed: int = 42,
     overwrite: bool = False,
-    data_name: str | None = None,
 ) -> dict[str, Any]:
     """Prepare the conversations of `data_file` into `destination`; returns the meta.json written there.
 
@@ -167,7 +168,7 @@ def prepare_chat(
         "tokenizer": tokenizer.identity(),
         "max_seq_length": max_seq_length,
         "seed": seed,
-        "source": {"path": data_name or str(data_file), "sha256": sha256_file(data_file), "kind": read.pop("kind")},
+        "source": {"path": str(data_file), "sha256": sha256_file(data_file), "kind": read.pop("kind")},
         "counts": {**read, "duplicates": duplicates, **cut, "examples": len(examples),
                    "train": len(splits["train"]), "val": len(splits["val"])},
         "lengths_before_truncation": length_stats(full_lengths),
