@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from lit_lora.checkpoint import load_model
-from lit_lora.convert.export import export_hf
-from lit_lora.data.templates import get_template
 from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS
+from lit_lora.export import export_hf
 from lit_lora.fast_decode import prepare_for_generation
 from lit_lora.generate import Sampling, generate_tokens
+from lit_lora.prompts.builtin import instruction_template
 from lit_lora.tokenizer import Tokenizer
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -70,7 +70,7 @@ def main() -> None:
 
     dtype = PRECISIONS[args.precision][0]
     tokenizer = Tokenizer(args.checkpoint_dir)
-    prompt = tokenizer.encode(get_template("chatml").prompt(PROMPT))
+    prompt = tokenizer.encode(instruction_template("chatml").single_turn.prompt(PROMPT))
     print(f"{args.checkpoint_dir.name}, {args.precision}, prompt {len(prompt)} tokens, greedy, "
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads")
     our_speed = ours(args.checkpoint_dir, dtype, prompt, args.new_tokens, args.repeats, not args.plain)

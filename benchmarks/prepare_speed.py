@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lit_lora.data.prepare import prepare, tokenize
 from lit_lora.data.readers import read_records
-from lit_lora.data.templates import get_template
+from lit_lora.prompts.builtin import instruction_template
 from lit_lora.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
@@ -39,7 +39,7 @@ def main() -> None:
     records, _ = read_records(args.data_file, "alpaca")
     n = len(records)
     tokenizer = Tokenizer(args.checkpoint_dir)
-    template = get_template("alpaca")
+    template = instruction_template("alpaca").single_turn
     texts = [template.prompt(r.instruction, r.input) for r in records] + [r.output for r in records]
     tokenize_s = best_time(lambda: tokenize(tokenizer, texts, "tokenise"), args.repeats)
 

@@ -25,12 +25,10 @@ from lit_lora.errors import UserError
 from lit_lora.fileio import iter_safetensors, sha256_file, write_yaml
 from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merged_weight
 from lit_lora.model import LLaMA, Config
+from lit_lora.prompts.format import recorded_prompt
 
 ADAPTER_WEIGHTS = "lora.safetensors"
 ADAPTER_CONFIG = "adapter_config.yaml"
-# What an adapter (and prepared data, and a merged checkpoint) records of the format it was trained in: an instruction
-# template's name, or for conversations the chat template ({"name", "source"}) and the system prompt given to all.
-PROMPT_KEYS = ("template", "chat_template", "system")
 # Fields that decide whether adapter tensors fit a base (name and context length do not).
 _ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
 
@@ -40,7 +38,7 @@ def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path
                         dtype: torch.dtype | None = None) -> None:
     """Write lora.safetensors (LoRA tensors only) and adapter_config.yaml into an existing directory.
 
-    `prompt` is the data's format (PROMPT_KEYS: "template", and for conversations "chat_template" {"name",
+    `prompt` is the data's format (prompts.format.PROMPT_KEYS: "template", and for conversations "chat_template" {"name",
     "source"} and "system"): generation asks the adapter in exactly the format it was trained in.
 
     Callers wrap this in `atomic_dir` together with whatever else belongs in the same directory.
@@ -59,11 +57,6 @@ def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path
         "weights_sha256": sha256_file(Path(directory) / ADAPTER_WEIGHTS),
     }
     write_yaml(Path(directory) / ADAPTER_CONFIG, meta)
-
-
-def recorded_prompt(meta: dict[str, Any]) -> dict[str, Any]:
-    """The PROMPT_KEYS of an adapter config, prepared data's meta.json or a checkpoint.json (None when absent)."""
-    return {key: meta.get(key) for key in PROMPT_KEYS}
 
 
 def load_adapter(path: Path, verify: bool = True) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:

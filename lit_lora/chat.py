@@ -19,11 +19,12 @@ import torch
 
 from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
 from lit_lora.checkpoint import load_config, load_info
+from lit_lora.device import GENERATE_PRECISIONS, check_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import repack
-from lit_lora.generate import (PromptFormat, Sampling, check_precision, check_text, complete, load_for_generation,
-                               prompt_format)
+from lit_lora.generate import Sampling, check_text, complete, load_for_generation
 from lit_lora.model import LLaMA
+from lit_lora.prompts.format import PromptFormat, prompt_format
 from lit_lora.tokenizer import Tokenizer
 
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), "
@@ -131,7 +132,7 @@ def run_chat(
 ) -> ChatSession:
     """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input."""
     input, out, log = input or sys.stdin, out or sys.stdout, log or sys.stderr
-    check_precision(precision)
+    check_precision(precision, GENERATE_PRECISIONS)
     # Everything that can be refused (templates, adapters, the token budget) is checked before the model loads.
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     if sampling.max_new_tokens >= config.max_seq_len:
@@ -146,7 +147,7 @@ def run_chat(
     session = ChatSession(model, tokenizer, adapters, sampling, system=system, generator=generator)
     session.switch(adapters[1] if len(adapters) > 1 else adapters[0])
     interactive = input.isatty()
-    print(f"chatting with {session.active.name} ({session.active.format.template.name}); "
+    print(f"chatting with {session.active.name} ({session.active.format.name}); "
           f"{HELP.format(names=session.names())}", file=log, flush=True)
     while True:
         if interactive:

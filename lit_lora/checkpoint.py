@@ -26,15 +26,15 @@ from lit_lora.device import dtype_name
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors, sha256_file, write_json, write_yaml
 from lit_lora.model import LLaMA, Config
+from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE
 
 MODEL_CONFIG = "model_config.yaml"
 CHECKPOINT_INFO = "checkpoint.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 saves the template apart; it wins over tokenizer_config's
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", CHAT_TEMPLATE_FILE)
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # a shard is held in memory (and copied once by save_file) while written
 _SKIP_VERIFY = "--no-verify, or verify: false in a training config, skips this check"
 
@@ -107,7 +107,7 @@ def finish_checkpoint(directory: Path, writer: ShardWriter, config: Config, dtyp
     write_yaml(directory / MODEL_CONFIG, config.to_dict())
     hashes = {f: sha256_file(directory / f) for f in weight_files}
     content_hash = hashlib.sha256("".join(f"{f}:{h}\n" for f, h in sorted(hashes.items())).encode()).hexdigest()
-    info = {"format": "lit-lora", "format_version": FORMAT_VERSION, "dtype": dtype_name(dtype), "source": source,
+    info = {"format": "lit-lora", "format_version": CHECKPOINT_FORMAT_VERSION, "dtype": dtype_name(dtype), "source": source,
             "weights_sha256": hashes, "content_hash": content_hash, **(extra or {})}
     write_json(directory / CHECKPOINT_INFO, info)
     return info

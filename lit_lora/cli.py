@@ -20,8 +20,8 @@ from lit_lora import chat
 from lit_lora import download as models
 from lit_lora import evaluate as ev
 from lit_lora import generate as gen
-from lit_lora import merge
-from lit_lora.convert import export, gguf, hf
+from lit_lora import export, merge
+from lit_lora.convert import gguf, hf
 from lit_lora.data import conversations, prepare, readers, tasks
 from lit_lora.errors import UserError, os_error_message
 

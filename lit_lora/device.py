@@ -26,7 +26,14 @@ PRECISIONS = {
     "bf16-true": (torch.bfloat16, torch.bfloat16),
     "32-true": (torch.float32, torch.float32),
 }
+TRAIN_PRECISIONS = ("auto", *PRECISIONS)
 GENERATE_PRECISIONS = ("auto", "bf16-true", "32-true")  # inference holds one dtype: the base's
+
+
+def check_precision(name: str, choices: tuple[str, ...] = TRAIN_PRECISIONS, what: str = "--precision") -> str:
+    if name not in choices:
+        raise UserError(f"unknown {what} {name!r}; use one of {', '.join(choices)}")
+    return name
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

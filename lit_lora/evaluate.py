@@ -25,17 +25,18 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from lit_lora.adapter import load_checked_adapter, merge_adapter, recorded_prompt, restore_weights
-from lit_lora.chat_template import ChatTemplate
+from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
 from lit_lora.checkpoint import load_config, load_info, load_model
 from lit_lora.data.dataset import PreparedDataset, check_tokenizer
-from lit_lora.data.readers import load_json_records
-from lit_lora.device import PRECISIONS, resolve_precision
+from lit_lora.data.readers import is_conversation, load_json_records
+from lit_lora.device import PRECISIONS, check_precision, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
-from lit_lora.generate import PromptFormat, Sampling, complete, prompt_format
+from lit_lora.generate import Sampling, complete
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
+from lit_lora.prompts.chat_template import ChatTemplate
+from lit_lora.prompts.format import PromptFormat, prompt_format, recorded_prompt
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import TrainSection
 
@@ -70,7 +71,7 @@ def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer
               chosen: PromptFormat) -> Iterator[PreparedDataset]:
     """The examples to score: a prepared split, or a raw file prepared into a temporary directory."""
     # These pull in the readers' download code: only when needed.
-    from lit_lora.data.conversations import is_conversation, prepare_chat
+    from lit_lora.data.conversations import prepare_chat
     from lit_lora.data.prepare import prepare
 
     data = Path(data)
@@ -92,7 +93,7 @@ def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer
             prepare_chat(checkpoint_dir, data, Path(tmp) / "data", template=chosen.template, system=chosen.system,
                          **options)
         else:
-            prepare(checkpoint_dir, Path(tmp) / "data", data_file=data, template=chosen.template.name, **options)
+            prepare(checkpoint_dir, Path(tmp) / "data", data_file=data, template=chosen.name, **options)
         yield PreparedDataset(Path(tmp) / "data", "train")  # every record of the file, in its order
 
 
@@ -125,8 +126,7 @@ def evaluate(
     for name, value in (("--limit", limit), ("--batch_size", batch_size), ("--max_new_tokens", max_new_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
-    if precision != "auto" and precision not in PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}; use auto or one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify=verify)) for p in lora_paths]
     recorded = next((meta for *_, meta in adapters if any(recorded_prompt(meta).values())), load_info(checkpoint_dir))
@@ -201,6 +201,8 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) 
     """Loss and perplexity of the base and each adapter (unmerged, in the LoRA dtype of `precision`)."""
     batches = eval_batches(dataset.lengths, n, batch_size)
     lora_dtype = PRECISIONS[precision][1]
+    t = TrainSection()  # collated as a run with the default training settings collates its validation batches
+
     def autocast():  # as Fabric's bf16-mixed on CPU
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     for score, adapter in models:
@@ -208,7 +210,8 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) 
         with lora_applied(model, *adapter, lora_dtype) if adapter else contextlib.nullcontext():
             total = torch.zeros(2)
             for batch in batches:
-                total += summed_loss(model, dataset, [batch], pad_id, TrainSection(), autocast=autocast)
+                total += summed_loss(model, dataset, [batch], pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
+                                     autocast=autocast)
                 bar.update(1)
         score.loss = (total[0] / total[1].clamp(min=1)).item()
         score.perplexity = math.exp(min(score.loss, 50))

@@ -32,17 +32,18 @@ import torch
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
-from lit_lora.adapter import ADAPTER_WEIGHTS, recorded_prompt
+from lit_lora.adapter import ADAPTER_WEIGHTS
 from lit_lora.checkpoint import check_checkpoint_dir, load_model
 from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
 from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_write_bytes, write_json, write_yaml
-from lit_lora.generate import Sampling, complete, prompt_format
+from lit_lora.generate import Sampling, complete
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
 from lit_lora.model import LLaMA, Block
+from lit_lora.prompts.format import prompt_format, recorded_prompt
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import TrainConfig, check_hardware
 from lit_lora.train_state import (FINAL, Progress, ResumePoint, check_resume_settings, find_resume, is_fsdp,
@@ -123,7 +124,8 @@ def validate(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_id: int
     t = config.train
     limit = config.eval.max_batches * t.micro_batch_size if config.eval.max_batches else None
     batches = eval_batches(val_data.lengths, limit, t.micro_batch_size)[fabric.global_rank :: fabric.world_size]
-    loss_sum = summed_loss(model, val_data, batches, pad_id, t, fabric.to_device, fabric.autocast)
+    loss_sum = summed_loss(model, val_data, batches, pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
+                           fabric.to_device, fabric.autocast)
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
     model.train()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()

@@ -19,18 +19,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, TextIO
+from typing import Callable, Iterator, NamedTuple, TextIO
 
 import torch
 
 from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
 from lit_lora.checkpoint import load_config, load_info, load_model
-from lit_lora.chat_template import ChatTemplate, instruction_turns
-from lit_lora.data.templates import TEMPLATES, Template, get_template
-from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, peak_memory_bytes, resolve_precision
+from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, check_precision, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
 from lit_lora.model import LLaMA, additive_mask, causal_mask
+from lit_lora.prompts.format import prompt_format
 from lit_lora.tokenizer import Tokenizer
 
 
@@ -172,56 +171,6 @@ def stop_ids_for(tokenizer: Tokenizer, stop_strings: tuple[str, ...]) -> set[int
     return ids
 
 
-class PromptFormat(NamedTuple):
-    """How a question, or a conversation, becomes the prompt ids the model continues, and where its answer ends."""
-    template: Template | ChatTemplate
-    stop_strings: tuple[str, ...]
-    system: str | None = None  # the system prompt the data was prepared with (prepare-chat --system): the default
-
-    def conversation_ids(self, tokenizer: Tokenizer, turns: list[dict[str, str]], system: str | None = None
-                         ) -> list[int]:
-        """The conversation so far (user and assistant turns, a user turn last), ready for the next answer.
-        `system`: None takes the recorded default, "" none. A chat template writes BOS itself, as in training."""
-        system = self.system if system is None else system
-        messages = ([{"role": "system", "content": system}] if system else []) + list(turns)
-        if isinstance(self.template, ChatTemplate):
-            return tokenizer.encode(self.template.render(messages, add_generation_prompt=True), bos=False)
-        if [m["role"] for m in messages] != ["user"]:
-            raise UserError(f"the {self.template.name} template takes one instruction, without a system prompt or "
-                            f"earlier turns; use a chat template (--template auto, chatml, llama3)")
-        return tokenizer.encode(self.template.prompt(messages[0]["content"]))
-
-    def question_ids(self, tokenizer: Tokenizer, text: str, input: str = "", system: str | None = None) -> list[int]:
-        """One question; an instruction template keeps its own form for an input (Alpaca's "### Input:")."""
-        if isinstance(self.template, Template) and not system:
-            return tokenizer.encode(self.template.prompt(text, input))
-        return self.conversation_ids(tokenizer, [instruction_turns(text, input)], system)
-
-
-def chat_format(template: ChatTemplate, tokenizer: Tokenizer, system: str | None = None) -> PromptFormat:
-    return PromptFormat(template, template.end_markers(tokenizer), system)
-
-
-def prompt_format(name: str, recorded: dict[str, Any], tokenizer: Tokenizer, multi_turn: bool = False) -> PromptFormat:
-    """The format to ask in. `auto`: what the adapter (or prepared data) `recorded`: its chat template or its
-    instruction template; without one, the checkpoint's own chat template, else plain. A name: an instruction
-    template (alpaca, chatml, plain: single-turn, as prepare-alpaca writes them), else a chat template (llama3, a
-    .jinja file). `multi_turn` (chat) takes the built-in chat template of an instruction template's name, which
-    also stops where the instruction template stops."""
-    if name == "auto" and recorded.get("chat_template"):
-        return chat_format(ChatTemplate.from_record(recorded["chat_template"], tokenizer), tokenizer,
-                           recorded.get("system"))
-    if name == "auto":
-        own = ChatTemplate.source_of(tokenizer) and tokenizer.backend == "huggingface"
-        name = recorded.get("template") or ("auto" if own else "plain")
-    if name in TEMPLATES and not multi_turn:
-        return PromptFormat(get_template(name), get_template(name).stop_strings)
-    chosen = chat_format(ChatTemplate.load(name, tokenizer), tokenizer)
-    if name in TEMPLATES:
-        return chosen._replace(stop_strings=tuple(dict.fromkeys(chosen.stop_strings + get_template(name).stop_strings)))
-    return chosen
-
-
 class Completion(NamedTuple):
     texts: list[str]
     n_generated: int  # tokens generated over all rows, up to and without each row's stop
@@ -253,11 +202,6 @@ def complete(
         if stream is not None and row is rows[0] and piece:
             stream.write(piece)
     return Completion([row.text for row in rows], n_generated, stopped)
-
-
-def check_precision(precision: str) -> None:
-    if precision not in GENERATE_PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(GENERATE_PRECISIONS)}")
 
 
 def load_for_generation(checkpoint_dir: Path, precision: str, verify: bool, pack: bool = True) -> LLaMA:
@@ -305,7 +249,7 @@ def run_generate(
     Only a single prompt streams; a batch prints its answers when the batch is done.
     """
     out, log = out or sys.stdout, log or sys.stderr
-    check_precision(precision)
+    check_precision(precision, GENERATE_PRECISIONS)
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)

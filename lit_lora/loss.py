@@ -85,15 +85,15 @@ def eval_batches(lengths, limit: int | None, batch_size: int) -> list[list[int]]
 
 
 @torch.no_grad()
-def summed_loss(model, dataset, batches: list[list[int]], pad_id: int, train, to_device=lambda b: b,
-                autocast=contextlib.nullcontext) -> torch.Tensor:
+def summed_loss(model, dataset, batches: list[list[int]], pad_id: int, packing: bool, pad_multiple: int,
+                chunk_size: int, to_device=lambda b: b, autocast=contextlib.nullcontext) -> torch.Tensor:
     """(summed cross-entropy, target tokens) over `batches` of `dataset`, collated as training collates them
-    (`train`: the config's train section: packing, pad_multiple, loss_chunk_size)."""
+    (packing, pad_multiple and the loss chunk size are the training config's)."""
     total = torch.zeros(2)
     for indices in batches:
-        batch = to_device(make_batch([dataset[i] for i in indices], pad_id, train.packing,
-                                     dataset.meta["max_seq_length"], train.pad_multiple))
+        batch = to_device(make_batch([dataset[i] for i in indices], pad_id, packing, dataset.meta["max_seq_length"],
+                                     pad_multiple))
         with autocast():
-            total[0] += micro_batch_loss(model, batch, train.loss_chunk_size).float().cpu()
+            total[0] += micro_batch_loss(model, batch, chunk_size).float().cpu()
         total[1] += (batch["targets"] != IGNORE_INDEX).sum().cpu()
     return total

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lit_lora.adapter import load_checked_adapter, lora_pairs, recorded_prompt
-from lit_lora.checkpoint import CHAT_TEMPLATE_FILE, ShardWriter, finish_checkpoint, iter_weights, load_config
+from lit_lora.adapter import load_checked_adapter, lora_pairs
+from lit_lora.checkpoint import ShardWriter, finish_checkpoint, iter_weights, load_config
 from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, atomic_write_bytes
 from lit_lora.lora import merged_weight
+from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE
+from lit_lora.prompts.format import recorded_prompt
 
 
 def merge_checkpoint(checkpoint_dir: Path, lora_path: Path, out: Path, dtype: str | None = None,

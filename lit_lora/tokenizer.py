@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lit_lora.errors import UserError
 
 
@@ -120,8 +118,9 @@ class Tokenizer:
             return [e.ids for e in self.processor.encode_batch(texts, add_special_tokens=False)]
         return self.processor.encode(texts)
 
-    def decode(self, ids: list[int] | torch.Tensor, skip_special: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
+    def decode(self, ids: Any, skip_special: bool = True) -> str:
+        """Text of `ids`: a list of ints, or a tensor (taken through .tolist(), so this module needs no torch)."""
+        if hasattr(ids, "tolist"):
             ids = ids.tolist()
         if self.backend == "huggingface":
             return self.processor.decode(ids, skip_special_tokens=skip_special)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from lit_lora.device import PRECISIONS
+from lit_lora.device import check_precision
 from lit_lora.errors import UserError
 from lit_lora.lora import LoRAConfig
 
@@ -73,8 +73,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
-        if self.precision != "auto" and self.precision not in PRECISIONS:
-            raise UserError(f"precision {self.precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+        check_precision(self.precision, what="precision")
         if self.strategy not in STRATEGIES:
             raise UserError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         t = self.train

@@ -14,9 +14,9 @@ import json
 import random
 from pathlib import Path
 
-from lit_lora.chat_template import instruction_turns
 from lit_lora.data.readers import is_placeholder_input, read_records
 from lit_lora.fileio import atomic_write_bytes
+from lit_lora.prompts.format import instruction_turn
 
 
 def conversations(records: list, seed: int, min_turns: int, max_turns: int) -> list[dict]:
@@ -28,7 +28,7 @@ def conversations(records: list, seed: int, min_turns: int, max_turns: int) -> l
         n = rng.randint(min_turns, max_turns)
         messages = []
         for r in records[i : i + n]:
-            messages += [instruction_turns(r.instruction, "" if is_placeholder_input(r.input) else r.input),
+            messages += [instruction_turn(r.instruction, "" if is_placeholder_input(r.input) else r.input),
                          {"role": "assistant", "content": r.output}]
         chats.append({"messages": messages})
         i += n

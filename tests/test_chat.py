@@ -14,12 +14,13 @@ import yaml
 from adapter_helpers import make_adapter
 from lit_lora.adapter import ADAPTER_CONFIG
 from lit_lora.chat import run_chat
-from lit_lora.chat_template import ChatTemplate
-from lit_lora.checkpoint import CHAT_TEMPLATE_FILE, load_info, load_model
+from lit_lora.checkpoint import load_info, load_model
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation
-from lit_lora.generate import Sampling, complete, prompt_format, run_generate
+from lit_lora.generate import Sampling, complete, run_generate
 from lit_lora.merge import merge_checkpoint
+from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE, ChatTemplate
+from lit_lora.prompts.format import prompt_format
 from lit_lora.tokenizer import Tokenizer
 from test_finetune import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
 
@@ -55,7 +56,7 @@ def test_generate_asks_in_the_recorded_chat_template(tiny_checkpoint, adapters):
     assert chosen.question_ids(tokenizer, "hello", "world", system="Be brief.") == tokenizer.encode(expected, bos=False)
     assert chosen.stop_strings == ("<|im_end|>",)
     alpaca = prompt_format("alpaca", {}, tokenizer)  # an instruction template keeps its own form for an input
-    assert alpaca.question_ids(tokenizer, "hello", "world") == tokenizer.encode(alpaca.template.prompt("hello", "world"))
+    assert alpaca.question_ids(tokenizer, "hello", "world") == tokenizer.encode(alpaca.template.single_turn.prompt("hello", "world"))
     with pytest.raises(UserError, match="takes one instruction"):  # and has no system turn
         alpaca.question_ids(tokenizer, "hello", system="Be brief.")
 
@@ -133,7 +134,7 @@ def test_chat_bad_start_is_one_line(tiny_checkpoint, tmp_path):
 def test_hf_export_of_a_merged_chat_model_serves_its_template(tiny_checkpoint, adapters, tmp_path):
     """transformers, given the export, renders conversations as the adapter was trained (test-only reference)."""
     transformers = pytest.importorskip("transformers")
-    from lit_lora.convert.export import export_hf
+    from lit_lora.export import export_hf
 
     exported = export_hf(merge_checkpoint(tiny_checkpoint, adapters[0], tmp_path / "merged"), tmp_path / "hf")
     reference = transformers.AutoTokenizer.from_pretrained(str(exported))
@@ -182,7 +183,7 @@ def test_a_template_that_writes_bos_gets_one_bos(tiny_checkpoint, tmp_path):
     """The tokenizer adds BOS to plain text, but a chat template writes its own: generation must not add a second."""
     import shutil
 
-    from lit_lora.chat_template import encode_conversation
+    from lit_lora.prompts.masking import encode_conversation
 
     directory = tmp_path / "bos"
     shutil.copytree(tiny_checkpoint, directory)
@@ -202,7 +203,7 @@ def test_a_sentencepiece_checkpoint_is_asked_plainly_or_told_clearly(tiny_checkp
 
     tokenizer = SimpleNamespace(backend="sentencepiece", chat_template=CHAT_SOURCE, config={},
                                 path=tiny_checkpoint / "tokenizer.model")
-    assert prompt_format("auto", {}, tokenizer).template.name == "plain"
+    assert prompt_format("auto", {}, tokenizer).name == "plain"
     with pytest.raises(UserError, match="need a tokenizer.json"):
         prompt_format("chatml", {}, tokenizer, multi_turn=True)
 

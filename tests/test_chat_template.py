@@ -9,8 +9,10 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from conftest import SHARED_DATA, write_tiny_tokenizer
-from lit_lora.chat_template import ChatTemplate, encode_conversation, normalize_conversation
+from lit_lora.data.readers import normalize_conversation
 from lit_lora.errors import UserError
+from lit_lora.prompts.chat_template import ChatTemplate
+from lit_lora.prompts.masking import encode_conversation
 from lit_lora.tokenizer import Tokenizer
 
 TEMPLATES_DIR = SHARED_DATA / "chat_templates"

@@ -13,7 +13,7 @@ from lit_lora import cli
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.data.prepare import prepare
 from lit_lora.data.readers import is_placeholder_input, read_records
-from lit_lora.data.templates import get_template
+from lit_lora.prompts.builtin import instruction_template
 from lit_lora.errors import UserError
 from lit_lora.tokenizer import Tokenizer
 
@@ -29,7 +29,7 @@ def examples(directory: Path):
 
 def check_masks(directory: Path, tokenizer: Tokenizer, records, template_name: str) -> None:
     """Each example is exactly template prompt + response + EOS, and only response + EOS is trained on."""
-    template = get_template(template_name)
+    template = instruction_template(template_name).single_turn
     eos = tokenizer.decode([tokenizer.eos_id], skip_special=False)
     expected = {template.prompt(r.instruction, "" if is_placeholder_input(r.input) else r.input): r.output
                 for r in records}
@@ -45,7 +45,7 @@ def check_masks(directory: Path, tokenizer: Tokenizer, records, template_name: s
 
 # ---------------------------------------------------------------------------------------------- templates, readers
 def test_alpaca_template_is_stanfords():
-    t = get_template("alpaca")
+    t = instruction_template("alpaca").single_turn
     assert t.prompt("Do X.", "some input") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nDo X.\n\n"
@@ -54,7 +54,7 @@ def test_alpaca_template_is_stanfords():
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
         "request.\n\n### Instruction:\nDo X.\n\n### Response:")
     with pytest.raises(UserError, match="unknown template"):
-        get_template("vicuna")
+        instruction_template("vicuna")
 
 
 @pytest.mark.parametrize("text", ["<noinput>", "<No Input>", "No input.", "[noinput]", "\\<noinput\\>",
@@ -106,7 +106,7 @@ def test_chatml_uses_special_tokens(tiny_checkpoint, tmp_path):
 def test_truncation_keeps_eos_and_drops_prompts_that_do_not_fit(tiny_checkpoint, tmp_path):
     tokenizer = Tokenizer(tiny_checkpoint)
     records, _ = read_records(ALPACA, "alpaca")
-    template = get_template("alpaca")
+    template = instruction_template("alpaca").single_turn
     prompt_lengths = sorted(len(tokenizer.encode(template.prompt(r.instruction, r.input))) for r in records)
     max_len = prompt_lengths[len(prompt_lengths) // 2] + 3  # about half the prompts leave room to answer
     meta = prepare(tiny_checkpoint, tmp_path / "out", data_file=ALPACA, val_size=0, max_seq_length=max_len)
@@ -239,7 +239,7 @@ def test_real_alpaca_5000(shared_data, real_tokenizer_dir, tmp_path):
     assert c["placeholder_input"] >= 46  # SOURCES.txt counts 46 "<No Input>"-like ones; we catch more spellings
     records, _ = read_records(shared_data / "alpaca_5000.json", "alpaca")
     val = PreparedDataset(tmp_path / "alpaca", "val")
-    template = get_template("alpaca")
+    template = instruction_template("alpaca").single_turn
     by_prompt = {template.prompt(r.instruction, "" if is_placeholder_input(r.input) else r.input): r.output
                  for r in records}
     tokenizer = Tokenizer(real_tokenizer_dir)

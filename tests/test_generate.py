@@ -8,7 +8,7 @@ import torch
 from adapter_helpers import make_adapter, run_cli
 
 from lit_lora.checkpoint import load_model
-from lit_lora.data.templates import get_template
+from lit_lora.prompts.builtin import BUILTINS
 from lit_lora.errors import UserError
 from lit_lora.generate import Sampling, TextStream, generate_tokens, run_generate, sample
 from lit_lora.lora import LoRAConfig
@@ -60,7 +60,7 @@ def test_sampling_rules(model):
 def test_text_stream_keeps_characters_whole_and_stops_at_stop_strings(tiny_checkpoint):
     tokenizer = Tokenizer(tiny_checkpoint)
     text = "Paris é 😀 über ### Response: done ### Instruction: never printed"
-    stream = TextStream(tokenizer, {2}, get_template("alpaca").stop_strings)
+    stream = TextStream(tokenizer, {2}, BUILTINS["alpaca"].stop_strings)
     pieces = []
     for token in tokenizer.encode(text, bos=False):
         pieces.append(stream.add(token))

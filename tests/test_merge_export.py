@@ -11,8 +11,8 @@ from conftest import make_tiny_checkpoint
 
 from lit_lora.adapter import load_adapter
 from lit_lora.checkpoint import load_info, load_model
-from lit_lora.convert.export import export_hf, export_peft
 from lit_lora.errors import UserError
+from lit_lora.export import export_hf, export_peft
 from lit_lora.generate import Sampling, run_generate
 from lit_lora.lora import apply_lora, load_lora_state_dict
 from lit_lora.merge import merge_checkpoint

@@ -112,7 +112,7 @@ def test_a_first_answer_too_long_is_cut_and_counted(tiny_checkpoint, tmp_path):
 
 
 def tokenizer_template_text(tokenizer: Tokenizer, messages: list[dict]) -> str:
-    from lit_lora.chat_template import ChatTemplate
+    from lit_lora.prompts.chat_template import ChatTemplate
 
     return ChatTemplate.from_tokenizer(tokenizer).render(messages)
 

@@ -1,1 +1,2 @@
-"""Model import (Hugging Face directories, GGUF files) and export (HF directory, PEFT adapter)."""
+"""Other tools' formats: Hugging Face names and directories (hf), GGUF files (gguf), PEFT adapters (peft).
+The commands that write them (export-hf, export-peft) are `lit_lora.export`."""

@@ -1,1 +1,2 @@
-"""Instruction data: prompt templates, readers (Alpaca, Dolly, any JSON), tokenised on-disk format, batching."""
+"""Training data: readers (Alpaca, Dolly, any JSON, conversations), preparation, the tokenised on-disk format,
+batching, and the built-in task. Prompt formats live in `lit_lora.prompts`."""

@@ -1,6 +1,6 @@
 """Turn a file of conversations (or of instruction records) into prepared data, rendered with a chat template.
 
-Every conversation is rendered and masked by `chat_template.encode_conversation`, so training sees exactly the text
+Every conversation is rendered and masked by `prompts.masking.encode_conversation`, so training sees exactly the text
 the model is served with, and the loss falls on the turns `train_on` names and on the marker that closes each.
 A conversation longer than max_seq_length loses whole exchanges: its last ones (it ends after the last assistant turn
 that fits), or with train_on="last", whose target is the final answer, its first ones. Only when the shortest of
@@ -15,20 +15,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lit_lora.chat_template import (TRAIN_ON, ChatTemplate, EncodedChat, encode_conversation, instruction_turns,
-                                    normalize_conversation)
 from lit_lora.checkpoint import check_checkpoint_dir
-from lit_lora.data.dataset import FORMAT_VERSION
+from lit_lora.data.dataset import DATA_FORMAT_VERSION
 from lit_lora.data.prepare import (Example, check_split_options, clean, identical_groups, length_stats, lengths_line,
                                    split_indices, write_prepared)
-from lit_lora.data.readers import load_json_records, read_records
+from lit_lora.data.readers import is_conversation, load_json_records, normalize_conversation, read_records
 from lit_lora.errors import UserError
 from lit_lora.fileio import check_destination, sha256_file
+from lit_lora.prompts.chat_template import ChatTemplate
+from lit_lora.prompts.format import instruction_turn
+from lit_lora.prompts.masking import TRAIN_ON, EncodedChat, encode_conversation
 from lit_lora.tokenizer import Tokenizer
-
-
-def is_conversation(record: Any) -> bool:
-    return isinstance(record, list) or isinstance(record, dict) and ("messages" in record or "conversations" in record)
 
 
 def read_conversations(path: Path, system: str | None = None) -> tuple[list[list[dict[str, str]]], dict[str, Any]]:
@@ -59,7 +56,7 @@ def read_conversations(path: Path, system: str | None = None) -> tuple[list[list
         records, fields = read_records(path, raw=raw)
         records, cleaned = clean(records)
         counts.update(cleaned)
-        conversations = [[instruction_turns(r.instruction, r.input), {"role": "assistant", "content": r.output}]
+        conversations = [[instruction_turn(r.instruction, r.input), {"role": "assistant", "content": r.output}]
                          for r in records]
         kind = "instructions (" + ", ".join(f"{ours}={theirs}" for ours, theirs in fields.items()) + ")"
     if not conversations:
@@ -160,7 +157,7 @@ def prepare_chat(
     groups, duplicates = identical_groups([json.dumps(conversations[i], sort_keys=True) for i in kept])
     splits = split_indices(len(examples), val_size, val_fraction, seed, groups)
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": DATA_FORMAT_VERSION,
         "template": "chat",
         "chat_template": chat_template.record(),
         "train_on": train_on,

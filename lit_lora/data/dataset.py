@@ -30,7 +30,7 @@ from lit_lora.fileio import memmap_safetensors
 SPLITS = ("train", "val")
 META = "meta.json"
 REQUIRED_META = ("format_version", "max_seq_length", "tokenizer")  # what training and evaluation read from it
-FORMAT_VERSION = 2  # 2: the per-token `targets` mask (1 had only prompt lengths)
+DATA_FORMAT_VERSION = 2  # 2: the per-token `targets` mask (1 had only prompt lengths)
 ARRAYS = ("tokens", "targets", "offsets", "prompt_lengths")
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (PyTorch's cross_entropy default)
 
@@ -70,10 +70,10 @@ class PreparedDataset(torch.utils.data.Dataset):
         missing = [key for key in REQUIRED_META if key not in meta]
         if missing:
             raise self._damaged(f"{META} lacks {', '.join(missing)}")
-        if meta["format_version"] != FORMAT_VERSION:
-            older = type(meta["format_version"]) is int and meta["format_version"] < FORMAT_VERSION
+        if meta["format_version"] != DATA_FORMAT_VERSION:
+            older = type(meta["format_version"]) is int and meta["format_version"] < DATA_FORMAT_VERSION
             raise UserError(f"{self.directory} was prepared by {'an older' if older else 'another'} lit-lora (data "
-                            f"format {meta['format_version']!r}, this one reads {FORMAT_VERSION}); prepare it again "
+                            f"format {meta['format_version']!r}, this one reads {DATA_FORMAT_VERSION}); prepare it again "
                             f"with --destination {self.directory} --overwrite")
         if type(meta["max_seq_length"]) is not int or meta["max_seq_length"] < 1:
             raise self._damaged(f"{META} has an invalid max_seq_length")

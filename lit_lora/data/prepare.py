@@ -21,11 +21,11 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from lit_lora.checkpoint import check_checkpoint_dir
-from lit_lora.data.dataset import FORMAT_VERSION, META, split_path
+from lit_lora.data.dataset import DATA_FORMAT_VERSION, META, split_path
 from lit_lora.data.readers import Record, is_placeholder_input, read_records
-from lit_lora.data.templates import Template, get_template
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, check_destination, sha256_file, write_json
+from lit_lora.prompts.builtin import instruction_template
 from lit_lora.tokenizer import Tokenizer
 
 # Where prepare-alpaca and prepare-dolly fetch their data when given neither --data_file nor --url.
@@ -65,15 +65,6 @@ def tokenize(tokenizer: Tokenizer, texts: list[str], desc: str) -> list[list[int
             ids.extend(tokenizer.encode_batch(texts[start:start + TOKENIZE_BATCH]))
             bar.update(min(TOKENIZE_BATCH, len(texts) - start))
     return ids
-
-
-def check_template(template: Template, tokenizer: Tokenizer, checkpoint_dir: Path) -> None:
-    """ChatML's markers must be single special tokens, or the model sees them as ordinary text."""
-    if template.name == "chatml":
-        missing = [t for t in ("<|im_start|>", "<|im_end|>") if tokenizer.token_to_id(t) is None]
-        if missing:
-            raise UserError(f"template chatml needs the tokens {', '.join(missing)}, which the tokenizer of "
-                            f"{checkpoint_dir} lacks; use --template alpaca or plain")
 
 
 class Example(NamedTuple):
@@ -167,7 +158,7 @@ def write_split(path: Path, examples: list[Example], indices: np.ndarray) -> int
         "prompt_lengths": np.array([e.prompt_length for e in chosen], dtype=np.int32),
     }
     # One metadata key only: safetensors writes several in hash-map order, which differs from run to run.
-    save_file(tensors, str(path), metadata={"format": f"lit-lora-data-v{FORMAT_VERSION}"})
+    save_file(tensors, str(path), metadata={"format": f"lit-lora-data-v{DATA_FORMAT_VERSION}"})
     return int(offsets[-1])
 
 
@@ -221,9 +212,9 @@ def prepare(
     `destination` is replaced only with `overwrite`, and only if it is ours (see fileio.check_destination)."""
     inputs = [checkpoint_dir, data_file, val_file]
     check_destination(destination, overwrite, inputs, "--destination")  # before the work
-    prompt_template = get_template(template)
+    prompt_template = instruction_template(template)
     tokenizer = Tokenizer(check_checkpoint_dir(checkpoint_dir))
-    check_template(prompt_template, tokenizer, checkpoint_dir)
+    prompt_template.check_tokens(tokenizer)
     if tokenizer.eos_id is None:
         raise UserError(f"the tokenizer of {checkpoint_dir} has no EOS token; cannot mark where responses end")
     if data_file is not None and url is not None:
@@ -249,7 +240,7 @@ def prepare(
         val_records, val_cleaned = clean(val_records)
         cleaned = {key: cleaned[key] + val_cleaned[key] for key in cleaned}
         records += val_records
-    prompts = tokenize(tokenizer, [prompt_template.prompt(r.instruction, r.input) for r in records], "prompts")
+    prompts = tokenize(tokenizer, [prompt_template.single_turn.prompt(r.instruction, r.input) for r in records], "prompts")
     responses = tokenize(tokenizer, [r.output for r in records], "responses")
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     examples, full_lengths, cut, kept = build_examples(prompts, responses, bos, tokenizer.eos_id, max_seq_length,
@@ -269,7 +260,7 @@ def prepare(
             raise UserError(f"no training example is left from {source_name} (all dropped); check --max_seq_length")
 
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": DATA_FORMAT_VERSION,
         "template": prompt_template.name,
         "tokenizer": tokenizer.identity(),
         "mask_inputs": mask_inputs,

@@ -1,4 +1,5 @@
-"""Reading instruction records from JSON or JSONL into (instruction, input, output) triples.
+"""Reading records from JSON or JSONL: instructions into (instruction, input, output) triples, and conversations
+(OpenAI messages, ShareGPT) into [{"role", "content"}] turns.
 
 Alpaca and Dolly are presets of one reader: a format is just the names its records use for our three fields.
 Every problem is a UserError naming the file, the record (1-based) and what is wrong.
@@ -126,3 +127,44 @@ _PLACEHOLDER = re.compile(r"no\s*input(\s*(required|needed))?", re.IGNORECASE)
 
 def is_placeholder_input(text: str) -> bool:
     return bool(text) and _PLACEHOLDER.fullmatch(re.sub(r"[^\w\s]", "", text).strip()) is not None
+
+
+# ---------------------------------------------------------------------------------------------- conversations
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def normalize_conversation(record: Any) -> list[dict[str, str]]:
+    """[{"role", "content"}] from {"messages": [{"role", "content"}]}, ShareGPT's
+    {"conversations": [{"from", "value"}]}, or a bare list of either kind.
+
+    Roles are system/user/assistant (ShareGPT's human/gpt map to user/assistant); an assistant turn is required."""
+    turns = record
+    if isinstance(record, dict):
+        turns = record.get("messages", record.get("conversations"))
+    if not isinstance(turns, list) or not turns:
+        raise UserError('a conversation must be {"messages": [...]} or {"conversations": [...]} with at least one turn')
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise UserError(f"turn {i} of the conversation is not an object: {turn!r:.80}")
+        sharegpt = "role" not in turn and "from" in turn
+        role = SHAREGPT_ROLES.get(turn.get("from")) if sharegpt else turn.get("role")
+        content = turn.get("value") if sharegpt else turn.get("content")
+        if role not in ROLES:
+            given = turn.get("from") if sharegpt else turn.get("role")
+            raise UserError(f"turn {i} has role {given!r}; expected one of system, user, assistant "
+                            "(ShareGPT: system, human, gpt)")
+        if isinstance(content, list):
+            raise UserError(f"turn {i} ({role}) has a list of content parts; lit-lora trains on text: give the "
+                            "content as one string")
+        if not isinstance(content, str):
+            raise UserError(f"turn {i} ({role}) has no text content")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError("the conversation has no assistant turn, so there is nothing to train on")
+    return messages
+
+
+def is_conversation(record: Any) -> bool:
+    return isinstance(record, list) or isinstance(record, dict) and ("messages" in record or "conversations" in record)

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 from lit_lora.checkpoint import check_checkpoint_dir
+from lit_lora.data.dataset import SPLITS
 from lit_lora.errors import UserError
 from lit_lora.fileio import write_json
 
 MAX_EXAMPLES = 100_000  # per split; far more than a quick fine-tune needs
-SPLITS = ("train", "val")
 
 INSTRUCTIONS = (  # shared by both splits: the question is the same, only the sentences differ
     "Pull the date, amount and currency out of this sentence. Answer as YYYY-MM-DD;AMOUNT;CUR with the "
@@ -291,12 +291,12 @@ def prepare_task(name: str, checkpoint_dir: Path, destination: Path, n_train: in
     `auto` asks in the checkpoint's chat format when it has ChatML markers (an instruct model such as
     SmolLM2-Instruct), else in the Alpaca format; returns the meta.json written."""
     from lit_lora.data.prepare import prepare
+    from lit_lora.prompts.builtin import BUILTINS
     from lit_lora.tokenizer import Tokenizer
 
     check_size("--n_val", n_val, 1)
     if template == "auto":
-        template = "chatml" if Tokenizer(check_checkpoint_dir(checkpoint_dir)).token_to_id("<|im_start|>") is not None \
-            else "alpaca"
+        template = "chatml" if BUILTINS["chatml"].fits(Tokenizer(check_checkpoint_dir(checkpoint_dir))) else "alpaca"
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_task(name, Path(tmp), n_train, n_val, seed)
         return prepare(checkpoint_dir, destination, data_file=paths["train"], val_file=paths["val"], format="alpaca",
