@@ -3,11 +3,16 @@
 Every subcommand is also installed as its own console script (`convert-hf`, `finetune-lora`, ...).
 A `UserError` from the library, or an OSError from the file system (a full disk, a read-only
 destination), becomes one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
-Option defaults are read from the library functions' signatures, so each is declared once.
+
+The CLI is lazy: nothing here imports torch or a command's library module until that command runs, so `--help`
+answers at once. Option defaults are the library functions' own, each declared once there, and read from their
+source (`library_default`) rather than by importing them; tests/test_cli.py checks that the two agree.
 """
 from __future__ import annotations
 
+import ast
 import functools
+import importlib.util
 import inspect
 import sys
 from pathlib import Path
@@ -16,24 +21,96 @@ from typing import Any, Callable, List, Optional
 import click
 import typer
 
-from lit_lora import chat
-from lit_lora import download as models
-from lit_lora import evaluate as ev
-from lit_lora import generate as gen
-from lit_lora import export, merge
-from lit_lora.convert import gguf, hf
-from lit_lora.data import conversations, prepare, readers, tasks
 from lit_lora.errors import UserError, os_error_message
 
 
-def default(func: Callable, name: str) -> Any:
-    """The library's own default for parameter `name` of `func`: each default is declared once, there."""
-    return inspect.signature(func).parameters[name].default
+# ------------------------------------------------------------------------------------------ defaults, unimported
+@functools.cache
+def _module_tree(module: str) -> ast.Module:
+    origin = importlib.util.find_spec(module).origin  # imports the parent packages only (no torch there)
+    return ast.parse(Path(origin).read_text(encoding="utf-8"))
 
 
-def option(func: Callable, name: str, help: str, **kwargs: Any) -> Any:
-    """`--name`, defaulting to what the library function defaults to."""
-    return typer.Option(default(func, name), f"--{name}", help=help, **kwargs)
+def _literal(node: ast.expr | None, where: str) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise TypeError(f"{where}: the CLI shows only literal defaults; make it a literal") from None
+
+
+@functools.cache
+def library_defaults(target: str) -> dict[str, Any]:
+    """{parameter: default's AST} of "module:function" (or of a dataclass's fields, "module:Class"), from its source;
+    evaluated when asked for, so only the defaults the CLI shows must be literals."""
+    module, name = target.split(":")
+    node = next(n for n in _module_tree(module).body
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+    if isinstance(node, ast.ClassDef):
+        return {s.target.id: s.value for s in node.body if isinstance(s, ast.AnnAssign) and s.value is not None}
+    args = node.args
+    positional = args.posonlyargs + args.args
+    pairs = [*zip(positional[len(positional) - len(args.defaults):], args.defaults),
+             *((a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None)]
+    return {a.arg: d for a, d in pairs}
+
+
+def library_default(target: str, name: str) -> Any:
+    return _literal(library_defaults(target)[name], f"{target}({name}=...)")
+
+
+def _constant_node(module: str, constant: str) -> ast.expr:
+    for node in _module_tree(module).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == constant for t in targets):
+            return node.value
+    raise LookupError(f"{module} has no constant {constant}")
+
+
+def library_constant(module: str, constant: str) -> Any:
+    return _literal(_constant_node(module, constant), f"{module}.{constant}")
+
+
+def library_names(module: str, constant: str) -> list[str]:
+    """The keys of a module-level dict constant, read from the source: for help texts."""
+    return [_literal(key, f"{module}.{constant}") for key in _constant_node(module, constant).keys]
+
+
+# ------------------------------------------------------------------------------------------ options, declared once
+def option(target: str, name: str, help: str, **kwargs: Any) -> Any:
+    """`--name`, defaulting to what the library function `target` ("module:function") defaults to."""
+    return typer.Option(library_default(target, name), f"--{name}", help=help, **kwargs)
+
+
+def flag(target: str, name: str, help: str) -> Any:
+    """A --name/--no-name switch defaulting to the library's value."""
+    return typer.Option(library_default(target, name), f"--{name}/--no-{name}", help=help)
+
+
+def checkpoint_option(help: str = "Base checkpoint directory (checkpoints/NAME).") -> Any:
+    return typer.Option(..., "--checkpoint_dir", help=help)
+
+
+def lora_paths_option(help: str) -> Any:
+    return typer.Option(None, "--lora_path", help=help, metavar="<path>")
+
+
+def out_option(help: str) -> Any:
+    return typer.Option(..., "--out", help=help)
+
+
+def overwrite_option(target: str, flag_name: str = "--out") -> Any:
+    return option(target, "overwrite", f"Replace {flag_name} if it exists: only a directory lit-lora wrote (a "
+                                       f"checkpoint, prepared data, an adapter, an export), never one of the "
+                                       f"command's inputs.")
+
+
+def verify_option() -> Any:
+    return typer.Option(True, "--verify/--no-verify", help="Check every weights file against the sha256 recorded "
+                        "when it was written, while reading it (--no-verify skips the check).")
+
+
+def dtype_option(target: str, help: str) -> Any:
+    return option(target, "dtype", f"bf16, fp16 or fp32; default: {help}.")
 
 
 def _flags_without_placeholder(params: list) -> list:
@@ -59,114 +136,127 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: importing rich would cost --help more than all the rest
     cls=Group,
 )
 
 
 def subcommand(name: str, example: str, **kwargs: Any) -> Callable:
-    """`app.command(name)`, its --help ending with one copy-paste example."""
-    return app.command(name, cls=Command, epilog=f"Example: {example}", **kwargs)
+    """`app.command(name)`, its --help ending with one copy-paste example (\\b: click does not wrap it)."""
+    return app.command(name, cls=Command, epilog=f"\b\nExample: {example}", **kwargs)
 
 
-def out_option(help: str) -> Any:
-    return typer.Option(..., "--out", help=help)
+def keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
-def overwrite_option(func: Callable, flag: str = "--out") -> Any:
-    return option(func, "overwrite", f"Replace {flag} if it exists: only a directory lit-lora wrote (a checkpoint, "
-                                     f"prepared data, an adapter, an export), never one of the command's inputs.")
-
-
-def verify_option() -> Any:
-    return typer.Option(True, "--verify/--no-verify", help="Check every weights file against the sha256 recorded "
-                        "when it was written, while reading it (--no-verify skips the check).")
+SAMPLING = "lit_lora.generate:Sampling"
 
 
 def sampling_options(command: Callable) -> Callable:
     """Give `command` the sampling options (generate and chat share them), passed to it as one `sampling`."""
-    s = gen.Sampling
-    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=value) for
-               name, annotation, value in (
-        ("max_new_tokens", int, option(s, "max_new_tokens", "Most tokens to generate per answer.")),
-        ("temperature", float, option(s, "temperature", "Sampling temperature; 0 is greedy.")),
-        ("top_k", Optional[int], option(s, "top_k", "Sample among the k most likely tokens (>= 1).")),
-        ("top_p", float, option(s, "top_p", "Nucleus sampling: keep the smallest set with this mass.")))]
+    options = [
+        keyword("max_new_tokens", int, option(SAMPLING, "max_new_tokens", "Most tokens to generate per answer.")),
+        keyword("temperature", float, option(SAMPLING, "temperature", "Sampling temperature; 0 is greedy.")),
+        keyword("top_k", Optional[int], option(SAMPLING, "top_k", "Sample among the k most likely tokens (>= 1).")),
+        keyword("top_p", float, option(SAMPLING, "top_p", "Nucleus sampling: keep the smallest set with this mass.")),
+    ]
 
     @functools.wraps(command)
     def with_sampling(**kwargs: Any) -> Any:
-        return command(sampling=gen.Sampling(**{p.name: kwargs.pop(p.name) for p in options}), **kwargs)
+        from lit_lora.generate import Sampling
+
+        return command(sampling=Sampling(**{p.name: kwargs.pop(p.name) for p in options}), **kwargs)
 
     own = inspect.signature(command).parameters
     with_sampling.__signature__ = inspect.Signature([p for name, p in own.items() if name != "sampling"] + options)
     return with_sampling
 
 
-TEMPLATE_HELP = ("auto (the adapter's recorded template; else the checkpoint's own chat template; else plain), "
-                 "alpaca, chatml or plain (single-turn, as prepare-alpaca writes them), llama3, or a .jinja file.")
+def template_help(single_turn: str) -> str:
+    return (f"auto (the adapter's recorded template; else the checkpoint's own chat template; else plain), "
+            f"alpaca, chatml or plain ({single_turn}), llama3, or a .jinja file.")
+
+
+PRECISION_HELP = "bf16-true, 32-true or auto (the faster on this machine, by a short matmul probe)."
 
 
 # ------------------------------------------------------------------------------------------ model import
+CONVERT_HF, CONVERT_GGUF = "lit_lora.convert.hf:convert_hf", "lit_lora.convert.gguf:convert_gguf"
+DOWNLOAD_MODULE = "lit_lora.download"
+DOWNLOAD = f"{DOWNLOAD_MODULE}:download"
+
+
 @subcommand("convert-hf", "convert-hf path/to/SmolLM2-135M-Instruct --out checkpoints/smollm2-135m-instruct")
 def convert_hf(
     src_dir: Path = typer.Argument(..., help="Hugging Face model directory: config.json, *.safetensors or "
                                              "pytorch_model*.bin, tokenizer files."),
     out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME."),
-    dtype: Optional[str] = option(hf.convert_hf, "dtype", "bf16, fp16 or fp32; default: keep the source tensors' dtype."),
-    overwrite: bool = overwrite_option(hf.convert_hf),
+    dtype: Optional[str] = dtype_option(CONVERT_HF, "keep the source tensors' dtype"),
+    overwrite: bool = overwrite_option(CONVERT_HF),
 ) -> None:
     """Convert a Hugging Face LLaMA directory into a lit-lora checkpoint, streaming tensor by tensor."""
-    print(f"wrote {hf.convert_hf(src_dir, out, dtype=dtype, overwrite=overwrite)}")
+    from lit_lora.convert.hf import convert_hf
+
+    print(f"wrote {convert_hf(src_dir, out, dtype=dtype, overwrite=overwrite)}")
 
 
 @subcommand("convert-gguf", "convert-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/smollm2-135m-instruct")
 def convert_gguf(
     file: Path = typer.Argument(..., help="A LLaMA-architecture .gguf file (llama.cpp format)."),
     out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME."),
-    dtype: Optional[str] = option(gguf.convert_gguf, "dtype", "bf16, fp16 or fp32; default: fp32 for quantised "
-                                                               "files, the file's own type otherwise."),
-    overwrite: bool = overwrite_option(gguf.convert_gguf),
+    dtype: Optional[str] = dtype_option(CONVERT_GGUF, "fp32 for quantised files, the file's own type otherwise"),
+    overwrite: bool = overwrite_option(CONVERT_GGUF),
 ) -> None:
     """Dequantise a GGUF file into a lit-lora checkpoint, tokenizer.json rebuilt from its vocabulary."""
-    print(f"wrote {gguf.convert_gguf(file, out, dtype=dtype, overwrite=overwrite)}")
+    from lit_lora.convert.gguf import convert_gguf
+
+    print(f"wrote {convert_gguf(file, out, dtype=dtype, overwrite=overwrite)}")
 
 
 @subcommand("download", "download smollm2-135m-instruct --out checkpoints/smollm2-135m-instruct")
 def download(
-    name: str = typer.Argument(..., help=f"Model to fetch; known: {', '.join(models.MODELS)}."),
-    out: Optional[Path] = option(models.download, "out", "Checkpoint directory; default checkpoints/NAME."),
-    dtype: Optional[str] = option(models.download, "dtype", "bf16, fp16 or fp32; default fp32."),
-    overwrite: bool = overwrite_option(models.download),
+    name: str = typer.Argument(..., help=f"Model to fetch; known: {', '.join(library_names(DOWNLOAD_MODULE, 'MODELS'))}."),
+    out: Optional[Path] = option(DOWNLOAD, "out", "Checkpoint directory; default checkpoints/NAME."),
+    dtype: Optional[str] = dtype_option(DOWNLOAD, "fp32"),
+    overwrite: bool = overwrite_option(DOWNLOAD),
 ) -> None:
     """Download a known model (cached in $LIT_LORA_CACHE, default ~/.cache/lit-lora) and import it."""
-    print(f"wrote {models.download(name, out=out, dtype=dtype, overwrite=overwrite)}")
+    from lit_lora.download import download as fetch
+
+    print(f"wrote {fetch(name, out=out, dtype=dtype, overwrite=overwrite)}")
 
 
 # ------------------------------------------------------------------------------------------ data preparation
+PREPARE_MODULE = "lit_lora.data.prepare"
+PREPARE, PREPARE_CHAT = f"{PREPARE_MODULE}:prepare", "lit_lora.data.conversations:prepare_chat"
+PREPARE_TASK = "lit_lora.data.tasks:prepare_task"
+
+
+def val_size_help(what: str) -> str:
+    return f"{what} held out for validation; default {library_constant(PREPARE_MODULE, 'DEFAULT_VAL_SIZE')}."
+
+
 def _prepare_options() -> list[inspect.Parameter]:
     """The options every prepare command shares, declared once; defaults are prepare()'s."""
-    p = prepare.prepare
-
-    def param(name: str, annotation: Any, value: Any) -> inspect.Parameter:
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=annotation)
-
     return [
-        param("checkpoint_dir", Path, typer.Option(..., "--checkpoint_dir", help="Checkpoint whose tokenizer to "
-                                                   "use, e.g. checkpoints/NAME.")),
-        param("data_file", Optional[Path], option(p, "data_file", "Local JSON/JSONL file to prepare (instead of --url).")),
-        param("template", str, option(p, "template", "Prompt template: alpaca, chatml (the checkpoint's chat format, "
-                                                     "for instruct models) or plain.")),
-        param("val_size", Optional[int], option(p, "val_size", f"Examples held out for validation; default "
-                                                               f"{prepare.DEFAULT_VAL_SIZE}.")),
-        param("val_fraction", Optional[float], option(p, "val_fraction", "Fraction held out for validation "
-                                                                         "(instead of --val_size).")),
-        param("val_file", Optional[Path], option(p, "val_file", "A file of its own as the validation split "
-                                                                "(instead of --val_size / --val_fraction).")),
-        param("max_seq_length", int, option(p, "max_seq_length", "Longest example in tokens; longer responses are "
-                                                                 "cut and keep their EOS.")),
-        param("mask_inputs", bool, typer.Option(default(p, "mask_inputs"), "--mask_inputs/--no-mask_inputs",
-                                                help="Train on responses only (prompt labels are -100).")),
-        param("seed", int, option(p, "seed", "Seed of the train/val split.")),
-        param("overwrite", bool, overwrite_option(p, "--destination")),
+        keyword("checkpoint_dir", Path, checkpoint_option("Checkpoint whose tokenizer to use, e.g. checkpoints/NAME.")),
+        keyword("data_file", Optional[Path], option(PREPARE, "data_file", "Local JSON/JSONL file to prepare (instead "
+                                                                          "of --url).")),
+        keyword("template", str, option(PREPARE, "template", "Prompt template: alpaca, chatml (the checkpoint's chat "
+                                                             "format, for instruct models) or plain.")),
+        keyword("val_size", Optional[int], option(PREPARE, "val_size", val_size_help("Examples"))),
+        keyword("val_fraction", Optional[float], option(PREPARE, "val_fraction", "Fraction held out for validation "
+                                                                                 "(instead of --val_size).")),
+        keyword("val_file", Optional[Path], option(PREPARE, "val_file", "A file of its own as the validation split "
+                                                                        "(instead of --val_size / --val_fraction).")),
+        keyword("max_seq_length", int, option(PREPARE, "max_seq_length", "Longest example in tokens; longer "
+                                                                         "responses are cut and keep their EOS.")),
+        keyword("mask_inputs", bool, typer.Option(library_default(PREPARE, "mask_inputs"),
+                                                  "--mask_inputs/--no-mask_inputs",
+                                                  help="Train on responses only (prompt labels are -100).")),
+        keyword("seed", int, option(PREPARE, "seed", "Seed of the train/val split.")),
+        keyword("overwrite", bool, overwrite_option(PREPARE, "--destination")),
     ]
 
 
@@ -182,18 +272,19 @@ def prepare_command(name: str, doc: str, format: str | None, destination: str, u
     """Register `name`: its own source options and destination, then the shared ones, all forwarded to prepare()."""
 
     def command(**kwargs: Any) -> None:
+        from lit_lora.data.prepare import prepare, summary
+        from lit_lora.data.readers import parse_field_map
+
         if format is not None:
             kwargs["format"] = format
         if "field_map" in kwargs:
-            kwargs["field_map"] = readers.parse_field_map(kwargs["field_map"])
-        print_summary(*prepare.summary(prepare.prepare(**kwargs), kwargs["destination"]))
+            kwargs["field_map"] = parse_field_map(kwargs["field_map"])
+        print_summary(*summary(prepare(**kwargs), kwargs["destination"]))
 
     own = [
-        inspect.Parameter("url", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(None, "--url", help=url_help)),
+        keyword("url", Optional[str], typer.Option(None, "--url", help=url_help)),
         *extra,
-        inspect.Parameter("destination", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
-                          default=typer.Option(Path(destination), "--destination", help="Directory to write.")),
+        keyword("destination", Path, typer.Option(Path(destination), "--destination", help="Directory to write.")),
     ]
     shared = _prepare_options()  # checkpoint_dir, data_file first: where the data comes from, then the rest
     command.__signature__ = inspect.Signature(shared[:2] + own + shared[2:])
@@ -211,40 +302,36 @@ prepare_command("prepare-dolly", "Tokenise Dolly-15k: JSONL of {instruction, con
                                        "databricks-dolly-15k.jsonl.", example_file="databricks-dolly-15k.jsonl")
 prepare_command("prepare-json", "Tokenise your own JSON list or JSONL of instruction records.", None, "data/custom",
                 "Download the file from here instead of --data_file.", extra=(
-    inspect.Parameter("format", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=option(
-        prepare.prepare, "format", "alpaca (instruction/input/output), dolly (instruction/context/response) or auto "
-                                   "(from the first record).")),
-    inspect.Parameter("field_map", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-        None, "--field_map", help="Your field names, e.g. instruction=question,input=context,output=answer.")),
+    keyword("format", str, option(PREPARE, "format", "alpaca (instruction/input/output), dolly (instruction/context/"
+                                                     "response) or auto (from the first record).")),
+    keyword("field_map", Optional[str], typer.Option(None, "--field_map", help="Your field names, e.g. "
+                                                     "instruction=question,input=context,output=answer.")),
 ))
-
-
-pc = conversations.prepare_chat  # whose defaults prepare-chat's options show
 
 
 @subcommand("prepare-chat", "prepare-chat --checkpoint_dir checkpoints/smollm2-135m-instruct --data_file chats.jsonl "
                             "--destination data/chats")
 def prepare_chat(
-    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Checkpoint whose tokenizer (and chat template) "
-                                                                      "to use."),
+    checkpoint_dir: Path = checkpoint_option("Checkpoint whose tokenizer (and chat template) to use."),
     data_file: Path = typer.Option(..., "--data_file", help='JSON list or JSONL of {"messages": [{"role", '
                                    '"content"}]}, ShareGPT {"conversations": [{"from", "value"}]}, or instruction '
                                    'records (Alpaca, Dolly: one user and one assistant turn each).'),
     destination: Path = typer.Option(Path("data/chat"), "--destination", help="Directory to write."),
-    template: str = option(pc, "template", "auto (the checkpoint's own chat template), chatml, llama3, alpaca, "
+    template: str = option(PREPARE_CHAT, "template", "auto (the checkpoint's own chat template), chatml, llama3, alpaca, "
                                            "plain, or a .jinja file."),
-    train_on: str = option(pc, "train_on", "Loss on: assistant (every assistant turn and its end marker), last (the "
+    train_on: str = option(PREPARE_CHAT, "train_on", "Loss on: assistant (every assistant turn and its end marker), last (the "
                                            "final assistant turn), all."),
-    system: Optional[str] = option(pc, "system", "System prompt for conversations that have none."),
-    max_seq_length: int = option(pc, "max_seq_length", "Longest conversation in tokens; longer ones lose whole "
+    system: Optional[str] = option(PREPARE_CHAT, "system", "System prompt for conversations that have none."),
+    max_seq_length: int = option(PREPARE_CHAT, "max_seq_length", "Longest conversation in tokens; longer ones lose whole "
                                                         "exchanges (with --train_on last, the first ones)."),
-    val_size: Optional[int] = option(pc, "val_size", f"Conversations held out for validation; default "
-                                                     f"{prepare.DEFAULT_VAL_SIZE}."),
-    val_fraction: Optional[float] = option(pc, "val_fraction", "Fraction held out (instead of --val_size)."),
-    seed: int = option(pc, "seed", "Seed of the train/val split."),
-    overwrite: bool = overwrite_option(pc, "--destination"),
+    val_size: Optional[int] = option(PREPARE_CHAT, "val_size", val_size_help("Conversations")),
+    val_fraction: Optional[float] = option(PREPARE_CHAT, "val_fraction", "Fraction held out (instead of --val_size)."),
+    seed: int = option(PREPARE_CHAT, "seed", "Seed of the train/val split."),
+    overwrite: bool = overwrite_option(PREPARE_CHAT, "--destination"),
 ) -> None:
     """Render conversations with the model's chat template and mask the loss per token."""
+    from lit_lora.data import conversations
+
     meta = conversations.prepare_chat(checkpoint_dir, data_file, destination, template=template, train_on=train_on,
                                       system=system, max_seq_length=max_seq_length, val_size=val_size,
                                       val_fraction=val_fraction, seed=seed, overwrite=overwrite)
@@ -254,23 +341,26 @@ def prepare_chat(
 @subcommand("prepare-task", "prepare-task extract --checkpoint_dir checkpoints/smollm2-135m-instruct "
                             "--destination data/task-extract")
 def prepare_task(
-    name: str = typer.Argument(..., help=f"Built-in task: {', '.join(tasks.TASKS)} (dates, amounts and currencies "
+    name: str = typer.Argument(..., help=f"Built-in task: {', '.join(library_names('lit_lora.data.tasks', 'TASKS'))} (dates, amounts and currencies "
                                          f"out of a sentence, answered as YYYY-MM-DD;AMOUNT;CUR)."),
-    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Checkpoint whose tokenizer to use."),
+    checkpoint_dir: Path = checkpoint_option("Checkpoint whose tokenizer to use."),
     destination: Path = typer.Option(..., "--destination", help="Directory to write, e.g. data/task-extract."),
-    n_train: int = option(tasks.prepare_task, "n_train", "Training examples to generate."),
-    n_val: int = option(tasks.prepare_task, "n_val", "Held-out examples (templates, names and values no training "
+    n_train: int = option(PREPARE_TASK, "n_train", "Training examples to generate."),
+    n_val: int = option(PREPARE_TASK, "n_val", "Held-out examples (templates, names and values no training "
                                                      "example uses)."),
-    seed: int = option(tasks.prepare_task, "seed", "Seed of the generator."),
-    template: str = option(tasks.prepare_task, "template", "alpaca, chatml, plain, or auto (chatml for ChatML "
+    seed: int = option(PREPARE_TASK, "seed", "Seed of the generator."),
+    template: str = option(PREPARE_TASK, "template", "alpaca, chatml, plain, or auto (chatml for ChatML "
                                                            "tokenizers, else alpaca)."),
-    max_seq_length: int = option(tasks.prepare_task, "max_seq_length", "Longest example in tokens."),
-    overwrite: bool = overwrite_option(tasks.prepare_task, "--destination"),
+    max_seq_length: int = option(PREPARE_TASK, "max_seq_length", "Longest example in tokens."),
+    overwrite: bool = overwrite_option(PREPARE_TASK, "--destination"),
 ) -> None:
     """Generate a built-in task whose answers can be checked exactly, and prepare it (held-out split as val)."""
-    meta = tasks.prepare_task(name, checkpoint_dir, destination, n_train=n_train, n_val=n_val, seed=seed,
+    from lit_lora.data.prepare import summary
+    from lit_lora.data.tasks import prepare_task
+
+    meta = prepare_task(name, checkpoint_dir, destination, n_train=n_train, n_val=n_val, seed=seed,
                               template=template, max_seq_length=max_seq_length, overwrite=overwrite)
-    print("\n".join(prepare.summary(meta, destination)[0]))
+    print("\n".join(summary(meta, destination)[0]))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -303,51 +393,54 @@ def finetune_lora(
 
 
 # ------------------------------------------------------------------------------------------ generation, merge, export
+GENERATE, CHAT, MERGE = "lit_lora.generate:run_generate", "lit_lora.chat:run_chat", "lit_lora.merge:merge_checkpoint"
+EXPORT_HF, EXPORT_PEFT, EVALUATE = "lit_lora.export:export_hf", "lit_lora.export:export_peft", "lit_lora.evaluate:evaluate"
+
+
 @subcommand("generate", "generate --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
                         "out/lora/smollm2-135m-alpaca/final --prompt \"Give three tips for staying healthy.\"")
 @sampling_options
 def generate(
-    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
-    prompt: Optional[str] = option(gen.run_generate, "prompt", "The instruction to answer."),
-    input: str = option(gen.run_generate, "input", "Optional input/context for the instruction."),
-    prompts_file: Optional[Path] = option(gen.run_generate, "prompts_file", "Text file with one prompt per line, "
-                                          "generated as one left-padded batch (instead of --prompt)."),
-    lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="Adapter directory or file (ours or "
-                                                   "a PEFT adapter directory); repeat to answer with each in turn."),
-    template: str = option(gen.run_generate, "template", TEMPLATE_HELP),
-    system: Optional[str] = option(gen.run_generate, "system", "System prompt (needs a chat template)."),
-    sampling: gen.Sampling = gen.Sampling(),  # the --max_new_tokens... options, made one by sampling_options
-    seed: Optional[int] = option(gen.run_generate, "seed", "Random seed for sampling (per adapter)."),
-    num_samples: int = option(gen.run_generate, "num_samples", "Answers to generate per prompt."),
-    stream: bool = typer.Option(default(gen.run_generate, "stream"), "--stream/--no-stream",
-                                help="Print tokens as they are generated (single prompt only)."),
-    precision: str = option(gen.run_generate, "precision", "bf16-true, 32-true or auto (the faster on this "
-                                                           "machine, by a short matmul probe)."),
-    compile: bool = option(gen.run_generate, "compile", "torch.compile the model step (slow warm-up on CPU)."),
+    checkpoint_dir: Path = checkpoint_option(),
+    prompt: Optional[str] = option(GENERATE, "prompt", "The instruction to answer."),
+    input: str = option(GENERATE, "input", "Optional input/context for the instruction."),
+    prompts_file: Optional[Path] = option(GENERATE, "prompts_file", "Text file with one prompt per line, generated "
+                                                                    "as one left-padded batch (instead of --prompt)."),
+    lora_path: Optional[List[Path]] = lora_paths_option("Adapter directory or file (ours or a PEFT adapter "
+                                                        "directory); repeat to answer with each in turn."),
+    template: str = option(GENERATE, "template", template_help("single-turn, as prepare-alpaca writes them")),
+    system: Optional[str] = option(GENERATE, "system", "System prompt (needs a chat template)."),
+    sampling: Any = None,  # the --max_new_tokens... options, made one Sampling by sampling_options
+    seed: Optional[int] = option(GENERATE, "seed", "Random seed for sampling (per adapter)."),
+    num_samples: int = option(GENERATE, "num_samples", "Answers to generate per prompt."),
+    stream: bool = flag(GENERATE, "stream", "Print tokens as they are generated (single prompt only)."),
+    precision: str = option(GENERATE, "precision", PRECISION_HELP),
+    compile: bool = option(GENERATE, "compile", "torch.compile the model step (slow warm-up on CPU)."),
     verify: bool = verify_option(),
 ) -> None:
     """Generate text with a base checkpoint, optionally through one or more LoRA adapters.
 
     The answer goes to stdout; "Time for inference" and "Memory used" go to stderr.
     """
-    gen.run_generate(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file, lora_paths=lora_path or [],
-                     template=template, sampling=sampling, seed=seed, num_samples=num_samples, stream=stream,
-                     precision=precision, compile=compile, verify=verify, system=system)
+    from lit_lora.generate import run_generate
+
+    run_generate(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file, lora_paths=lora_path or [],
+                 template=template, sampling=sampling, seed=seed, num_samples=num_samples, stream=stream,
+                 precision=precision, compile=compile, verify=verify, system=system)
 
 
 @subcommand("chat", "chat --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path out/lora/a/final "
                     "--lora_path out/lora/b/final")
 @sampling_options
-def chat_command(
-    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
-    lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="Adapter directory (ours or PEFT's); "
-                                                   "repeat for several, then switch with /adapter NAME."),
-    template: str = option(chat.run_chat, "template", TEMPLATE_HELP.replace("single-turn, as prepare-alpaca writes "
-                                                                            "them", "their chat forms")),
-    system: Optional[str] = option(chat.run_chat, "system", "System prompt (change it with /system TEXT)."),
-    sampling: gen.Sampling = gen.Sampling(),  # the --max_new_tokens... options, made one by sampling_options
-    seed: Optional[int] = option(chat.run_chat, "seed", "Random seed for sampling."),
-    precision: str = option(chat.run_chat, "precision", "bf16-true, 32-true or auto (the faster on this machine)."),
+def chat(
+    checkpoint_dir: Path = checkpoint_option(),
+    lora_path: Optional[List[Path]] = lora_paths_option("Adapter directory (ours or PEFT's); repeat for several, "
+                                                        "then switch with /adapter NAME."),
+    template: str = option(CHAT, "template", template_help("their chat forms")),
+    system: Optional[str] = option(CHAT, "system", "System prompt (change it with /system TEXT)."),
+    sampling: Any = None,  # the --max_new_tokens... options, made one Sampling by sampling_options
+    seed: Optional[int] = option(CHAT, "seed", "Random seed for sampling."),
+    precision: str = option(CHAT, "precision", PRECISION_HELP),
     verify: bool = verify_option(),
 ) -> None:
     """Talk with a model and its adapters, turn by turn: one message per line, from a terminal or a pipe.
@@ -355,33 +448,38 @@ def chat_command(
     Commands: /reset, /system TEXT, /adapter NAME (an index, the path given, or base), /help, /exit. Answers go to
     stdout; notes (switches, dropped turns, errors in a message) go to stderr.
     """
-    chat.run_chat(checkpoint_dir, lora_paths=lora_path or [], template=template, system=system, sampling=sampling,
-                  seed=seed, precision=precision, verify=verify)
+    from lit_lora.chat import run_chat
+
+    run_chat(checkpoint_dir, lora_paths=lora_path or [], template=template, system=system, sampling=sampling,
+             seed=seed, precision=precision, verify=verify)
 
 
 @subcommand("merge-lora", "merge-lora --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
                           "out/lora/smollm2-135m-alpaca/final --out checkpoints/smollm2-alpaca-merged")
 def merge_lora(
-    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint the adapter was trained on."),
+    checkpoint_dir: Path = checkpoint_option("Base checkpoint the adapter was trained on."),
     lora_path: Path = typer.Option(..., "--lora_path", help="Adapter directory or file (ours or PEFT's)."),
     out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME-merged."),
-    dtype: Optional[str] = option(merge.merge_checkpoint, "dtype", "bf16, fp16 or fp32; default: the base's dtype."),
-    overwrite: bool = overwrite_option(merge.merge_checkpoint),
+    dtype: Optional[str] = dtype_option(MERGE, "the base's dtype"),
+    overwrite: bool = overwrite_option(MERGE),
     verify: bool = verify_option(),
 ) -> None:
     """Fold a LoRA adapter into the base weights (W + alpha/r B A) and write a standalone checkpoint."""
-    merged = merge.merge_checkpoint(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify)
-    print(f"wrote {merged}")
+    from lit_lora.merge import merge_checkpoint
+
+    print(f"wrote {merge_checkpoint(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify)}")
 
 
 @subcommand("export-hf", "export-hf --checkpoint_dir checkpoints/smollm2-alpaca-merged --out hf/smollm2-alpaca")
 def export_hf(
-    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Checkpoint to export (merge adapters first)."),
+    checkpoint_dir: Path = checkpoint_option("Checkpoint to export (merge adapters first)."),
     out: Path = out_option("Hugging Face model directory to create."),
-    overwrite: bool = overwrite_option(export.export_hf),
+    overwrite: bool = overwrite_option(EXPORT_HF),
     verify: bool = verify_option(),
 ) -> None:
     """Write a checkpoint as a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
+    from lit_lora import export
+
     print(f"wrote {export.export_hf(checkpoint_dir, out, overwrite=overwrite, verify=verify)}")
 
 
@@ -390,12 +488,14 @@ def export_hf(
 def export_peft(
     lora_path: Path = typer.Option(..., "--lora_path", help="Adapter directory or file to export."),
     out: Path = out_option("PEFT adapter directory to create."),
-    base_model_name_or_path: Optional[str] = option(export.export_peft, "base_model_name_or_path", "Hub id or path "
-                                                    "of the HF base recorded in adapter_config.json."),
-    overwrite: bool = overwrite_option(export.export_peft),
+    base_model_name_or_path: Optional[str] = option(EXPORT_PEFT, "base_model_name_or_path", "Hub id or path of the "
+                                                    "HF base recorded in adapter_config.json."),
+    overwrite: bool = overwrite_option(EXPORT_PEFT),
     verify: bool = verify_option(),
 ) -> None:
     """Write an adapter as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
+    from lit_lora import export
+
     written = export.export_peft(lora_path, out, base_model_name_or_path=base_model_name_or_path,
                                  overwrite=overwrite, verify=verify)
     print(f"wrote {written}")
@@ -405,20 +505,21 @@ def export_peft(
 @subcommand("evaluate", "evaluate --checkpoint_dir checkpoints/smollm2-135m-instruct --data data/task-extract "
                         "--lora_path out/lora/smollm2-135m-task/final --limit 200")
 def evaluate(
-    checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint directory (checkpoints/NAME)."),
+    checkpoint_dir: Path = checkpoint_option(),
     data: Path = typer.Option(..., "--data", help="A prepared directory (any prepare-* output) or a raw "
                                                   "Alpaca/Dolly/JSON(L) file with reference outputs."),
-    lora_path: Optional[List[Path]] = typer.Option(None, "--lora_path", help="Adapter to score beside the base; "
-                                                   "repeat for several (the base is loaded once)."),
-    split: str = option(ev.evaluate, "split", "Split of a prepared directory: val or train."),
-    metric: str = option(ev.evaluate, "metric", "loss, exact_match or both."),
-    limit: Optional[int] = option(ev.evaluate, "limit", "Score only the first N examples; default: all."),
-    batch_size: int = option(ev.evaluate, "batch_size", "Examples per forward pass and per generation batch."),
-    max_new_tokens: int = option(ev.evaluate, "max_new_tokens", "Most tokens per generated answer."),
-    template: str = option(ev.evaluate, "template", "For a raw file: " + TEMPLATE_HELP),
-    precision: str = option(ev.evaluate, "precision", "auto, bf16-mixed, bf16-true or 32-true."),
-    baseline: Optional[Path] = option(ev.evaluate, "baseline", "An earlier --out on the same examples: its models are "
-                                                               "shown first and not scored again (before/after)."),
+    lora_path: Optional[List[Path]] = lora_paths_option("Adapter to score beside the base; repeat for several (the "
+                                                        "base is loaded once)."),
+    split: str = option(EVALUATE, "split", "Split of a prepared directory: val or train."),
+    metric: str = option(EVALUATE, "metric", "loss, exact_match or both."),
+    limit: Optional[int] = option(EVALUATE, "limit", "Score only the first N examples; default: all."),
+    batch_size: int = option(EVALUATE, "batch_size", "Examples per forward pass and per generation batch."),
+    max_new_tokens: int = option(EVALUATE, "max_new_tokens", "Most tokens per generated answer."),
+    template: str = option(EVALUATE, "template", "For a raw file: " + template_help("single-turn, as prepare-alpaca "
+                                                                                  "writes them")),
+    precision: str = option(EVALUATE, "precision", "auto, bf16-mixed, bf16-true or 32-true."),
+    baseline: Optional[Path] = option(EVALUATE, "baseline", "An earlier --out on the same examples: its models are "
+                                                            "shown first and not scored again (before/after)."),
     verify: bool = verify_option(),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as one JSON object instead of a table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores and every prediction beside its "
@@ -427,6 +528,7 @@ def evaluate(
     """Score the base model and its adapters on the same examples: loss, perplexity and exact match."""
     import json
 
+    from lit_lora import evaluate as ev
     from lit_lora.fileio import write_json
 
     result = ev.evaluate(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric, limit=limit,

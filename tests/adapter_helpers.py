@@ -1,13 +1,10 @@
 """Adapters for tests, built directly (no training): random LoRA tensors written with write_adapter_files."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from lit_lora import cli
 from lit_lora.adapter import write_adapter_files
 from lit_lora.checkpoint import load_model
 from lit_lora.fileio import atomic_dir
@@ -30,12 +27,3 @@ def make_adapter(checkpoint_dir: Path, out: Path, seed: int = 0, targets=("query
     with atomic_dir(out) as tmp:
         write_adapter_files(tmp, model, checkpoint_dir, {"template": template})
     return out
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `lit-lora ARGS`, run in this process."""
-    monkeypatch.setattr(sys, "argv", ["lit-lora", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,27 @@ def make_tiny_checkpoint(directory: Path, seed: int = 0, dtype: torch.dtype = to
     model = LLaMA(tiny_config(Tokenizer(tok_dir).vocab_size, **overrides))
     model.init_weights(seed)
     return save_checkpoint(directory, model.to(dtype), tok_dir, source="tests: random tiny model")
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `lit-lora ARGS`, run in this process (a subprocess would import torch again)."""
+    from lit_lora import cli
+
+    monkeypatch.setattr(sys, "argv", ["lit-lora", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_.value.code or 0, captured.out, captured.err
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models run faster on one thread; and no `precision: auto` probe (nor its line on stderr)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("LIT_LORA_AUTO_PRECISION", "32-true")
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

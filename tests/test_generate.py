@@ -5,7 +5,8 @@ import io
 
 import pytest
 import torch
-from adapter_helpers import make_adapter, run_cli
+from adapter_helpers import make_adapter
+from conftest import run_cli
 
 from lit_lora.checkpoint import load_model
 from lit_lora.prompts.builtin import BUILTINS
@@ -13,6 +14,8 @@ from lit_lora.errors import UserError
 from lit_lora.generate import Sampling, TextStream, generate_tokens, run_generate, sample
 from lit_lora.lora import LoRAConfig
 from lit_lora.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 GREEDY = Sampling(max_new_tokens=20, temperature=0)
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from adapter_helpers import make_adapter, run_cli
+from adapter_helpers import make_adapter
+from conftest import run_cli
 
 from lit_lora.checkpoint import load_model
 from lit_lora.data.prepare import prepare, split_indices
@@ -26,13 +27,7 @@ from lit_lora.fileio import iter_safetensors, sha256_file
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("LIT_LORA_AUTO_PRECISION", "32-true")  # no precision probe (and no line about it)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

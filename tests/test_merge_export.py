@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 import torch
-from adapter_helpers import make_adapter, run_cli
+from adapter_helpers import make_adapter
+from conftest import run_cli
 from conftest import make_tiny_checkpoint
 
 from lit_lora.adapter import load_adapter

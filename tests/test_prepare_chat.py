@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from lit_lora.data.conversations import prepare_chat
-from test_data import run_cli
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.tokenizer import Tokenizer
 
@@ -152,7 +152,7 @@ BAD_INPUT = {  # name: (records or None, extra args, words of the error)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, case):
+def test_bad_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys, case):
     records, extra, words = BAD_INPUT[case]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records) if records else CHATS.read_text())
@@ -167,10 +167,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, cap
     args = {"--checkpoint_dir": str(tiny_checkpoint), "--data_file": str(data), "--destination": str(tmp_path / "out")}
     for flag, value in zip(extra[::2], extra[1::2]):
         args[flag] = replace.get(value, value)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(["prepare-chat", *[x for pair in args.items() for x in pair]])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    code, _, err = run_cli(monkeypatch, capsys, "prepare-chat", *[x for pair in args.items() for x in pair])
+    err = err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
     for word in words:
         assert word in err
     assert not (tmp_path / "out").exists()

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_helpers import run_cli
-from test_finetune import TINY, adapter, one_thread, prepared, run, tiny_args  # noqa: F401  (fixtures)
+from conftest import run_cli
+from test_finetune import TINY, adapter, prepared, run, tiny_args  # noqa: F401  (fixtures)
 
 from lit_lora.train_state import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 # Saves step-000002 and step-000004 of 6 steps; dropout on, so an inexact resume would show.
 COMMON = ("--train.save_interval=2", "--lora.dropout=0.1", "--eval.interval=100")
