@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapter_helpers import make_adapter
+from adapter_helpers import make_adapter, run_cli
 from lit_lora.adapter import ADAPTER_CONFIG
 from lit_lora.chat import run_chat
 from lit_lora.chat_template import ChatTemplate
@@ -22,6 +22,7 @@ from lit_lora.generate import Sampling, complete, prompt_format, run_generate
 from lit_lora.merge import merge_checkpoint
 from lit_lora.tokenizer import Tokenizer
 from test_finetune import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
+from test_integrity import snapshot
 
 # ChatML with a generation prompt and a default system prompt, as SmolLM2's (the tiny checkpoint's own has neither).
 CHAT_SOURCE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
@@ -234,3 +235,13 @@ def test_text_that_is_not_utf8_is_refused(tiny_checkpoint, adapters, tmp_path):
     session, _, log = chat(tiny_checkpoint, adapters[:1], ["h\udcffi", "/nope", "hello", "/exit"])
     assert "error: this message is not valid UTF-8" in log and "unknown command /nope" in log
     assert [m["content"] for m in session.history[::2]] == ["hello"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("option", ["--temperature", "--top_p"])
+def test_a_sampling_option_that_is_not_finite_is_one_line(tiny_checkpoint, monkeypatch, capsys, option):
+    before = snapshot(tiny_checkpoint)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    code, out, err = run_cli(monkeypatch, capsys, "chat", "--checkpoint_dir", tiny_checkpoint, option, "nan")
+    assert (code, out, err) == (2, "", f"error: {option} must be a finite number, got nan\n")
+    assert snapshot(tiny_checkpoint) == before
