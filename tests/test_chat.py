@@ -238,6 +238,21 @@ def test_text_that_is_not_utf8_is_refused(tiny_checkpoint, adapters, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+def test_a_pipe_with_no_answered_message_exits_2(tiny_checkpoint, adapters, monkeypatch, capsys):
+    """Each refused message keeps its own line, and the last line says that nothing was answered."""
+    before = snapshot(tiny_checkpoint, *adapters)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world " * 200 + "\n/nope\nh\udcffi\n"))
+    code, out, err = run_cli(monkeypatch, capsys, "chat", "--checkpoint_dir", tiny_checkpoint, "--lora_path",
+                             adapters[0], "--temperature", 0, "--max_new_tokens", 4, "--precision", "32-true")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert len(errors) == 3 and errors[0].startswith("error: this message needs")
+    assert errors[1].startswith("error: this message is not valid UTF-8") and "unknown command /nope" in err
+    assert err.splitlines()[-1] == errors[2] == ("error: no message was answered (2 refused, each error is above); "
+                                                "fix them and send them again")
+    assert snapshot(tiny_checkpoint, *adapters) == before
+
+
 @pytest.mark.parametrize("option", ["--temperature", "--top_p"])
 def test_a_sampling_option_that_is_not_finite_is_one_line(tiny_checkpoint, monkeypatch, capsys, option):
     before = snapshot(tiny_checkpoint)
