@@ -363,13 +363,14 @@ def chat_command(
                           "out/lora/smollm2-135m-alpaca/final --out checkpoints/smollm2-alpaca-merged")
 def merge_lora(
     checkpoint_dir: Path = typer.Option(..., "--checkpoint_dir", help="Base checkpoint the adapter was trained on."),
-    lora_path: Path = typer.Option(..., "--lora_path", help="Adapter directory or file (ours or PEFT's)."),
+    lora_path: List[Path] = typer.Option(..., "--lora_path", help="Adapter directory or file (ours or PEFT's); "
+                                         "repeat to merge several, in order, into one checkpoint."),
     out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME-merged."),
     dtype: Optional[str] = option(merge.merge_checkpoint, "dtype", "bf16, fp16 or fp32; default: the base's dtype."),
     overwrite: bool = overwrite_option(merge.merge_checkpoint),
     verify: bool = verify_option(),
 ) -> None:
-    """Fold a LoRA adapter into the base weights (W + alpha/r B A) and write a standalone checkpoint."""
+    """Fold LoRA adapters into the base weights (W + alpha/r B A each) and write a standalone checkpoint."""
     merged = merge.merge_checkpoint(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify)
     print(f"wrote {merged}")
 
