@@ -428,13 +428,9 @@ def evaluate(
     """Score the base model and its adapters on the same examples: loss, perplexity and exact match."""
     import json
 
-    from lit_lora.fileio import write_json
-
     result = ev.evaluate(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric, limit=limit,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
-                         precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty())
-    if out is not None:
-        write_json(out, result)
+                         precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty(), out=out)
     summary = {k: v for k, v in result.items() if k != "predictions"}
     print(json.dumps(summary, indent=2) if json_output else ev.format_table(result))
 

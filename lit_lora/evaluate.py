@@ -33,6 +33,7 @@ from lit_lora.data.readers import load_json_records
 from lit_lora.device import PRECISIONS, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
+from lit_lora.fileio import check_file_destination, write_json
 from lit_lora.generate import PromptFormat, Sampling, complete, prompt_format
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
@@ -115,10 +116,12 @@ def evaluate(
     checkpoint_dir: Path, data: Path, lora_paths: list[Path] = (), split: str = "val", metric: str = "both",
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 64, template: str = "auto",
     precision: str = "auto", verify: bool = True, baseline: Path | None = None, progress: bool = True,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}.
 
     `baseline`: an earlier result (`--out`) on the same examples; its models are shown first and not scored again.
+    `out`: a JSON file to write the result to, checked before the work and written at once when it is done.
     """
     if metric not in METRICS:
         raise UserError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -127,6 +130,8 @@ def evaluate(
             raise UserError(f"{name} must be >= 1, got {value}")
     if precision != "auto" and precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}; use auto or one of {', '.join(PRECISIONS)}")
+    if out is not None:
+        check_file_destination(out, [checkpoint_dir, data, baseline, *lora_paths])
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify=verify)) for p in lora_paths]
     recorded = next((meta for *_, meta in adapters if any(recorded_prompt(meta).values())), load_info(checkpoint_dir))
@@ -169,7 +174,10 @@ def evaluate(
     if metric != "loss":
         result["predictions"] = [{"prompt": p, "reference": r, "answers": {s.name: s.answers[i] for s in scores}}
                                  for i, (p, r) in enumerate(zip(prompts, references))]
-    return merge_baseline(earlier, result) if earlier else result
+    result = merge_baseline(earlier, result) if earlier else result
+    if out is not None:
+        write_json(out, result)
+    return result
 
 
 def read_baseline(path: Path, data: Path, split: str, n: int, metric: str) -> dict[str, Any]:
