@@ -199,3 +199,32 @@ def test_out_that_is_an_input_or_cannot_be_written_is_refused_first(tiny_checkpo
                                       "--data", data, "--baseline", baseline, "--out", out)
         assert message in err, err
     assert not (tmp_path / "missing").exists()
+
+
+def test_baseline_is_matched_by_the_examples_not_the_path(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from lit_lora.data.prepare import prepare
+
+    def records(answer: str) -> str:
+        return json.dumps([{"instruction": f"n {i}", "output": answer} for i in range(3)])
+
+    (tmp_path / "r.json").write_text(records("x"))
+    prepare(tiny_checkpoint, tmp_path / "data", data_file=tmp_path / "r.json", val_size=0)
+    kwargs = dict(split="train", metric="loss", precision="32-true", progress=False)
+    evaluate(tiny_checkpoint, tmp_path / "data", out=tmp_path / "base.json", **kwargs)
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")  # the same data at another path: the baseline holds
+    again = evaluate(tiny_checkpoint, tmp_path / "moved", baseline=tmp_path / "base.json", **kwargs)
+    assert again["models"] == json.loads((tmp_path / "base.json").read_text())["models"]
+
+    (tmp_path / "r.json").write_text(records("y"))  # prepared again, at the same path, with other answers
+    prepare(tiny_checkpoint, tmp_path / "data", data_file=tmp_path / "r.json", val_size=0, overwrite=True)
+    old = json.loads((tmp_path / "base.json").read_text())
+    del old["examples_sha256"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    for baseline, message in [("base.json", "scored other examples (as many, with other content"),
+                              ("old.json", "records no hash of the examples it scored")]:
+        before = snapshot(tmp_path)
+        code, out, err = run_cli(monkeypatch, capsys, "evaluate", "--checkpoint_dir", tiny_checkpoint, "--data",
+                                 tmp_path / "data", "--split", "train", "--metric", "loss", "--precision", "32-true",
+                                 "--baseline", tmp_path / baseline, "--out", tmp_path / "new.json")
+        assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert snapshot(tmp_path) == before and not (tmp_path / "new.json").exists()
