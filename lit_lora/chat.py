@@ -130,7 +130,10 @@ def run_chat(
     sampling: Sampling = Sampling(), seed: int | None = None, precision: str = "auto", verify: bool = True,
     input: TextIO | None = None, out: TextIO | None = None, log: TextIO | None = None,
 ) -> ChatSession:
-    """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input."""
+    """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input.
+
+    A refused message or command is an `error:` line on `log` and the session goes on; a pipe none of whose
+    messages was answered ends in a UserError (exit code 2), so that a script notices."""
     input, out, log = input or sys.stdin, out or sys.stdout, log or sys.stderr
     check_precision(precision, GENERATE_PRECISIONS)
     # Everything that can be refused (templates, adapters, the token budget) is checked before the model loads.
@@ -146,9 +149,19 @@ def run_chat(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     session = ChatSession(model, tokenizer, adapters, sampling, system=system, generator=generator)
     session.switch(adapters[1] if len(adapters) > 1 else adapters[0])
-    interactive = input.isatty()
     print(f"chatting with {session.active.name} ({session.active.format.name}); "
           f"{HELP.format(names=session.names())}", file=log, flush=True)
+    asked, answered = converse(session, input, out, log)
+    if asked and not answered and not input.isatty():  # a script sees its failure in the exit code, not only on stderr
+        raise UserError(f"no message was answered ({asked} refused, each error is above); fix them and send them again")
+    return session
+
+
+def converse(session: ChatSession, input: TextIO, out: TextIO, log: TextIO) -> tuple[int, int]:
+    """Answer the messages and run the commands of `input`, one per line, until /exit or the end of the input;
+    returns (messages sent, messages answered)."""
+    interactive = input.isatty()
+    asked = answered = 0
     while True:
         if interactive:
             print("> ", end="", file=out, flush=True)
@@ -161,7 +174,9 @@ def run_chat(
                 if not session.command(line, log):
                     break
             elif line:
+                asked += 1
                 session.ask(line, out, log)
+                answered += 1
         except UserError as e:  # a bad command or an over-long message ends nothing but itself
             print(f"error: {e}", file=log, flush=True)
-    return session
+    return asked, answered

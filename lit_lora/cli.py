@@ -457,14 +457,15 @@ def chat(
 @subcommand("merge-lora", "merge-lora --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
                           "out/lora/smollm2-135m-alpaca/final --out checkpoints/smollm2-alpaca-merged")
 def merge_lora(
-    checkpoint_dir: Path = checkpoint_option("Base checkpoint the adapter was trained on."),
-    lora_path: Path = typer.Option(..., "--lora_path", help="Adapter directory or file (ours or PEFT's)."),
+    checkpoint_dir: Path = checkpoint_option("Base checkpoint the adapters were trained on."),
+    lora_path: List[Path] = typer.Option(..., "--lora_path", metavar="<path>", help="Adapter directory or file (ours "
+                                         "or PEFT's); repeat to merge several, in order, into one checkpoint."),
     out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME-merged."),
     dtype: Optional[str] = dtype_option(MERGE, "the base's dtype"),
     overwrite: bool = overwrite_option(MERGE),
     verify: bool = verify_option(),
 ) -> None:
-    """Fold a LoRA adapter into the base weights (W + alpha/r B A) and write a standalone checkpoint."""
+    """Fold LoRA adapters into the base weights (W + alpha/r B A each) and write a standalone checkpoint."""
     from lit_lora.merge import merge_checkpoint
 
     print(f"wrote {merge_checkpoint(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify)}")
@@ -529,13 +530,10 @@ def evaluate(
     import json
 
     from lit_lora import evaluate as ev
-    from lit_lora.fileio import write_json
 
     result = ev.evaluate(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric, limit=limit,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
-                         precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty())
-    if out is not None:
-        write_json(out, result)
+                         precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty(), out=out)
     summary = {k: v for k, v in result.items() if k != "predictions"}
     print(json.dumps(summary, indent=2) if json_output else ev.format_table(result))
 

@@ -13,6 +13,7 @@ file (or conversations), prepared on the fly with the checkpoint's tokenizer and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,6 +34,7 @@ from lit_lora.data.readers import is_conversation, load_json_records
 from lit_lora.device import PRECISIONS, check_precision, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
+from lit_lora.fileio import check_file_destination, write_json
 from lit_lora.generate import Sampling, complete
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
@@ -97,6 +100,17 @@ def open_data(data: Path, split: str, checkpoint_dir: Path, tokenizer: Tokenizer
         yield PreparedDataset(Path(tmp) / "data", "train")  # every record of the file, in its order
 
 
+def examples_hash(dataset: PreparedDataset, n: int) -> str:
+    """sha256 of the first n examples as scored: their tokens, loss targets, boundaries and prompt lengths. The same
+    for the same data wherever it lies; another once the data is prepared again with other content (another file,
+    template or split)."""
+    digest = hashlib.sha256()
+    end = int(dataset.offsets[n])
+    for array in (dataset.tokens[:end], dataset.targets[:end], dataset.offsets[: n + 1], dataset.prompt_lengths[:n]):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def examples(dataset: PreparedDataset, n: int, eos_id: int | None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reference ids) of the first n examples. The reference is the run of target tokens after the
     prompt (a conversation's last answer, not the template's text after it), without a final EOS."""
@@ -116,10 +130,12 @@ def evaluate(
     checkpoint_dir: Path, data: Path, lora_paths: list[Path] = (), split: str = "val", metric: str = "both",
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 64, template: str = "auto",
     precision: str = "auto", verify: bool = True, baseline: Path | None = None, progress: bool = True,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}.
 
     `baseline`: an earlier result (`--out`) on the same examples; its models are shown first and not scored again.
+    `out`: a JSON file to write the result to, checked before the work and written at once when it is done.
     """
     if metric not in METRICS:
         raise UserError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -127,6 +143,8 @@ def evaluate(
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     check_precision(precision)
+    if out is not None:
+        check_file_destination(out, [checkpoint_dir, data, baseline, *lora_paths])
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify=verify)) for p in lora_paths]
     recorded = next((meta for *_, meta in adapters if any(recorded_prompt(meta).values())), load_info(checkpoint_dir))
@@ -141,7 +159,8 @@ def evaluate(
             raise UserError(f"{data} holds conversations whose answers cannot be located (prepared with --train_on all "
                             f"and a template that hides its turns), so there is nothing to generate from; use "
                             f"--metric loss")
-        earlier = read_baseline(baseline, data, split, n, metric) if baseline else None
+        digest = examples_hash(dataset, n)
+        earlier = read_baseline(baseline, digest, n, metric) if baseline else None
         precision = resolve_precision(precision)
         model = load_model(checkpoint_dir, PRECISIONS[precision][0], verify=verify).eval()
         # (score, adapter or None for the base); a base the baseline already scored is not scored again
@@ -164,25 +183,34 @@ def evaluate(
             s.exact_match = sum(a.strip() == r.strip() for a, r in zip(s.answers, references)) / n
             s.exact_match_normalized = sum(normalize(a) == normalize(r) for a, r in zip(s.answers, references)) / n
             s.stopped = sum(s.stops) / n
-    result = {"checkpoint_dir": str(checkpoint_dir), "data": str(data), "split": split, "n": n, "precision": precision,
-              "models": [s.row() for s in scores]}
+    result = {"checkpoint_dir": str(checkpoint_dir), "data": str(data), "split": split, "n": n,
+              "examples_sha256": digest, "precision": precision, "models": [s.row() for s in scores]}
     if metric != "loss":
         result["predictions"] = [{"prompt": p, "reference": r, "answers": {s.name: s.answers[i] for s in scores}}
                                  for i, (p, r) in enumerate(zip(prompts, references))]
-    return merge_baseline(earlier, result) if earlier else result
+    result = merge_baseline(earlier, result) if earlier else result
+    if out is not None:
+        write_json(out, result)
+    return result
 
 
-def read_baseline(path: Path, data: Path, split: str, n: int, metric: str) -> dict[str, Any]:
-    """An earlier `--out` result, checked to be on the same examples and to hold what this run reports."""
+def read_baseline(path: Path, digest: str, n: int, metric: str) -> dict[str, Any]:
+    """An earlier `--out` result, checked to be on the same examples (by their hash, wherever the data lies) and
+    to hold what this run reports."""
     try:
         earlier = json.loads(Path(path).read_text())
-        same = (earlier["data"], earlier["split"], earlier["n"]) == (str(data), split, n)
-        models = earlier["models"]
+        scored, recorded, models = earlier["n"], earlier.get("examples_sha256"), earlier["models"]
+        where = f"{earlier['data']}, split {earlier['split']}"
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--baseline {path} is not an evaluate --out file: {e}") from None
-    if not same:
-        raise UserError(f"--baseline {path} scored other examples ({earlier['data']}, split {earlier['split']}, "
-                        f"{earlier['n']} examples); evaluate the same --data, --split and --limit")
+    if recorded is None:
+        raise UserError(f"--baseline {path} records no hash of the examples it scored (an older lit-lora wrote it); "
+                        f"evaluate its models again with --out")
+    if (scored, recorded) != (n, digest):
+        why = (f"{scored} examples, this run {n}" if scored != n
+               else "as many, with other content: other data, or data prepared again differently")
+        raise UserError(f"--baseline {path} scored other examples ({why}; it scored {where}); evaluate the same data, "
+                        f"--split and --limit")
     if metric != "loss" and "predictions" not in earlier:
         raise UserError(f"--baseline {path} has no exact-match predictions; score it with --metric both")
     return earlier

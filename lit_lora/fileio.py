@@ -74,6 +74,31 @@ def check_destination(out: Path, overwrite: bool = False, inputs: Iterable[Path 
                             f"another {flag} or remove it yourself")
 
 
+def check_file_destination(out: Path, inputs: Iterable[Path | None] = (), flag: str = "--out") -> None:
+    """Refuse (UserError) a file to write that cannot be written, or whose writing would lose data: a directory
+    that is missing, not a directory or not writable; a path that is a directory; one of `inputs` (however spelled,
+    or a hard link to it), or a path inside an input directory."""
+    out = Path(out)
+    folder = out.parent
+    if not folder.is_dir():
+        problem = "is not a directory" if folder.exists() else "does not exist"
+        raise UserError(f"{flag} {out}: the directory {folder} {problem}; create it or choose another {flag}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: cannot write in the directory {folder} (permission denied); choose another "
+                        f"{flag}")
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a directory; name a file, e.g. {flag} {out / 'scores.json'}")
+    target = out.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        resolved = Path(source).resolve()
+        if target == resolved or out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            raise UserError(f"{flag} {out} is the input {source}; writing it would destroy it, choose another {flag}")
+        if resolved in target.parents:
+            raise UserError(f"{flag} {out} is inside the input {source}; choose a {flag} outside it")
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -15,9 +15,10 @@ checkpoint `merge-lora` writes, so both give the same greedy output.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, TextIO
 
@@ -41,6 +42,10 @@ class Sampling:
     top_p: float = 1.0  # nucleus sampling; 1 keeps everything top_k kept
 
     def __post_init__(self) -> None:
+        for option in fields(self):  # NaN slips through any `value < bound` check, infinity through lower bounds
+            value = getattr(self, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{option.name} must be a finite number, got {value}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

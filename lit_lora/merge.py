@@ -1,12 +1,15 @@
-"""merge-lora: fold an adapter into a checkpoint, W' = W + s * B A, streaming one tensor at a time.
+"""merge-lora: fold adapters into a checkpoint, W' = W + s1 B1 A1 + s2 B2 A2 ..., streaming one tensor at a time.
 
 The arithmetic is `lora.merged_weight`, the same that `adapter.merge_adapter` applies to a model in memory
-for `generate`, so a merged checkpoint and a base with the adapter merged at generation time hold
-bit-identical weights.
+for `generate`, so a checkpoint merged with one adapter and a base with that adapter merged at generation time
+hold bit-identical weights. Several adapters are summed in fp32 and rounded to the output dtype once.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from lit_lora.adapter import load_checked_adapter, lora_pairs
 from lit_lora.checkpoint import ShardWriter, finish_checkpoint, iter_weights, load_config
@@ -18,33 +21,73 @@ from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE
 from lit_lora.prompts.format import recorded_prompt
 
 
-def merge_checkpoint(checkpoint_dir: Path, lora_path: Path, out: Path, dtype: str | None = None,
+def merge_checkpoint(checkpoint_dir: Path, lora_paths: Path | list[Path], out: Path, dtype: str | None = None,
                      overwrite: bool = False, verify: bool = True) -> Path:
-    """Write base + adapter as a standalone checkpoint, one tensor at a time (peak memory ~ one shard).
+    """Write base + adapters (one path or several, merged in order) as a standalone checkpoint, one tensor at a
+    time (peak memory ~ one shard).
 
-    `dtype` (bf16, fp16, fp32) converts the output; by default every tensor keeps the base's dtype. `verify`
-    checks the base's weights files and the adapter's against their recorded sha256 as they are read.
+    Each adapter is checked against the base, and those that record a prompt format must record the same one: the
+    merged checkpoint records it. `dtype` (bf16, fp16, fp32) converts the output; by default every tensor keeps the
+    base's dtype. `verify` checks the base's weights files and the adapters' against their recorded sha256 as they
+    are read.
     """
+    lora_paths = [lora_paths] if isinstance(lora_paths, (str, Path)) else list(lora_paths)
+    if not lora_paths:
+        raise UserError("pass at least one --lora_path")
     dtype = parse_dtype(dtype)
     config = load_config(checkpoint_dir)
-    lora_config, state, adapter_meta = load_checked_adapter(lora_path, checkpoint_dir, config, verify=verify)
-    prompt = recorded_prompt(adapter_meta)
-    pairs = lora_pairs(state)
+    adapters = [load_checked_adapter(path, checkpoint_dir, config, verify=verify) for path in lora_paths]
+    prompt = shared_prompt(lora_paths, [meta for *_, meta in adapters])
+    updates = [(lora_pairs(state), lora_config.scaling) for lora_config, state, _ in adapters]
     out_dtype = None
-    with atomic_dir(out, overwrite, inputs=[checkpoint_dir, lora_path]) as tmp:
+    with atomic_dir(out, overwrite, inputs=[checkpoint_dir, *lora_paths]) as tmp:
         writer = ShardWriter(tmp)
         for name, tensor in iter_weights(checkpoint_dir, verify=verify):
-            if name in pairs:
-                tensor = merged_weight(tensor, *pairs.pop(name), lora_config.scaling, dtype)
-            elif dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
+            tensor = merged(tensor, [(*pairs.pop(name), s) for pairs, s in updates if name in pairs], dtype)
             out_dtype = out_dtype or tensor.dtype
             writer.add(name, tensor)
-        if pairs:  # check_adapter_fits saw these layers in the config, so the checkpoint lacks them
-            raise UserError(f"{checkpoint_dir} has no tensors {sorted(pairs)[:2]} that the adapter updates; "
+        missing = sorted(name for pairs, _ in updates for name in pairs)
+        if missing:  # check_adapter_fits saw these layers in the config, so the checkpoint lacks them
+            raise UserError(f"{checkpoint_dir} has no tensors {missing[:2]} that the adapters update; "
                             f"the checkpoint is incomplete, convert it again")
-        finish_checkpoint(tmp, writer, config, out_dtype, source=f"merge-lora: {checkpoint_dir} + {lora_path}",
-                          tokenizer_src=checkpoint_dir, extra=prompt)
+        source = " + ".join(map(str, [checkpoint_dir, *lora_paths]))
+        finish_checkpoint(tmp, writer, config, out_dtype, source=f"merge-lora: {source}", tokenizer_src=checkpoint_dir,
+                          extra=prompt)
         if prompt["chat_template"]:  # served anywhere (HF export included) with the template it was trained in
             atomic_write_bytes(tmp / CHAT_TEMPLATE_FILE, prompt["chat_template"]["source"].encode())
     return Path(out)
+
+
+def merged(weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]],
+           dtype: torch.dtype | None) -> torch.Tensor:
+    """W + s1 B1 A1 + s2 B2 A2 ... for updates (A, B, s), summed in fp32 and rounded once, to `dtype` or W's own.
+    One update is exactly `merged_weight`, which is what generate merges."""
+    if not updates:
+        return weight.to(dtype) if dtype is not None and weight.is_floating_point() else weight
+    total = weight.float()
+    for A, B, scaling in updates:
+        total = merged_weight(total, A, B, scaling)  # fp32 in, fp32 out
+    return total.to(dtype or weight.dtype)
+
+
+def shared_prompt(lora_paths: list[Path], metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prompt format the adapters were trained in, for the merged checkpoint to record. Adapters that record
+    none (PEFT's) take any; two that record different ones cannot be asked in one, so they are refused."""
+    recorded = [(path, recorded_prompt(meta)) for path, meta in zip(lora_paths, metas)
+                if any(recorded_prompt(meta).values())]
+    if not recorded:
+        return recorded_prompt({})
+    (first, shared), *others = recorded
+    for path, prompt in others:
+        if prompt != shared:
+            same_name = " (the same name, other text)" if describe(prompt) == describe(shared) else ""
+            raise UserError(f"the adapters were trained in different prompt formats ({first}: {describe(shared)}; "
+                            f"{path}: {describe(prompt)}{same_name}); merge only adapters trained in the same format")
+    return shared
+
+
+def describe(prompt: dict[str, Any]) -> str:
+    """A prompt format in a few words: its template, and the system prompt if there is one."""
+    template = f"chat template {prompt['chat_template'].get('name')}" if prompt["chat_template"] else \
+        f"template {prompt['template']}"
+    return template + (f", system prompt {prompt['system']!r:.60}" if prompt["system"] else "")

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny tokenizer and model the tests build themselves, and the real model when reachable."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -69,6 +70,13 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         cli.main()
     captured = capsys.readouterr()
     return exit_.value.code or 0, captured.out, captured.err
+
+
+def snapshot(*roots: Path) -> dict[tuple[int, str], tuple[str, int] | None]:
+    """What a refused command must leave unchanged: under each root, every directory and every file's sha256 and
+    modification time (a rewrite with the same bytes shows). Keys are relative, so two roots can be compared."""
+    return {(i, str(p.relative_to(root))): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            if p.is_file() else None for i, root in enumerate(map(Path, roots)) for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from lit_lora.merge import merge_checkpoint
 from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE, ChatTemplate
 from lit_lora.prompts.format import prompt_format
 from lit_lora.tokenizer import Tokenizer
+from conftest import run_cli, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
@@ -236,3 +237,28 @@ def test_text_that_is_not_utf8_is_refused(tiny_checkpoint, adapters, tmp_path):
     session, _, log = chat(tiny_checkpoint, adapters[:1], ["h\udcffi", "/nope", "hello", "/exit"])
     assert "error: this message is not valid UTF-8" in log and "unknown command /nope" in log
     assert [m["content"] for m in session.history[::2]] == ["hello"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_a_pipe_with_no_answered_message_exits_2(tiny_checkpoint, adapters, monkeypatch, capsys):
+    """Each refused message keeps its own line, and the last line says that nothing was answered."""
+    before = snapshot(tiny_checkpoint, *adapters)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world " * 200 + "\n/nope\nh\udcffi\n"))
+    code, out, err = run_cli(monkeypatch, capsys, "chat", "--checkpoint_dir", tiny_checkpoint, "--lora_path",
+                             adapters[0], "--temperature", 0, "--max_new_tokens", 4, "--precision", "32-true")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert len(errors) == 3 and errors[0].startswith("error: this message needs")
+    assert errors[1].startswith("error: this message is not valid UTF-8") and "unknown command /nope" in err
+    assert err.splitlines()[-1] == errors[2] == ("error: no message was answered (2 refused, each error is above); "
+                                                "fix them and send them again")
+    assert snapshot(tiny_checkpoint, *adapters) == before
+
+
+@pytest.mark.parametrize("option", ["--temperature", "--top_p"])
+def test_a_sampling_option_that_is_not_finite_is_one_line(tiny_checkpoint, monkeypatch, capsys, option):
+    before = snapshot(tiny_checkpoint)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    code, out, err = run_cli(monkeypatch, capsys, "chat", "--checkpoint_dir", tiny_checkpoint, option, "nan")
+    assert (code, out, err) == (2, "", f"error: {option} must be a finite number, got nan\n")
+    assert snapshot(tiny_checkpoint) == before

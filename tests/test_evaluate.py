@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from adapter_helpers import make_adapter
-from conftest import run_cli
+from conftest import run_cli, snapshot
 from test_finetune import prepared, run  # noqa: F401  (fixtures)
 
 from lit_lora.evaluate import evaluate, normalize
@@ -157,3 +158,75 @@ def test_baseline_rows_are_reused_not_rescored(tiny_checkpoint, prepared, traine
     with pytest.raises(Exception, match="scored other examples"):
         evaluate(tiny_checkpoint, prepared, [out / "final"], baseline=tmp_path / "base.json", limit=3,
                  max_new_tokens=4, precision="32-true", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def refused_before_the_work(monkeypatch, capsys, roots, *args) -> str:
+    """The one error line of `evaluate ARGS`, which must come before the checkpoint is even read, and leave every
+    file under `roots` as it was."""
+    import lit_lora.evaluate as ev
+
+    def work(*_):
+        raise AssertionError("the work started before the destination was checked")
+
+    monkeypatch.setattr(ev, "load_config", work)
+    before = snapshot(*roots)
+    code, out, err = run_cli(monkeypatch, capsys, "evaluate", *args)
+    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert snapshot(*roots) == before
+    return err
+
+
+def test_out_that_is_an_input_or_cannot_be_written_is_refused_first(tiny_checkpoint, prepared, tmp_path, monkeypatch,
+                                                                    capsys):
+    raw, baseline, not_a_dir = tmp_path / "raw.json", tmp_path / "base.json", tmp_path / "file.txt"
+    raw.write_text(json.dumps([{"instruction": "hello", "output": "world"}]))
+    baseline.write_text("{}")
+    not_a_dir.write_text("x")
+    (tmp_path / "sub").mkdir()
+    os.link(raw, tmp_path / "link.json")
+    cases = [
+        (raw, f"--out {raw} is the input {raw}"),
+        (tmp_path / "sub" / ".." / "raw.json", "is the input"),
+        (tmp_path / "link.json", "is the input"),
+        (baseline, f"--out {baseline} is the input {baseline}"),
+        (prepared / "meta.json", f"is inside the input {prepared}"),
+        (tmp_path / "missing" / "res.json", f"the directory {tmp_path / 'missing'} does not exist; create it"),
+        (not_a_dir / "res.json", f"the directory {not_a_dir} is not a directory"),
+        (tmp_path / "sub", f"--out {tmp_path / 'sub'} is a directory; name a file"),
+    ]
+    for out, message in cases:
+        data = prepared if out.parent == prepared else raw
+        err = refused_before_the_work(monkeypatch, capsys, [tmp_path, prepared], "--checkpoint_dir", tiny_checkpoint,
+                                      "--data", data, "--baseline", baseline, "--out", out)
+        assert message in err, err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_baseline_is_matched_by_the_examples_not_the_path(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from lit_lora.data.prepare import prepare
+
+    def records(answer: str) -> str:
+        return json.dumps([{"instruction": f"n {i}", "output": answer} for i in range(3)])
+
+    (tmp_path / "r.json").write_text(records("x"))
+    prepare(tiny_checkpoint, tmp_path / "data", data_file=tmp_path / "r.json", val_size=0)
+    kwargs = dict(split="train", metric="loss", precision="32-true", progress=False)
+    evaluate(tiny_checkpoint, tmp_path / "data", out=tmp_path / "base.json", **kwargs)
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")  # the same data at another path: the baseline holds
+    again = evaluate(tiny_checkpoint, tmp_path / "moved", baseline=tmp_path / "base.json", **kwargs)
+    assert again["models"] == json.loads((tmp_path / "base.json").read_text())["models"]
+
+    (tmp_path / "r.json").write_text(records("y"))  # prepared again, at the same path, with other answers
+    prepare(tiny_checkpoint, tmp_path / "data", data_file=tmp_path / "r.json", val_size=0, overwrite=True)
+    old = json.loads((tmp_path / "base.json").read_text())
+    del old["examples_sha256"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    for baseline, message in [("base.json", "scored other examples (as many, with other content"),
+                              ("old.json", "records no hash of the examples it scored")]:
+        before = snapshot(tmp_path)
+        code, out, err = run_cli(monkeypatch, capsys, "evaluate", "--checkpoint_dir", tiny_checkpoint, "--data",
+                                 tmp_path / "data", "--split", "train", "--metric", "loss", "--precision", "32-true",
+                                 "--baseline", tmp_path / baseline, "--out", tmp_path / "new.json")
+        assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert snapshot(tmp_path) == before and not (tmp_path / "new.json").exists()

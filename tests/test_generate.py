@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 from adapter_helpers import make_adapter
-from conftest import run_cli
+from conftest import run_cli, snapshot
 
 from lit_lora.checkpoint import load_model
 from lit_lora.prompts.builtin import BUILTINS
@@ -105,6 +105,10 @@ def test_cli_generate_streams_and_reports(monkeypatch, capsys, tmp_path, tiny_ch
 @pytest.mark.parametrize("args,expected", [
     (["--top_k", "0"], "--top_k"),
     (["--temperature", "-0.5"], "--temperature"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--top_p", "nan"], "--top_p must be a finite number, got nan"),
+    (["--top_p", "-inf"], "--top_p must be a finite number, got -inf"),
     (["--prompt", "hello " * 400], "context"),
     (["--lora_path", "ADAPTER_OTHER_BASE"], "another checkpoint"),
     (["--lora_path", "ADAPTER_CORRUPT"], "lora.safetensors"),
@@ -122,9 +126,10 @@ def test_cli_generate_bad_input(monkeypatch, capsys, tmp_path, tiny_checkpoint, 
         args = ["--lora_path", adapter]
     if "--prompt" not in args:
         args = ["--prompt", "hello", *args]
+    before = snapshot(tiny_checkpoint, tmp_path)
     code, out, err = run_cli(monkeypatch, capsys, "generate", "--checkpoint_dir", tiny_checkpoint, *args)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and expected in err
-    assert out == ""
+    assert out == "" and snapshot(tiny_checkpoint, tmp_path) == before
 
 
 @pytest.mark.slow

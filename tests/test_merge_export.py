@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from adapter_helpers import make_adapter
-from conftest import run_cli
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, run_cli, snapshot
 
-from lit_lora.adapter import load_adapter
-from lit_lora.checkpoint import load_info, load_model
+from lit_lora.adapter import ADAPTER_CONFIG, load_adapter
+from lit_lora.checkpoint import iter_weights, load_info, load_model
 from lit_lora.errors import UserError
 from lit_lora.export import export_hf, export_peft
 from lit_lora.generate import Sampling, run_generate
@@ -155,3 +155,41 @@ def test_cli_merge_and_exports(monkeypatch, capsys, tmp_path, tiny_checkpoint):
                            "--lora_path", broken, "--out", tmp_path / "merged2")
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and "lora.safetensors" in err
     assert not (tmp_path / "merged2").exists()
+
+
+def test_adapters_merge_in_order_as_one_merge_after_another(tmp_path, tiny_checkpoint):
+    """W + s1 B1 A1 + s2 B2 A2 summed in fp32 is, on an fp32 base, bit for bit merging A and then B into that (each
+    rounding is an fp32 one either way); the adapters overlap on query."""
+    a = make_adapter(tiny_checkpoint, tmp_path / "a", seed=1, targets=("attention", "gate"))
+    b = make_adapter(tiny_checkpoint, tmp_path / "b", seed=2, targets=("query", "up"), r=2)
+    both = merge_checkpoint(tiny_checkpoint, [a, b], tmp_path / "both")
+    first = merge_checkpoint(tiny_checkpoint, a, tmp_path / "first")
+    on_first = tmp_path / "b-on-first"  # B's tensors, recorded for the checkpoint A was merged into
+    shutil.copytree(b, on_first)
+    config = yaml.safe_load((on_first / ADAPTER_CONFIG).read_text())
+    config["base_content_hash"] = load_info(first)["content_hash"]
+    (on_first / ADAPTER_CONFIG).write_text(yaml.safe_dump(config))
+    chained = dict(iter_weights(merge_checkpoint(first, on_first, tmp_path / "chained")))
+    merged = dict(iter_weights(both))
+    assert merged.keys() == chained.keys() and all(torch.equal(merged[k], chained[k]) for k in merged)
+    assert not all(torch.equal(merged[k], t) for k, t in iter_weights(first))  # B changed something
+    info = load_info(both)
+    assert info["source"] == f"merge-lora: {tiny_checkpoint} + {a} + {b}" and info["template"] == "chatml"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_adapters_that_cannot_be_merged_together_are_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    chatml = make_adapter(tiny_checkpoint, tmp_path / "chatml", seed=1)
+    alpaca = make_adapter(tiny_checkpoint, tmp_path / "alpaca", seed=2, template="alpaca")
+    foreign = make_adapter(make_tiny_checkpoint(tmp_path / "other", seed=5), tmp_path / "foreign")
+    cases = [
+        ([chatml, alpaca], f"the adapters were trained in different prompt formats ({chatml}: template chatml; "
+                           f"{alpaca}: template alpaca); merge only adapters trained in the same format"),
+        ([chatml, foreign], "the adapter was trained on another checkpoint than"),
+    ]
+    for adapters, message in cases:
+        before = snapshot(tmp_path, tiny_checkpoint)
+        code, out, err = run_cli(monkeypatch, capsys, "merge-lora", "--checkpoint_dir", tiny_checkpoint,
+                                 *[x for path in adapters for x in ("--lora_path", path)], "--out", tmp_path / "merged")
+        assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert snapshot(tmp_path, tiny_checkpoint) == before and not (tmp_path / "merged").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, snapshot
 
 from lit_lora.data.conversations import prepare_chat
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
@@ -144,6 +144,10 @@ BAD_INPUT = {  # name: (records or None, extra args, words of the error)
     "val_options": (None, ["--val_fraction", "1.5"], ["--val_fraction 1.5 must be at least 0 and below 1"]),
     "only_empty_answers": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}],
                            [], ["every record has an empty answer"]),
+    "both_keys": ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                   {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                    "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "c"}]}], [],
+                  ['data.jsonl: line 2: the record has both "messages" and "conversations"; keep one of the two keys']),
     "neither_shape": ([{"foo": 1}], [], ["line 1 is neither a conversation", "nor an instruction record"]),
     "content_parts": ([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                                      {"role": "assistant", "content": "x"}]}], [], ["list of content parts", "one string"]),
@@ -167,12 +171,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, mon
     args = {"--checkpoint_dir": str(tiny_checkpoint), "--data_file": str(data), "--destination": str(tmp_path / "out")}
     for flag, value in zip(extra[::2], extra[1::2]):
         args[flag] = replace.get(value, value)
+    before = snapshot(tmp_path, tiny_checkpoint)
     code, _, err = run_cli(monkeypatch, capsys, "prepare-chat", *[x for pair in args.items() for x in pair])
     err = err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
     for word in words:
         assert word in err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and snapshot(tmp_path, tiny_checkpoint) == before
 
 
 def test_last_keeps_the_final_answer_when_cutting(tiny_checkpoint, tmp_path):

@@ -4,13 +4,12 @@ line the user reads, and that what was in out_dir before is still there unchange
 from __future__ import annotations
 
 import errno
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, snapshot
 from test_finetune import TINY, adapter, prepared, run, tiny_args  # noqa: F401  (fixtures)
 
 from lit_lora.train_state import load_checkpoint
@@ -39,12 +38,6 @@ def copy_run(finished: Path, tmp_path: Path, interrupted: bool = False) -> Path:
         for name in ("summary.json", "loss.png"):
             (out / name).unlink(missing_ok=True)
     return out
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int] | None]:
-    """Every file's sha256 and modification time (a rewrite with the same bytes shows), every directory."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
 def cli(monkeypatch, capsys, checkpoint, data, out, *args) -> tuple[int, str, str]:
@@ -99,7 +92,7 @@ def test_raised_max_steps_continues_from_the_end_of_a_finished_run(tiny_checkpoi
     assert keys(rows[len(rows_before):]) == [(7, "train"), (8, "train"), (8, "val")]
     after = snapshot(out)
     for name in ("step-000002/training_state.pt", "step-000004/lora.safetensors"):
-        assert after[name] == before[name]
+        assert after[0, name] == before[0, name]
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint(tiny_checkpoint, prepared, finished, tmp_path, monkeypatch,
@@ -116,8 +109,8 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tiny_checkpoint, prepared, f
     assert rows[: len(kept)] == kept
     assert_same_adapter(out / "final", finished / "final")  # bit-identical to the uninterrupted run
     after = snapshot(out)
-    assert {k: v for k, v in after.items() if k.startswith("step-")} == \
-        {k: v for k, v in before.items() if k.startswith("step-")}
+    assert {k: v for k, v in after.items() if k[1].startswith("step-")} == \
+        {k: v for k, v in before.items() if k[1].startswith("step-")}
 
 
 def test_resume_with_changed_settings_is_refused_before_writing_anything(tiny_checkpoint, prepared, finished,
@@ -158,8 +151,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_checkpoin
     assert_same_adapter(out / "final", finished / "final")
     assert load_checkpoint(newest).step == 4  # saved again, whole
     after = snapshot(out)
-    assert {k: v for k, v in after.items() if k.startswith("step-000002")} == \
-        {k: v for k, v in before.items() if k.startswith("step-000002")}
+    assert {k: v for k, v in after.items() if k[1].startswith("step-000002")} == \
+        {k: v for k, v in before.items() if k[1].startswith("step-000002")}
 
 
 def test_damaged_checkpoints_with_nothing_to_fall_back_on_stop_cleanly(tiny_checkpoint, prepared, finished, tmp_path,

@@ -141,6 +141,8 @@ def normalize_conversation(record: Any) -> list[dict[str, str]]:
     Roles are system/user/assistant (ShareGPT's human/gpt map to user/assistant); an assistant turn is required."""
     turns = record
     if isinstance(record, dict):
+        if "messages" in record and "conversations" in record:  # which one was meant is not ours to guess
+            raise UserError('the record has both "messages" and "conversations"; keep one of the two keys')
         turns = record.get("messages", record.get("conversations"))
     if not isinstance(turns, list) or not turns:
         raise UserError('a conversation must be {"messages": [...]} or {"conversations": [...]} with at least one turn')
