@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import importlib.util
 import inspect
 import sys
@@ -54,13 +55,17 @@ def library_defaults(target: str) -> dict[str, Any]:
     return {a.arg: d for a, d in pairs}
 
 
+SHOWN: set[str] = set()  # every target whose defaults the options show (tests compare them with the imported ones)
+
+
 def library_default(target: str, name: str) -> Any:
+    SHOWN.add(target)
     return _literal(library_defaults(target)[name], f"{target}({name}=...)")
 
 
 def _constant_node(module: str, constant: str) -> ast.expr:
     for node in _module_tree(module).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
         if any(isinstance(t, ast.Name) and t.id == constant for t in targets):
             return node.value
     raise LookupError(f"{module} has no constant {constant}")
@@ -153,24 +158,41 @@ def keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
 SAMPLING = "lit_lora.generate:Sampling"
 
 
-def sampling_options(command: Callable) -> Callable:
-    """Give `command` the sampling options (generate and chat share them), passed to it as one `sampling`."""
-    options = [
+def decoding_options(target: str) -> Callable:
+    """Give a command the options generate and chat share: sampling (passed on as one `sampling`), seed,
+    precision and verify, defaulting to `target`'s."""
+    sampling = [
         keyword("max_new_tokens", int, option(SAMPLING, "max_new_tokens", "Most tokens to generate per answer.")),
         keyword("temperature", float, option(SAMPLING, "temperature", "Sampling temperature; 0 is greedy.")),
         keyword("top_k", Optional[int], option(SAMPLING, "top_k", "Sample among the k most likely tokens (>= 1).")),
         keyword("top_p", float, option(SAMPLING, "top_p", "Nucleus sampling: keep the smallest set with this mass.")),
     ]
+    passed = [
+        keyword("seed", Optional[int], option(target, "seed", "Random seed for sampling (each adapter starts from "
+                                                              "it).")),
+        keyword("precision", str, option(target, "precision", "bf16-true, 32-true or auto (the faster on this "
+                                                              "machine, by a short matmul probe).")),
+        keyword("verify", bool, verify_option()),
+    ]
 
-    @functools.wraps(command)
-    def with_sampling(**kwargs: Any) -> Any:
-        from lit_lora.generate import Sampling
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def with_options(**kwargs: Any) -> Any:
+            from lit_lora.generate import Sampling
 
-        return command(sampling=Sampling(**{p.name: kwargs.pop(p.name) for p in options}), **kwargs)
+            return command(sampling=Sampling(**{p.name: kwargs.pop(p.name) for p in sampling}), **kwargs)
 
-    own = inspect.signature(command).parameters
-    with_sampling.__signature__ = inspect.Signature([p for name, p in own.items() if name != "sampling"] + options)
-    return with_sampling
+        own = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
+        with_options.__signature__ = inspect.Signature(own + sampling + passed)
+        return with_options
+
+    return decorate
+
+
+def library(target: str) -> Callable:
+    """The library function `target` names, imported when its command runs: the one whose defaults it shows."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def template_help(single_turn: str) -> str:
@@ -178,53 +200,41 @@ def template_help(single_turn: str) -> str:
             f"alpaca, chatml or plain ({single_turn}), llama3, or a .jinja file.")
 
 
-PRECISION_HELP = "bf16-true, 32-true or auto (the faster on this machine, by a short matmul probe)."
-
-
 # ------------------------------------------------------------------------------------------ model import
-CONVERT_HF, CONVERT_GGUF = "lit_lora.convert.hf:convert_hf", "lit_lora.convert.gguf:convert_gguf"
-DOWNLOAD_MODULE = "lit_lora.download"
-DOWNLOAD = f"{DOWNLOAD_MODULE}:download"
+def import_command(name: str, example: str, target: str, source: tuple[str, Any, Any], out: Any, dtype_help: str,
+                   doc: str) -> None:
+    """Register `name`, which makes a checkpoint from `source` (its parameter name, type and typer.Argument)."""
+
+    def command(**kwargs: Any) -> None:
+        print(f"wrote {library(target)(kwargs.pop(source[0]), **kwargs)}")
+
+    command.__signature__ = inspect.Signature([
+        keyword(*source), keyword("out", Optional[Path], out),
+        keyword("dtype", Optional[str], dtype_option(target, dtype_help)),
+        keyword("overwrite", bool, overwrite_option(target)),
+    ])
+    command.__doc__ = doc
+    subcommand(name, example)(command)
 
 
-@subcommand("convert-hf", "convert-hf path/to/SmolLM2-135M-Instruct --out checkpoints/smollm2-135m-instruct")
-def convert_hf(
-    src_dir: Path = typer.Argument(..., help="Hugging Face model directory: config.json, *.safetensors or "
-                                             "pytorch_model*.bin, tokenizer files."),
-    out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME."),
-    dtype: Optional[str] = dtype_option(CONVERT_HF, "keep the source tensors' dtype"),
-    overwrite: bool = overwrite_option(CONVERT_HF),
-) -> None:
-    """Convert a Hugging Face LLaMA directory into a lit-lora checkpoint, streaming tensor by tensor."""
-    from lit_lora.convert.hf import convert_hf
-
-    print(f"wrote {convert_hf(src_dir, out, dtype=dtype, overwrite=overwrite)}")
-
-
-@subcommand("convert-gguf", "convert-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/smollm2-135m-instruct")
-def convert_gguf(
-    file: Path = typer.Argument(..., help="A LLaMA-architecture .gguf file (llama.cpp format)."),
-    out: Path = out_option("Checkpoint directory to create, e.g. checkpoints/NAME."),
-    dtype: Optional[str] = dtype_option(CONVERT_GGUF, "fp32 for quantised files, the file's own type otherwise"),
-    overwrite: bool = overwrite_option(CONVERT_GGUF),
-) -> None:
-    """Dequantise a GGUF file into a lit-lora checkpoint, tokenizer.json rebuilt from its vocabulary."""
-    from lit_lora.convert.gguf import convert_gguf
-
-    print(f"wrote {convert_gguf(file, out, dtype=dtype, overwrite=overwrite)}")
-
-
-@subcommand("download", "download smollm2-135m-instruct --out checkpoints/smollm2-135m-instruct")
-def download(
-    name: str = typer.Argument(..., help=f"Model to fetch; known: {', '.join(library_names(DOWNLOAD_MODULE, 'MODELS'))}."),
-    out: Optional[Path] = option(DOWNLOAD, "out", "Checkpoint directory; default checkpoints/NAME."),
-    dtype: Optional[str] = dtype_option(DOWNLOAD, "fp32"),
-    overwrite: bool = overwrite_option(DOWNLOAD),
-) -> None:
-    """Download a known model (cached in $LIT_LORA_CACHE, default ~/.cache/lit-lora) and import it."""
-    from lit_lora.download import download as fetch
-
-    print(f"wrote {fetch(name, out=out, dtype=dtype, overwrite=overwrite)}")
+CHECKPOINT_OUT = out_option("Checkpoint directory to create, e.g. checkpoints/NAME.")
+import_command("convert-hf", "convert-hf path/to/SmolLM2-135M-Instruct --out checkpoints/smollm2-135m-instruct",
+               "lit_lora.convert.hf:convert_hf",
+               ("src_dir", Path, typer.Argument(..., help="Hugging Face model directory: config.json, *.safetensors "
+                                                          "or pytorch_model*.bin, tokenizer files.")),
+               CHECKPOINT_OUT, "keep the source tensors' dtype",
+               "Convert a Hugging Face LLaMA directory into a lit-lora checkpoint, streaming tensor by tensor.")
+import_command("convert-gguf", "convert-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/smollm2-135m-instruct",
+               "lit_lora.convert.gguf:convert_gguf",
+               ("file", Path, typer.Argument(..., help="A LLaMA-architecture .gguf file (llama.cpp format).")),
+               CHECKPOINT_OUT, "fp32 for quantised files, the file's own type otherwise",
+               "Dequantise a GGUF file into a lit-lora checkpoint, tokenizer.json rebuilt from its vocabulary.")
+import_command("download", "download smollm2-135m-instruct --out checkpoints/smollm2-135m-instruct",
+               "lit_lora.download:download",
+               ("name", str, typer.Argument(..., help="Model to fetch; known: "
+                                                      f"{', '.join(library_names('lit_lora.download', 'MODELS'))}.")),
+               option("lit_lora.download:download", "out", "Checkpoint directory; default checkpoints/NAME."),
+               "fp32", "Download a known model (cached in $LIT_LORA_CACHE, default ~/.cache/lit-lora) and import it.")
 
 
 # ------------------------------------------------------------------------------------------ data preparation
@@ -317,32 +327,34 @@ def prepare_chat(
                                    '"content"}]}, ShareGPT {"conversations": [{"from", "value"}]}, or instruction '
                                    'records (Alpaca, Dolly: one user and one assistant turn each).'),
     destination: Path = typer.Option(Path("data/chat"), "--destination", help="Directory to write."),
-    template: str = option(PREPARE_CHAT, "template", "auto (the checkpoint's own chat template), chatml, llama3, alpaca, "
-                                           "plain, or a .jinja file."),
-    train_on: str = option(PREPARE_CHAT, "train_on", "Loss on: assistant (every assistant turn and its end marker), last (the "
-                                           "final assistant turn), all."),
+    template: str = option(PREPARE_CHAT, "template", "auto (the checkpoint's own chat template), chatml, llama3, "
+                                                     "alpaca, plain, or a .jinja file."),
+    train_on: str = option(PREPARE_CHAT, "train_on", "Loss on: assistant (every assistant turn and its end marker), "
+                                                     "last (the final assistant turn), all."),
     system: Optional[str] = option(PREPARE_CHAT, "system", "System prompt for conversations that have none."),
-    max_seq_length: int = option(PREPARE_CHAT, "max_seq_length", "Longest conversation in tokens; longer ones lose whole "
-                                                        "exchanges (with --train_on last, the first ones)."),
+    max_seq_length: int = option(PREPARE_CHAT, "max_seq_length", "Longest conversation in tokens; longer ones lose "
+                                                                 "whole exchanges (with --train_on last, the first "
+                                                                 "ones)."),
     val_size: Optional[int] = option(PREPARE_CHAT, "val_size", val_size_help("Conversations")),
     val_fraction: Optional[float] = option(PREPARE_CHAT, "val_fraction", "Fraction held out (instead of --val_size)."),
     seed: int = option(PREPARE_CHAT, "seed", "Seed of the train/val split."),
     overwrite: bool = overwrite_option(PREPARE_CHAT, "--destination"),
 ) -> None:
     """Render conversations with the model's chat template and mask the loss per token."""
-    from lit_lora.data import conversations
+    from lit_lora.data.conversations import summary
 
-    meta = conversations.prepare_chat(checkpoint_dir, data_file, destination, template=template, train_on=train_on,
-                                      system=system, max_seq_length=max_seq_length, val_size=val_size,
-                                      val_fraction=val_fraction, seed=seed, overwrite=overwrite)
-    print_summary(*conversations.summary(meta, destination))
+    meta = library(PREPARE_CHAT)(checkpoint_dir, data_file, destination, template=template, train_on=train_on,
+                                 system=system, max_seq_length=max_seq_length, val_size=val_size,
+                                 val_fraction=val_fraction, seed=seed, overwrite=overwrite)
+    print_summary(*summary(meta, destination))
 
 
 @subcommand("prepare-task", "prepare-task extract --checkpoint_dir checkpoints/smollm2-135m-instruct "
                             "--destination data/task-extract")
 def prepare_task(
-    name: str = typer.Argument(..., help=f"Built-in task: {', '.join(library_names('lit_lora.data.tasks', 'TASKS'))} (dates, amounts and currencies "
-                                         f"out of a sentence, answered as YYYY-MM-DD;AMOUNT;CUR)."),
+    name: str = typer.Argument(..., help=f"Built-in task: {', '.join(library_names('lit_lora.data.tasks', 'TASKS'))} "
+                                         "(dates, amounts and currencies out of a sentence, answered as "
+                                         "YYYY-MM-DD;AMOUNT;CUR)."),
     checkpoint_dir: Path = checkpoint_option("Checkpoint whose tokenizer to use."),
     destination: Path = typer.Option(..., "--destination", help="Directory to write, e.g. data/task-extract."),
     n_train: int = option(PREPARE_TASK, "n_train", "Training examples to generate."),
@@ -356,10 +368,9 @@ def prepare_task(
 ) -> None:
     """Generate a built-in task whose answers can be checked exactly, and prepare it (held-out split as val)."""
     from lit_lora.data.prepare import summary
-    from lit_lora.data.tasks import prepare_task
 
-    meta = prepare_task(name, checkpoint_dir, destination, n_train=n_train, n_val=n_val, seed=seed,
-                              template=template, max_seq_length=max_seq_length, overwrite=overwrite)
+    meta = library(PREPARE_TASK)(name, checkpoint_dir, destination, n_train=n_train, n_val=n_val, seed=seed,
+                                 template=template, max_seq_length=max_seq_length, overwrite=overwrite)
     print("\n".join(summary(meta, destination)[0]))
 
 
@@ -394,12 +405,13 @@ def finetune_lora(
 
 # ------------------------------------------------------------------------------------------ generation, merge, export
 GENERATE, CHAT, MERGE = "lit_lora.generate:run_generate", "lit_lora.chat:run_chat", "lit_lora.merge:merge_checkpoint"
-EXPORT_HF, EXPORT_PEFT, EVALUATE = "lit_lora.export:export_hf", "lit_lora.export:export_peft", "lit_lora.evaluate:evaluate"
+EXPORT_HF, EXPORT_PEFT = "lit_lora.export:export_hf", "lit_lora.export:export_peft"
+EVALUATE = "lit_lora.evaluate:evaluate"
 
 
 @subcommand("generate", "generate --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
                         "out/lora/smollm2-135m-alpaca/final --prompt \"Give three tips for staying healthy.\"")
-@sampling_options
+@decoding_options(GENERATE)
 def generate(
     checkpoint_dir: Path = checkpoint_option(),
     prompt: Optional[str] = option(GENERATE, "prompt", "The instruction to answer."),
@@ -410,48 +422,37 @@ def generate(
                                                         "directory); repeat to answer with each in turn."),
     template: str = option(GENERATE, "template", template_help("single-turn, as prepare-alpaca writes them")),
     system: Optional[str] = option(GENERATE, "system", "System prompt (needs a chat template)."),
-    sampling: Any = None,  # the --max_new_tokens... options, made one Sampling by sampling_options
-    seed: Optional[int] = option(GENERATE, "seed", "Random seed for sampling (per adapter)."),
     num_samples: int = option(GENERATE, "num_samples", "Answers to generate per prompt."),
     stream: bool = flag(GENERATE, "stream", "Print tokens as they are generated (single prompt only)."),
-    precision: str = option(GENERATE, "precision", PRECISION_HELP),
     compile: bool = option(GENERATE, "compile", "torch.compile the model step (slow warm-up on CPU)."),
-    verify: bool = verify_option(),
+    **decoding: Any,  # sampling (one Sampling), seed, precision, verify: decoding_options
 ) -> None:
     """Generate text with a base checkpoint, optionally through one or more LoRA adapters.
 
     The answer goes to stdout; "Time for inference" and "Memory used" go to stderr.
     """
-    from lit_lora.generate import run_generate
-
-    run_generate(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file, lora_paths=lora_path or [],
-                 template=template, sampling=sampling, seed=seed, num_samples=num_samples, stream=stream,
-                 precision=precision, compile=compile, verify=verify, system=system)
+    library(GENERATE)(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file,
+                      lora_paths=lora_path or [], template=template, system=system, num_samples=num_samples,
+                      stream=stream, compile=compile, **decoding)
 
 
 @subcommand("chat", "chat --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path out/lora/a/final "
                     "--lora_path out/lora/b/final")
-@sampling_options
+@decoding_options(CHAT)
 def chat(
     checkpoint_dir: Path = checkpoint_option(),
     lora_path: Optional[List[Path]] = lora_paths_option("Adapter directory (ours or PEFT's); repeat for several, "
                                                         "then switch with /adapter NAME."),
     template: str = option(CHAT, "template", template_help("their chat forms")),
     system: Optional[str] = option(CHAT, "system", "System prompt (change it with /system TEXT)."),
-    sampling: Any = None,  # the --max_new_tokens... options, made one Sampling by sampling_options
-    seed: Optional[int] = option(CHAT, "seed", "Random seed for sampling."),
-    precision: str = option(CHAT, "precision", PRECISION_HELP),
-    verify: bool = verify_option(),
+    **decoding: Any,  # sampling (one Sampling), seed, precision, verify: decoding_options
 ) -> None:
     """Talk with a model and its adapters, turn by turn: one message per line, from a terminal or a pipe.
 
     Commands: /reset, /system TEXT, /adapter NAME (an index, the path given, or base), /help, /exit. Answers go to
     stdout; notes (switches, dropped turns, errors in a message) go to stderr.
     """
-    from lit_lora.chat import run_chat
-
-    run_chat(checkpoint_dir, lora_paths=lora_path or [], template=template, system=system, sampling=sampling,
-             seed=seed, precision=precision, verify=verify)
+    library(CHAT)(checkpoint_dir, lora_paths=lora_path or [], template=template, system=system, **decoding)
 
 
 @subcommand("merge-lora", "merge-lora --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
@@ -466,9 +467,7 @@ def merge_lora(
     verify: bool = verify_option(),
 ) -> None:
     """Fold LoRA adapters into the base weights (W + alpha/r B A each) and write a standalone checkpoint."""
-    from lit_lora.merge import merge_checkpoint
-
-    print(f"wrote {merge_checkpoint(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify)}")
+    print(f"wrote {library(MERGE)(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify)}")
 
 
 @subcommand("export-hf", "export-hf --checkpoint_dir checkpoints/smollm2-alpaca-merged --out hf/smollm2-alpaca")
@@ -479,9 +478,7 @@ def export_hf(
     verify: bool = verify_option(),
 ) -> None:
     """Write a checkpoint as a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
-    from lit_lora import export
-
-    print(f"wrote {export.export_hf(checkpoint_dir, out, overwrite=overwrite, verify=verify)}")
+    print(f"wrote {library(EXPORT_HF)(checkpoint_dir, out, overwrite=overwrite, verify=verify)}")
 
 
 @subcommand("export-peft", "export-peft --lora_path out/lora/smollm2-135m-alpaca/final --out peft/smollm2-alpaca "
@@ -495,10 +492,8 @@ def export_peft(
     verify: bool = verify_option(),
 ) -> None:
     """Write an adapter as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
-    from lit_lora import export
-
-    written = export.export_peft(lora_path, out, base_model_name_or_path=base_model_name_or_path,
-                                 overwrite=overwrite, verify=verify)
+    written = library(EXPORT_PEFT)(lora_path, out, base_model_name_or_path=base_model_name_or_path,
+                                   overwrite=overwrite, verify=verify)
     print(f"wrote {written}")
 
 
@@ -529,13 +524,14 @@ def evaluate(
     """Score the base model and its adapters on the same examples: loss, perplexity and exact match."""
     import json
 
-    from lit_lora import evaluate as ev
+    from lit_lora.evaluate import format_table
 
-    result = ev.evaluate(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric, limit=limit,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
-                         precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty(), out=out)
+    result = library(EVALUATE)(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric,
+                               limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
+                               precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty(),
+                               out=out)
     summary = {k: v for k, v in result.items() if k != "predictions"}
-    print(json.dumps(summary, indent=2) if json_output else ev.format_table(result))
+    print(json.dumps(summary, indent=2) if json_output else format_table(result))
 
 
 # ------------------------------------------------------------------------------------------ entry points

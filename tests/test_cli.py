@@ -17,8 +17,7 @@ from conftest import run_cli
 from lit_lora import cli
 
 COMMANDS = sorted(typer.main.get_command(cli.app).commands)
-# Every "module:function" whose defaults the CLI shows: the module-level names of cli that hold one.
-TARGETS = sorted({v for v in vars(cli).values() if isinstance(v, str) and re.fullmatch(r"lit_lora[\w.]*:\w+", v)})
+TARGETS = sorted(cli.SHOWN)  # every "module:function" whose defaults the options show
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,4 +1,4 @@
-"""The built-in prompt formats, one entry each: for base models, and for data the checkpoint's own template does not fit.
+"""The built-in prompt formats, one entry each: for base models, and for data their own template does not fit.
 
 An entry has up to two forms of the same format. The single-turn form turns one instruction (and an optional input)
 into the prompt that prepare-alpaca/-dolly/-json train on and `generate` asks with; the response is tokenised on
