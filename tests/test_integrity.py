@@ -462,3 +462,21 @@ def test_convert_hf_refuses_a_contradictory_config(monkeypatch, capsys, tmp_path
     assert_error(code, err, "contradicts", repr(model_type), architectures[-1])
     assert_not_written(tmp_path / "ckpt")
     assert snapshot(src) == before
+
+
+# ---------------------------------------------------------------------------------------------- bad-input sweep
+@pytest.mark.parametrize("bf16,fp32,choice", [
+    (1.0, 75.0, "32-true"),  # no bf16 instructions
+    (40.0, 40.0, "32-true"),  # a tie: a busy machine measured both alike
+    (48.0, 40.0, "32-true"),  # faster, but within what load makes of a tie
+    (52.0, 40.0, "bf16-mixed"),  # 1.3x
+    (390.0, 120.0, "bf16-mixed"),  # avx512_bf16
+])
+def test_precision_auto_keeps_fp32_unless_bf16_is_clearly_faster(monkeypatch, bf16, fp32, choice):
+    from lit_lora import device
+
+    assert device.cpu_precision(bf16, fp32) == choice
+    monkeypatch.setattr(device, "probe_gflops", lambda: (bf16, fp32))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    picked, why = device.auto_precision("cpu")
+    assert picked == choice and f"multiplies at {bf16:.1f} GFLOP/s in bf16 and {fp32:.1f} in fp32" in why
