@@ -480,3 +480,26 @@ def test_precision_auto_keeps_fp32_unless_bf16_is_clearly_faster(monkeypatch, bf
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     picked, why = device.auto_precision("cpu")
     assert picked == choice and f"multiplies at {bf16:.1f} GFLOP/s in bf16 and {fp32:.1f} in fp32" in why
+
+
+PEFT = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize("config,words", [
+    ([1, 2], ["is not a PEFT adapter config: it holds an array, not a JSON object"]),
+    ("x", ["is not a PEFT adapter config: it holds a string"]),
+    ({**PEFT, "r": "x"}, ["is not a PEFT adapter config: r must be a whole number >= 1, got 'x'"]),
+    ({**PEFT, "r": 4.5}, ["r must be a whole number >= 1, got 4.5"]),
+    ({k: v for k, v in PEFT.items() if k != "lora_alpha"}, ["lora_alpha must be a number, got nothing"]),
+    ({**PEFT, "lora_dropout": "0.1"}, ["lora_dropout must be a number in [0, 1), got '0.1'"]),
+    ({**PEFT, "target_modules": "q_proj"}, ["unsupported target_modules 'q_proj'; expected a list of"]),
+    ({**PEFT, "target_modules": [["q_proj"]]}, ["unsupported target_modules [['q_proj']]"]),
+])
+def test_malformed_peft_adapter_config_is_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint, config, words):
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(json.dumps(config))
+    before = snapshot(peft)
+    code, out, err = run_cli(monkeypatch, capsys, *generate_args(tiny_checkpoint, "--lora_path", peft))
+    assert_error(code, err, str(peft / "adapter_config.json"), *words)
+    assert out == "" and snapshot(peft) == before
