@@ -178,6 +178,45 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that holds a key twice (PyYAML would keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                with contextlib.suppress(TypeError):  # an unhashable key: PyYAML's own error says so
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key!r} appears twice in one mapping (first on line "
+                            f"{seen[key]}); keep one of them", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a PyYAML error, whose own text spans several (the problem, the context, a source excerpt)."""
+    if isinstance(e, yaml.reader.ReaderError):  # before any parsing: not UTF-8, or a control character
+        what = "a control character" if e.encoding == "unicode" else f"not {e.encoding} text"
+        return f"position {e.position}: {what} ({e.character:#04x})"
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return " ".join(str(e).split())
+    mark = e.problem_mark
+    context = f" ({e.context})" if e.context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}{context}"
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file a user wrote; a syntax error or a key given twice is a one-line UserError naming the line."""
+    try:
+        return yaml.load(Path(path).read_bytes(), Loader=_UniqueKeyLoader)  # bytes: PyYAML names a bad encoding
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

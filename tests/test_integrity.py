@@ -465,6 +465,41 @@ def test_convert_hf_refuses_a_contradictory_config(monkeypatch, capsys, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- bad-input sweep
+def _config_file(path: Path, text: str, tmp_path: Path) -> Path:
+    path.write_text(f"out_dir: {tmp_path / 'run'}\n{text}")
+    return path
+
+
+@pytest.mark.parametrize("text,words", [
+    ("train:\n  max_steps: 3\n  micro_batch_size: 2\n  max_steps: 5\n",
+     ["line 5, column 3: the key 'max_steps' appears twice in one mapping (first on line 3)"]),
+    ("seed: 1\nseed: 2\n", ["line 3, column 1: the key 'seed' appears twice"]),
+    ("train:\n  max_steps: 3\n   x: [1, 2\n", ["line 4, column 5: mapping values are not allowed here"]),
+    ("eval:\n  prompt: \"unclosed\n", ["line 4, column 1: found unexpected end of stream"]),
+])
+def test_config_file_mistakes_are_one_line_with_the_line(monkeypatch, capsys, tmp_path, text, words):
+    config = _config_file(tmp_path / "config.yaml", text, tmp_path)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", config, "--dry-run")
+    assert_error(code, err, f"{config} is not valid YAML: ", *words)
+    assert out == "" and snapshot(tmp_path) == before
+    assert_not_written(tmp_path / "run")
+
+
+def test_a_string_override_is_the_text_as_written(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, "--out_dir", "0123",
+                             "--eval.prompt=yes", "--data_dir", "1e3", "--lora.r", "16", "--train.learning_rate",
+                             "3e-4", "--train.epochs=null", "--dry-run")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert (resolved["out_dir"], resolved["eval"]["prompt"], resolved["data_dir"]) == ("0123", "yes", "1e3")
+    assert (resolved["lora"]["r"], resolved["train"]["learning_rate"], resolved["train"]["epochs"]) == (16, 3e-4, None)
+    code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, "--out_dir=", "--dry-run")
+    assert_error(code, err, "out_dir is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("bf16,fp32,choice", [
     (1.0, 75.0, "32-true"),  # no bf16 instructions
     (40.0, 40.0, "32-true"),  # a tie: a busy machine measured both alike
