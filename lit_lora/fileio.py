@@ -121,6 +121,27 @@ def _naming(e: BaseException, tmp: Path, out: Path) -> BaseException:
     return OSError(int(match[1]), os.strerror(int(match[1])), str(out)) if match else e
 
 
+def _umask() -> int:
+    """This process's umask: Linux shows it in /proc; elsewhere only setting it (and back) reads it."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_modes(root: Path) -> None:
+    """Directory `root` and everything in it get the modes the umask gives new files (0o666 & ~umask) and
+    directories (0o777 & ~umask): some writers (safetensors) create their files 0o600, unreadable by others."""
+    mask = _umask()
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None] = (),
                flag: str = "--out") -> Iterator[Path]:
@@ -128,6 +149,7 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None]
 
     First leftovers of killed writes to `out` are cleaned up, and the destination is checked against
     `inputs` (the paths the command reads) by `check_destination`; `flag` is the option naming `out`.
+    What was written gets the modes the umask gives (`give_umask_modes`), whatever wrote it.
     An OSError inside (a full disk, a read-only file system) keeps its errno and names `out`.
     """
     shown, out = Path(out), Path(os.path.abspath(out))
@@ -138,6 +160,7 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         yield tmp
+        give_umask_modes(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

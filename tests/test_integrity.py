@@ -18,6 +18,7 @@ import torch
 import yaml
 from adapter_helpers import make_adapter, run_cli
 
+from lit_lora import fileio
 from lit_lora.checkpoint import load_model
 from lit_lora.data.prepare import prepare, split_indices
 from lit_lora.errors import UserError
@@ -465,6 +466,27 @@ def test_convert_hf_refuses_a_contradictory_config(monkeypatch, capsys, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- bad-input sweep
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_outputs_get_the_modes_the_umask_gives(monkeypatch, capsys, tmp_path, tiny_checkpoint, umask):
+    """safetensors writes its files 0o600: weights others (a server, a colleague) cannot read."""
+    (tmp_path / "records.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}."}
+                                                       for i in range(6)]))
+    before = os.umask(umask)
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, "prepare-json", "--checkpoint_dir", tiny_checkpoint,
+                               "--data_file", tmp_path / "records.json", "--destination", tmp_path / "data",
+                               "--val_size", "2", "--template", "chatml")
+        make_adapter(tiny_checkpoint, tmp_path / "adapter")
+        fileio.write_json(tmp_path / "result.json", {"loss": 1.0})
+    finally:
+        os.umask(before)
+    assert code == 0, err
+    outputs = [tmp_path / "data", tmp_path / "adapter", tmp_path / "result.json"]
+    modes = {str(p): oct(p.stat().st_mode & 0o777) for root in outputs for p in [root, *root.rglob("*")]}
+    assert {p for p in modes if p.endswith(".safetensors")} and {p for p in modes if p.endswith("meta.json")}
+    assert modes == {p: oct((0o777 if Path(p).is_dir() else 0o666) & ~umask) for p in modes}
+
+
 def _config_file(path: Path, text: str, tmp_path: Path) -> Path:
     path.write_text(f"out_dir: {tmp_path / 'run'}\n{text}")
     return path
