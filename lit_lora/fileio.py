@@ -84,6 +84,25 @@ def _running(pid: int) -> bool:
     return True
 
 
+# A file name is at most 255 bytes (ext4, xfs, btrfs, tmpfs): a temporary sibling of a name near that limit is
+# named by a cut of the name plus a short hash of all of it, so two long names still get distinct siblings.
+NAME_MAX = 255
+_HASH_CHARS = 8
+
+
+def sibling(out: Path, kind: str, pid: int | None = None) -> Path:
+    """`.NAME.KIND-PID` beside `out`: where a write of `out` by process `pid` (this one by default) works."""
+    out = Path(out)
+    suffix = f".{kind}-{os.getpid() if pid is None else pid}"
+    name = out.name
+    if 1 + len(os.fsencode(name)) + len(suffix) > NAME_MAX:
+        digest = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:_HASH_CHARS]
+        while 1 + len(os.fsencode(name + digest)) + len(suffix) > NAME_MAX:  # whole characters, not bytes
+            name = name[:-1]
+        name += digest
+    return out.parent / f".{name}{suffix}"
+
+
 def clean_leftovers(out: Path) -> None:
     """Deal with what killed writes of `out` left beside it (.NAME.tmp-PID, .NAME.old-PID of processes that
     are gone), one line on stderr each: a temporary copy is removed; a previous version that was moved aside
@@ -91,9 +110,10 @@ def clean_leftovers(out: Path) -> None:
     out = Path(os.path.abspath(out))
     if not out.parent.is_dir():
         return
-    for path in sorted(out.parent.glob(glob.escape(f".{out.name}.") + "*")):
-        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)", path.name)
-        if match is None:
+    # Every sibling name, cut or not, starts with the name's first 32 characters (at most 128 bytes).
+    for path in sorted(out.parent.glob(glob.escape(f".{out.name[:32]}") + "*")):
+        match = re.fullmatch(r"\..*\.(tmp|old)-(\d+)", path.name)
+        if match is None or path != sibling(out, match[1], int(match[2])):
             continue
         kind, pid = match[1], int(match[2])
         if pid != os.getpid() and _running(pid):
@@ -155,14 +175,14 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None]
     shown, out = Path(out), Path(os.path.abspath(out))
     clean_leftovers(out)
     check_destination(shown, overwrite, inputs, flag)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = sibling(out, "tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         yield tmp
         give_umask_modes(tmp)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = sibling(out, "old")
             out.rename(old)
             try:
                 tmp.rename(out)
@@ -182,7 +202,7 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None]
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = sibling(path, "tmp")
     try:
         tmp.write_bytes(data)
         tmp.replace(path)

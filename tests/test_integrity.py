@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -485,6 +486,32 @@ def test_outputs_get_the_modes_the_umask_gives(monkeypatch, capsys, tmp_path, ti
     modes = {str(p): oct(p.stat().st_mode & 0o777) for root in outputs for p in [root, *root.rglob("*")]}
     assert {p for p in modes if p.endswith(".safetensors")} and {p for p in modes if p.endswith("meta.json")}
     assert modes == {p: oct((0o777 if Path(p).is_dir() else 0o666) & ~umask) for p in modes}
+
+
+def test_destination_names_near_the_length_limit(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    """A 250-byte name is allowed; its temporary sibling would be 261 bytes, over the 255 limit, uncut."""
+    (tmp_path / "records.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}."}
+                                                       for i in range(6)]))
+    out = tmp_path / ("d" * 250)
+    args = ["prepare-json", "--checkpoint_dir", tiny_checkpoint, "--data_file", tmp_path / "records.json",
+            "--destination", out, "--val_size", "2", "--template", "chatml"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and (out / "meta.json").is_file(), err
+    fileio.write_json(tmp_path / ("r" * 250), {"loss": 1.0})
+    assert json.loads((tmp_path / ("r" * 250)).read_text()) == {"loss": 1.0}
+    # A killed write's temporary directory is recognised by its cut name, and cleaned up; another's is not.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left, other = fileio.sibling(out, "tmp", dead.pid), fileio.sibling(out.with_name("d" * 249 + "e"), "tmp", dead.pid)
+    for path in (left, other):
+        path.mkdir()
+        (path / "meta.json").write_text("half")
+    assert left != other and len(left.name.encode()) <= 255 and len(other.name.encode()) <= 255
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 0 and f"removed {left}, left by an interrupted write (process {dead.pid})" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, other.name, "r" * 250, "records.json"])
+    for name in ("é" * 125, "d" * 255):  # 250 bytes in two-byte characters; the longest name there is
+        assert len(fileio.sibling(tmp_path / name, "old", 4194304).name.encode()) <= 255
 
 
 def _config_file(path: Path, text: str, tmp_path: Path) -> Path:
