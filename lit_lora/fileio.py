@@ -313,6 +313,14 @@ def _damaged(path: Path, e: Exception) -> UserError:
     return UserError(f"cannot read {path}: {e} (the file is truncated or not safetensors)")
 
 
+def _with_filename(e: OSError, path: Path) -> OSError:
+    """`e` naming `path` if it names no file: a failed read is the file system's error (permissions, a missing
+    file, an I/O error), reported as such by the CLI, never as a damaged file."""
+    if e.filename is None:
+        e.filename = str(path)
+    return e
+
+
 def iter_safetensors(path: Path, dtype: torch.dtype | None = None, device: str = "cpu", sha256: str | None = None,
                      hint: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) from one safetensors file, one tensor at a time; a damaged file is a UserError.
@@ -364,8 +372,10 @@ def iter_safetensors(path: Path, dtype: torch.dtype | None = None, device: str =
                 _check_digest(f, digest, sha256, path, hint)
                 if held is not None:
                     yield emit(*held)
-    except (ValueError, KeyError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         raise _damaged(path, e) from None
+    except OSError as e:
+        raise _with_filename(e, path)
     finally:
         if hasher is not None:
             hasher.shutdown(wait=True, cancel_futures=True)
@@ -396,5 +406,7 @@ def memmap_safetensors(path: Path) -> dict[str, Any]:
             else:
                 arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=tuple(info["shape"]))
         return arrays
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise _damaged(path, e) from None
+    except OSError as e:
+        raise _with_filename(e, path)

@@ -158,6 +158,8 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise ValueError(f"no {TRAINING_STATE}")
     try:
         state = torch.load(file, weights_only=True, map_location="cpu")
+    except OSError:  # the file system's (permissions, I/O), not a damaged file: said as such, not skipped
+        raise
     except Exception as e:  # unpickling, zip and EOF errors of a truncated or overwritten file
         first_line = (str(e).strip().splitlines() or [""])[0][:120]
         raise ValueError(f"{TRAINING_STATE} cannot be read: {type(e).__name__}: {first_line}") from None
@@ -171,16 +173,17 @@ def load_checkpoint(path: Path) -> ResumePoint:
     path = Path(path)
     try:
         state = _read_state(path)
-        if state.get("adapter_sha256") and (path / ADAPTER_WEIGHTS).is_file() \
-                and sha256_file(path / ADAPTER_WEIGHTS) != state["adapter_sha256"]:
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise ValueError(f"{ADAPTER_WEIGHTS} is missing")
+        if state.get("adapter_sha256") and sha256_file(path / ADAPTER_WEIGHTS) != state["adapter_sha256"]:
             raise ValueError(f"{ADAPTER_WEIGHTS} differs from the one saved with it (sha256)")
         try:
             lora = dict(iter_safetensors(path / ADAPTER_WEIGHTS))
         except UserError:
-            raise ValueError(f"{ADAPTER_WEIGHTS} is missing, truncated or not safetensors") from None
+            raise ValueError(f"{ADAPTER_WEIGHTS} is truncated or not safetensors") from None
         try:
             adapter_config = yaml.safe_load((path / ADAPTER_CONFIG).read_text())
-        except (OSError, yaml.YAMLError):
+        except (FileNotFoundError, yaml.YAMLError):
             adapter_config = None
         if not isinstance(adapter_config, dict):
             raise ValueError(f"{ADAPTER_CONFIG} is missing or unreadable")

@@ -5,6 +5,7 @@ unchanged (and that no output was created).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -486,6 +487,64 @@ def test_outputs_get_the_modes_the_umask_gives(monkeypatch, capsys, tmp_path, ti
     modes = {str(p): oct(p.stat().st_mode & 0o777) for root in outputs for p in [root, *root.rglob("*")]}
     assert {p for p in modes if p.endswith(".safetensors")} and {p for p in modes if p.endswith("meta.json")}
     assert modes == {p: oct((0o777 if Path(p).is_dir() else 0o666) & ~umask) for p in modes}
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """unreadable(path): opening `path` fails as it does for a file without read permission (even as root)."""
+    import builtins
+
+    real, denied = builtins.open, set()
+
+    def fake_open(file, *args, **kwargs):
+        if isinstance(file, (str, Path)) and str(file) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    return lambda path: denied.add(str(path))
+
+
+def test_unreadable_weights_are_a_permission_error_not_damage(monkeypatch, capsys, tmp_path, tiny_checkpoint,
+                                                              adapter, prepared, unreadable):
+    before = snapshot(adapter, prepared)
+    unreadable(adapter / "lora.safetensors")
+    code, out, err = run_cli(monkeypatch, capsys, *generate_args(tiny_checkpoint, "--lora_path", adapter))
+    assert_error(code, err, f"permission denied: {adapter / 'lora.safetensors'}; fix its permissions")
+    assert "damaged" not in err and "trusted" not in err and out == ""
+    unreadable(prepared / "train.safetensors")  # memory-mapped, not read
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, tmp_path / "run"))
+    assert_error(code, err, f"permission denied: {prepared / 'train.safetensors'}; fix its permissions",
+                 after_fabric=True)
+    assert "damaged" not in err
+    assert_not_written(tmp_path / "run")
+    assert snapshot(adapter, prepared) == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_checkpoint, prepared, tmp_path_factory) -> Path:
+    """Read-only: a complete 6-step run on `prepared` (step-000003, final/); copy it first."""
+    from lit_lora.finetune import finetune
+    from lit_lora.train_config import load_config
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    finetune(load_config(TINY, finetune_args(tiny_checkpoint, prepared, out)[3:]))
+    return out
+
+
+def test_unreadable_training_state_stops_resume_instead_of_skipping_it(monkeypatch, capsys, tmp_path,
+                                                                       tiny_checkpoint, prepared, finished_run,
+                                                                       unreadable):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "final")  # interrupted after step-000003
+    before = snapshot(out)
+    unreadable(out / "step-000003" / "training_state.pt")
+    code, stdout, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, out),
+                                "--resume", "auto")
+    assert_error(code, err, f"permission denied: {out / 'step-000003' / 'training_state.pt'}")
+    assert "damaged" not in stdout + err
+    assert snapshot(out) == before
 
 
 def test_destination_names_near_the_length_limit(monkeypatch, capsys, tmp_path, tiny_checkpoint):

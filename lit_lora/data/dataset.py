@@ -63,7 +63,7 @@ class PreparedDataset(torch.utils.data.Dataset):
     def _read_meta(self) -> dict[str, Any]:
         try:
             meta = json.loads((self.directory / META).read_text())
-        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError; an OSError is no damage: the CLI says it
             raise self._damaged(f"{META} is not valid JSON ({e})") from None
         if not isinstance(meta, dict):
             raise self._damaged(f"{META} is not a JSON object")
