@@ -8,6 +8,7 @@ then the raw little-endian data.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -266,6 +268,63 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- locks
+LOCK_FILE = ".lit-lora.lock"
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock on open lock file `fd`, as its holder recorded it ("PID HOST")."""
+    pid, _, host = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
+    return f"process {pid} on {host}" if pid.isdigit() else "another process (it has not said which yet)"
+
+
+def _open_lock(path: Path, flag: str) -> int | None:
+    """An open descriptor of lock file `path` holding flock's exclusive lock on it; None if the file was
+    replaced or removed meanwhile (by a holder releasing it): then try again. A UserError when it is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise UserError(f"{flag} {path.parent} is in use by {holder}, which holds {path}; wait for it to finish "
+                        f"or choose another {flag}") from None
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def hold_lock(directory: Path, flag: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (created if missing; `flag` is the option naming it) for the block;
+    another holder is refused at once (UserError naming its PID and host). flock's lock goes with its holder's
+    process, so the file a killed holder left blocks no one. On release the lock file goes, and `directory` too
+    if this made it and it is still empty."""
+    directory, path = Path(directory), Path(directory) / LOCK_FILE
+    created = not directory.exists()
+    fd = None
+    while fd is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # `directory` removed meanwhile by a holder releasing it
+            fd = _open_lock(path, flag)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding it: one that opened it meanwhile sees it gone and tries again
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote into it
+                directory.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------- safetensors

@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -606,6 +608,36 @@ def test_a_string_override_is_the_text_as_written(monkeypatch, capsys, tmp_path)
     code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, "--out_dir=", "--dry-run")
     assert_error(code, err, "out_dir is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def _hold(directory: Path) -> subprocess.Popen:
+    """Another process holding the lock on `directory`, as a running finetune-lora does."""
+    code = ("import sys, time; from lit_lora.fileio import hold_lock\n"
+            "with hold_lock(sys.argv[1], 'out_dir'):\n    print('held', flush=True); time.sleep(120)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_run_on_one_out_dir_is_refused_and_a_killed_ones_lock_is_not(monkeypatch, capsys, tmp_path,
+                                                                              tiny_checkpoint, prepared):
+    out = tmp_path / "run"
+    holder = _hold(out)
+    try:
+        before = snapshot(out)
+        code, stdout, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, out))
+        assert_error(code, err, f"out_dir {out} is in use by process {holder.pid} on {socket.gethostname()}, "
+                                f"which holds {out / fileio.LOCK_FILE}; wait for it to finish or choose another out_dir")
+        assert stdout == "" and snapshot(out) == before and [p.name for p in out.iterdir()] == [fileio.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed: its lock file is still there, its lock went with it.
+    assert (out / fileio.LOCK_FILE).read_text() == f"{holder.pid} {socket.gethostname()}\n"
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, out, "--train.max_steps=2"))
+    assert code in (0, None), err
+    assert (out / "final" / "lora.safetensors").is_file() and not (out / fileio.LOCK_FILE).exists()
 
 
 @pytest.mark.parametrize("bf16,fp32,choice", [
