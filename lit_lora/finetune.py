@@ -264,7 +264,7 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | No
     max_steps = total_steps(config, len(train_data))
     point, warnings = find_resume(resume, out_dir)  # reads only; every check below comes before any write
     if point is not None:
-        check_resume_settings(point, config)
+        check_resume_settings(point, config, train_data.meta)
     if run_is_complete(fabric, out_dir, resume, point, max_steps):
         return None
 
@@ -443,13 +443,13 @@ def train(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str
                 evaluate(run)
             if progress.step % t.save_interval == 0 and progress.step < run.max_steps:
                 save(fabric, out_dir / f"step-{progress.step:06d}", run.model, run.optimizer, progress, config,
-                     run.prompt_meta, True, run.max_steps)
+                     run.train_data.meta, True, run.max_steps)
     bar.close()
     elapsed = time.perf_counter() - start_time
 
     adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_by_signal else FINAL)
     # final/ keeps the training state too, so raising max_steps later continues from here.
-    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.prompt_meta, True, run.max_steps)
+    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.train_data.meta, True, run.max_steps)
     if stopped_by_signal:
         fabric.print(f"interrupted at step {progress.step}: saved {adapter_dir}; continue with --resume auto")
     summary = summarize(run, adapter_dir, stopped_by_signal, elapsed, start_tokens, start_step)

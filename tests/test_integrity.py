@@ -610,6 +610,34 @@ def test_a_string_override_is_the_text_as_written(monkeypatch, capsys, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def _prepare_records(root: Path, checkpoint: Path, records: list[dict]) -> Path:
+    root.mkdir()
+    (root / "records.json").write_text(json.dumps(records))
+    prepare(checkpoint, root / "prepared", data_file=root / "records.json", format="alpaca", template="chatml",
+            val_size=8, max_seq_length=64)
+    return root / "prepared"
+
+
+def test_resume_on_other_data_is_refused_before_anything_is_written(monkeypatch, capsys, tmp_path, tiny_checkpoint,
+                                                                    prepared, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "final")
+    records = [{"instruction": f"Name the number {i}.", "input": "", "output": f"It is {i}."} for i in range(24)]
+    other = _prepare_records(tmp_path / "other", tiny_checkpoint, records)
+    before = snapshot(out, other)
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, other, out), "--resume", "auto")
+    assert_error(code, err, f"cannot resume from {out}/step-000003: it was trained with other settings (data_dir "
+                            f"{other} holds other data than the run was trained on (its meta.json differs in "
+                            f"source, ", "choose another out_dir")
+    assert snapshot(out, other) == before  # config.yaml too
+    # The same records prepared the same way elsewhere are the same data: the run continues on them.
+    shutil.copy(prepared.parent / "records.json", tmp_path / "records.json")
+    copy = _prepare_records(tmp_path / "copy", tiny_checkpoint, json.loads((tmp_path / "records.json").read_text()))
+    code, stdout, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, copy, out), "--resume", "auto")
+    assert code in (0, None) and f"resuming from {out}/step-000003 at step 3" in stdout, err
+
+
 def _hold(directory: Path) -> subprocess.Popen:
     """Another process holding the lock on `directory`, as a running finetune-lora does."""
     code = ("import sys, time; from lit_lora.fileio import hold_lock\n"
