@@ -167,7 +167,7 @@ def load_info(checkpoint_dir: Path) -> dict[str, Any]:
         return {}
     try:
         info = json.loads(path.read_text())
-    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError; an OSError is no damage: the CLI says it
         raise UserError(f"{path} is damaged ({e}); convert or download the checkpoint again") from None
     if not isinstance(info, dict):
         raise UserError(f"{path} is damaged (not a JSON object); convert or download the checkpoint again")

@@ -64,32 +64,64 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> tuple[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- precision: auto
-def matmul_gflops(dtype: torch.dtype, size: int = 512, reps: int = 3) -> float:
-    """Best-of-`reps` speed of a (size x size) @ (size x size) product in `dtype` on the CPU."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    a @ b  # warm-up: kernel selection and caches
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
+# bf16-mixed is chosen only when bf16 multiplies this many times faster than fp32. Where a CPU has bf16
+# instructions it is 2-3x faster; where it has none it is 10-100x slower; a near tie is the probe measuring a
+# busy machine (one rate taken while another process had the cores), and fp32 then is the safe answer: exact,
+# and never much slower.
+BF16_MARGIN = 1.3
+# 256^3 products, 34 MFLOP each: 30 ms where bf16 runs at ~1 GFLOP/s, so the whole probe stays under half a second
+PROBE_SIZE = 256
+PROBE_ROUNDS = 5
+# One measurement runs products back to back for at least this long: a lone fast product (0.5 ms in fp32)
+# would mostly time the threads waking up.
+PROBE_MEASUREMENT_S = 0.01
+
+
+def _seconds_per_product(a: torch.Tensor, b: torch.Tensor, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return (time.perf_counter() - start) / n
+
+
+def probe_gflops(size: int = PROBE_SIZE, rounds: int = PROBE_ROUNDS) -> tuple[float, float]:
+    """(bf16, fp32) speed of a (size x size) @ (size x size) product on the CPU, in GFLOP/s: the best of
+    `rounds` measurements, the two dtypes measured in turn so that a load coming and going slows both alike."""
+    pairs = {dtype: (torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype))
+             for dtype in (torch.bfloat16, torch.float32)}
+    repeats = {}
+    for dtype, (a, b) in pairs.items():  # warm-up (kernel selection, caches), and the products per measurement
+        n = 1
+        while _seconds_per_product(a, b, n) * n < PROBE_MEASUREMENT_S:
+            n *= 2
+        repeats[dtype] = n
+    best = dict.fromkeys(pairs, float("inf"))
+    for _ in range(rounds):
+        for dtype, (a, b) in pairs.items():
+            best[dtype] = min(best[dtype], _seconds_per_product(a, b, repeats[dtype]))
+    return tuple(2 * size**3 / best[dtype] / 1e9 for dtype in pairs)
+
+
+def cpu_precision(bf16_gflops: float, fp32_gflops: float) -> str:
+    """The precision `auto` picks on a CPU that multiplies at these rates."""
+    return "bf16-mixed" if bf16_gflops >= BF16_MARGIN * fp32_gflops else "32-true"
 
 
 def auto_precision(accelerator: str = "auto") -> tuple[str, str]:
     """(precision, why) for `precision: auto`: bf16-mixed where bf16 is fast, 32-true where it is not.
 
     CPUs differ in the opposite direction: some run bf16 products at three times their fp32 speed, others
-    (no bf16 instructions) at a fraction of it, so on a CPU a short matmul probe decides. On CUDA, bf16-mixed
-    where the GPU supports bf16, else 16-mixed.
+    (no bf16 instructions) at a fraction of it, so on a CPU a short matmul probe decides (`cpu_precision`).
+    On CUDA, bf16-mixed where the GPU supports bf16, else 16-mixed.
     """
     if accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return "bf16-mixed", "the GPU supports bf16"
         return "16-mixed", "the GPU does not support bf16"
-    bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
-    choice = "bf16-mixed" if bf16 > fp32 else "32-true"
-    return choice, f"this CPU multiplies at {bf16:.0f} GFLOP/s in bf16 and {fp32:.0f} in fp32"
+    bf16, fp32 = probe_gflops()
+    choice = cpu_precision(bf16, fp32)
+    close = f", bf16-mixed only when bf16 is {BF16_MARGIN}x faster" if choice == "32-true" and bf16 > fp32 else ""
+    return choice, f"this CPU multiplies at {bf16:.1f} GFLOP/s in bf16 and {fp32:.1f} in fp32{close}"
 
 
 _AUTO_ENV = "LIT_LORA_AUTO_PRECISION"  # the first process's choice, inherited by the processes Fabric launches

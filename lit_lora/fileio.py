@@ -8,6 +8,7 @@ then the raw little-endian data.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,6 +111,25 @@ def _running(pid: int) -> bool:
     return True
 
 
+# A file name is at most 255 bytes (ext4, xfs, btrfs, tmpfs): a temporary sibling of a name near that limit is
+# named by a cut of the name plus a short hash of all of it, so two long names still get distinct siblings.
+NAME_MAX = 255
+_HASH_CHARS = 8
+
+
+def sibling(out: Path, kind: str, pid: int | None = None) -> Path:
+    """`.NAME.KIND-PID` beside `out`: where a write of `out` by process `pid` (this one by default) works."""
+    out = Path(out)
+    suffix = f".{kind}-{os.getpid() if pid is None else pid}"
+    name = out.name
+    if 1 + len(os.fsencode(name)) + len(suffix) > NAME_MAX:
+        digest = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:_HASH_CHARS]
+        while 1 + len(os.fsencode(name + digest)) + len(suffix) > NAME_MAX:  # whole characters, not bytes
+            name = name[:-1]
+        name += digest
+    return out.parent / f".{name}{suffix}"
+
+
 def clean_leftovers(out: Path) -> None:
     """Deal with what killed writes of `out` left beside it (.NAME.tmp-PID, .NAME.old-PID of processes that
     are gone), one line on stderr each: a temporary copy is removed; a previous version that was moved aside
@@ -116,9 +137,10 @@ def clean_leftovers(out: Path) -> None:
     out = Path(os.path.abspath(out))
     if not out.parent.is_dir():
         return
-    for path in sorted(out.parent.glob(glob.escape(f".{out.name}.") + "*")):
-        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)", path.name)
-        if match is None:
+    # Every sibling name, cut or not, starts with the name's first 32 characters (at most 128 bytes).
+    for path in sorted(out.parent.glob(glob.escape(f".{out.name[:32]}") + "*")):
+        match = re.fullmatch(r"\..*\.(tmp|old)-(\d+)", path.name)
+        if match is None or path != sibling(out, match[1], int(match[2])):
             continue
         kind, pid = match[1], int(match[2])
         if pid != os.getpid() and _running(pid):
@@ -146,6 +168,27 @@ def _naming(e: BaseException, tmp: Path, out: Path) -> BaseException:
     return OSError(int(match[1]), os.strerror(int(match[1])), str(out)) if match else e
 
 
+def _umask() -> int:
+    """This process's umask: Linux shows it in /proc; elsewhere only setting it (and back) reads it."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_modes(root: Path) -> None:
+    """Directory `root` and everything in it get the modes the umask gives new files (0o666 & ~umask) and
+    directories (0o777 & ~umask): some writers (safetensors) create their files 0o600, unreadable by others."""
+    mask = _umask()
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None] = (),
                flag: str = "--out") -> Iterator[Path]:
@@ -153,18 +196,20 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None]
 
     First leftovers of killed writes to `out` are cleaned up, and the destination is checked against
     `inputs` (the paths the command reads) by `check_destination`; `flag` is the option naming `out`.
+    What was written gets the modes the umask gives (`give_umask_modes`), whatever wrote it.
     An OSError inside (a full disk, a read-only file system) keeps its errno and names `out`.
     """
     shown, out = Path(out), Path(os.path.abspath(out))
     clean_leftovers(out)
     check_destination(shown, overwrite, inputs, flag)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = sibling(out, "tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         yield tmp
+        give_umask_modes(tmp)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = sibling(out, "old")
             out.rename(old)
             try:
                 tmp.rename(out)
@@ -184,7 +229,7 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None]
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = sibling(path, "tmp")
     try:
         tmp.write_bytes(data)
         tmp.replace(path)
@@ -203,12 +248,108 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that holds a key twice (PyYAML would keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                with contextlib.suppress(TypeError):  # an unhashable key: PyYAML's own error says so
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key!r} appears twice in one mapping (first on line "
+                            f"{seen[key]}); keep one of them", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a PyYAML error, whose own text spans several (the problem, the context, a source excerpt)."""
+    if isinstance(e, yaml.reader.ReaderError):  # before any parsing: not UTF-8, or a control character
+        what = "a control character" if e.encoding == "unicode" else f"not {e.encoding} text"
+        return f"position {e.position}: {what} ({e.character:#04x})"
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return " ".join(str(e).split())
+    mark = e.problem_mark
+    context = f" ({e.context})" if e.context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}{context}"
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file a user wrote; a syntax error or a key given twice is a one-line UserError naming the line."""
+    try:
+        return yaml.load(Path(path).read_bytes(), Loader=_UniqueKeyLoader)  # bytes: PyYAML names a bad encoding
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- locks
+LOCK_FILE = ".lit-lora.lock"
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock on open lock file `fd`, as its holder recorded it ("PID HOST")."""
+    pid, _, host = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
+    return f"process {pid} on {host}" if pid.isdigit() else "another process (it has not said which yet)"
+
+
+def _open_lock(path: Path, flag: str) -> int | None:
+    """An open descriptor of lock file `path` holding flock's exclusive lock on it; None if the file was
+    replaced or removed meanwhile (by a holder releasing it): then try again. A UserError when it is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise UserError(f"{flag} {path.parent} is in use by {holder}, which holds {path}; wait for it to finish "
+                        f"or choose another {flag}") from None
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def hold_lock(directory: Path, flag: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (created if missing; `flag` is the option naming it) for the block;
+    another holder is refused at once (UserError naming its PID and host). flock's lock goes with its holder's
+    process, so the file a killed holder left blocks no one. On release the lock file goes, and `directory` too
+    if this made it and it is still empty."""
+    directory, path = Path(directory), Path(directory) / LOCK_FILE
+    created = not directory.exists()
+    fd = None
+    while fd is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # `directory` removed meanwhile by a holder releasing it
+            fd = _open_lock(path, flag)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding it: one that opened it meanwhile sees it gone and tries again
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote into it
+                directory.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
@@ -254,6 +395,14 @@ def read_safetensors_header(f, path: Path) -> tuple[dict[str, dict[str, Any]], i
 
 def _damaged(path: Path, e: Exception) -> UserError:
     return UserError(f"cannot read {path}: {e} (the file is truncated or not safetensors)")
+
+
+def _with_filename(e: OSError, path: Path) -> OSError:
+    """`e` naming `path` if it names no file: a failed read is the file system's error (permissions, a missing
+    file, an I/O error), reported as such by the CLI, never as a damaged file."""
+    if e.filename is None:
+        e.filename = str(path)
+    return e
 
 
 def iter_safetensors(path: Path, dtype: torch.dtype | None = None, device: str = "cpu", sha256: str | None = None,
@@ -307,8 +456,10 @@ def iter_safetensors(path: Path, dtype: torch.dtype | None = None, device: str =
                 _check_digest(f, digest, sha256, path, hint)
                 if held is not None:
                     yield emit(*held)
-    except (ValueError, KeyError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         raise _damaged(path, e) from None
+    except OSError as e:
+        raise _with_filename(e, path)
     finally:
         if hasher is not None:
             hasher.shutdown(wait=True, cancel_futures=True)
@@ -339,5 +490,7 @@ def memmap_safetensors(path: Path) -> dict[str, Any]:
             else:
                 arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=tuple(info["shape"]))
         return arrays
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise _damaged(path, e) from None
+    except OSError as e:
+        raise _with_filename(e, path)

@@ -10,7 +10,8 @@ before the first forward), and multiplied by the world size because DDP averages
 
 The out_dir holds config.yaml (the resolved config), metrics.csv, step-XXXXXX/ (adapter + training state, for
 --resume), final/ (the same at the end: a finished run can be continued with a higher max_steps), loss.png
-and summary.json. Everything a resume depends on is read and checked before anything in out_dir is written.
+and summary.json. Everything a resume depends on is read and checked before anything in out_dir is written,
+and one run at a time uses an out_dir: it is locked (fileio.hold_lock) from before those checks to the end.
 The loss is in loss.py, checkpoints of the run in train_state.py.
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ import contextlib
 import csv
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -38,7 +38,7 @@ from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
 from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
-from lit_lora.fileio import atomic_write_bytes, write_json, write_yaml
+from lit_lora.fileio import atomic_write_bytes, hold_lock, write_json, write_yaml
 from lit_lora.generate import Sampling, complete
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
@@ -56,8 +56,8 @@ def load_datasets(config: TrainConfig) -> tuple[PreparedDataset, PreparedDataset
 
 
 def check_inputs(config: TrainConfig, train_data, world_size: int) -> None:
-    """Everything that can be wrong before any model is loaded, each as one clear error."""
-    check_hardware(config)
+    """Everything that can be wrong before any model is loaded, each as one clear error (the hardware is
+    checked before, by `finetune`)."""
     t = config.train
     if t.global_batch_size % (t.micro_batch_size * world_size):
         raise UserError(
@@ -257,7 +257,7 @@ class Run:
     no_val_noted: bool = False  # the data has no validation split and the user was told so
 
 
-def setup(config: TrainConfig, resume: str | None) -> Run | None:
+def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | None:
     """Check the inputs and the checkpoint to resume from, start Fabric, build the model and optimizer, restore
     the checkpoint, then write config.yaml; None (said so, nothing touched) when the run is already complete."""
     out_dir = Path(config.out_dir)
@@ -266,11 +266,10 @@ def setup(config: TrainConfig, resume: str | None) -> Run | None:
     max_steps = total_steps(config, len(train_data))
     point, warnings = find_resume(resume, out_dir)  # reads only; every check below comes before any write
     if point is not None:
-        check_resume_settings(point, config)
-    if run_is_complete(out_dir, resume, point, max_steps):
+        check_resume_settings(point, config, train_data.meta)
+    if run_is_complete(fabric, out_dir, resume, point, max_steps):
         return None
 
-    fabric = make_fabric(config)
     fabric.launch()
     fabric.seed_everything(config.seed)
 
@@ -298,7 +297,8 @@ def setup(config: TrainConfig, resume: str | None) -> Run | None:
                max_steps, metrics, recorded_prompt(train_data.meta))
 
 
-def run_is_complete(out_dir: Path, resume: str | None, point: ResumePoint | None, max_steps: int) -> bool:
+def run_is_complete(fabric: L.Fabric, out_dir: Path, resume: str | None, point: ResumePoint | None,
+                    max_steps: int) -> bool:
     """True (and says so) when out_dir's run already trained max_steps: resuming it would change nothing.
 
     A finished run's final/ holds its training state, so raising train.max_steps (or epochs) continues it
@@ -313,7 +313,7 @@ def run_is_complete(out_dir: Path, resume: str | None, point: ResumePoint | None
                             f"with --resume {out_dir}/step-XXXXXX (final/ is then replaced) or choose another out_dir")
     if done is None or (0 <= done < max_steps):
         return False
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+    if fabric.global_rank == 0:  # known before launch: each process Fabric launches runs this too
         trained = f"{done} steps" if done >= 0 else "its steps"
         print(f"{out_dir} holds a complete run ({trained} trained, this config asks for {max_steps}); its adapter is "
               f"{out_dir / FINAL}; nothing was changed; raise train.max_steps (or train.epochs) to train further")
@@ -397,14 +397,24 @@ def train_step(run: Run, order: list[int], stop: StopRequest) -> tuple[float, fl
 
 def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Train a LoRA adapter as `config` says; returns the summary (also written to out_dir/summary.json)."""
+    check_hardware(config)  # before Fabric, whose own errors are tracebacks
     config.precision = resolve_precision(config.precision, config.accelerator)
-    run = setup(config, resume)
+    fabric = make_fabric(config)
+    # Only global rank 0 locks out_dir: the processes Fabric launches for the other ranks run this too (and
+    # would find rank 0's lock), and under several nodes each node's first process does.
+    with hold_lock(Path(config.out_dir), "out_dir") if fabric.global_rank == 0 else contextlib.nullcontext():
+        return train(config, fabric, resume)
+
+
+def train(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str, Any]:
+    """finetune's run, with out_dir locked."""
+    run = setup(config, fabric, resume)
     if run is None:  # already complete: the summary it wrote, nothing touched
         with contextlib.suppress(OSError, ValueError):
             return {**json.loads((Path(config.out_dir) / "summary.json").read_text()), "interrupted": False,
                     "steps_this_run": 0}
         return {"interrupted": False, "steps_this_run": 0}
-    fabric, progress, t, out_dir = run.fabric, run.progress, config.train, Path(config.out_dir)
+    progress, t, out_dir = run.progress, config.train, Path(config.out_dir)
     if progress.step == 0:
         evaluate(run)
     bar = tqdm(total=run.max_steps, initial=progress.step, desc="finetune", dynamic_ncols=True,
@@ -435,13 +445,13 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
                 evaluate(run)
             if progress.step % t.save_interval == 0 and progress.step < run.max_steps:
                 save(fabric, out_dir / f"step-{progress.step:06d}", run.model, run.optimizer, progress, config,
-                     run.prompt_meta, True, run.max_steps)
+                     run.train_data.meta, True, run.max_steps)
     bar.close()
     elapsed = time.perf_counter() - start_time
 
     adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_by_signal else FINAL)
     # final/ keeps the training state too, so raising max_steps later continues from here.
-    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.prompt_meta, True, run.max_steps)
+    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.train_data.meta, True, run.max_steps)
     if stopped_by_signal:
         fabric.print(f"interrupted at step {progress.step}: saved {adapter_dir}; continue with --resume auto")
     summary = summarize(run, adapter_dir, stopped_by_signal, elapsed, start_tokens, start_step)

@@ -21,6 +21,7 @@ import yaml
 
 from lit_lora.device import check_precision
 from lit_lora.errors import UserError
+from lit_lora.fileio import read_yaml
 from lit_lora.lora import LoRAConfig
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -92,6 +93,9 @@ class TrainConfig:
         t, e = self.train, self.eval
         if self.accelerator not in ACCELERATORS:
             raise UserError(f"accelerator {self.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+        for key in ("checkpoint_dir", "data_dir", "out_dir"):
+            if not getattr(self, key).strip():  # "" is the current directory to Path
+                raise UserError(f"{key} is empty; give it a directory")
         ranges = [  # (key, value, allowed, what it must be)
             ("devices", self.devices, self.devices >= 1, ">= 1"),
             ("num_nodes", self.num_nodes, self.num_nodes >= 1, ">= 1"),
@@ -144,13 +148,11 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path} is not valid YAML: {e}") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise UserError(f"{path} must hold a mapping of config keys")
-    for key, value in parse_overrides(overrides or []):
+    for key, text in parse_overrides(overrides or []):
+        value = override_value(key, text)
         section = data
         *parents, leaf = key.split(".")
         for name in parents:
@@ -161,8 +163,8 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
     return build(TrainConfig, data, prefix="")
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """['--train.lr', '1e-4', '--lora.r=16'] -> [('train.lr', 0.0001), ('lora.r', 16)], values read as YAML."""
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--train.lr', '1e-4', '--lora.r=16'] -> [('train.lr', '1e-4'), ('lora.r', '16')]: keys and their text."""
     pairs, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -176,12 +178,27 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
                 raise UserError(f"{arg} needs a value")
             key, text = arg[2:], args[i + 1]
             i += 2
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        pairs.append((key, value))
+        pairs.append((key, text))
     return pairs
+
+
+def override_value(key: str, text: str) -> Any:
+    """The value of `--key text`: a string field takes the text as written (YAML would read an out_dir 0123 as
+    the octal number 83, a prompt `yes` as true); any other field, or an unknown key, the text read as YAML."""
+    if field_type(key) is str:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def field_type(key: str, cls: type = TrainConfig) -> Any:
+    """The annotation of dotted config key `key` (None when there is no such key)."""
+    *sections, leaf = key.split(".")
+    for name in sections:
+        cls = typing.get_type_hints(cls).get(name) if is_dataclass(cls) else None
+    return typing.get_type_hints(cls).get(leaf) if is_dataclass(cls) else None
 
 
 def build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -4,7 +4,8 @@
     out_dir/final/         the same at the end of the run (so a finished run can be continued further)
 
 training_state.pt holds the progress (step, epoch, tokens), the optimizer state, every process's RNG state
-(dropout), the settings a resume must not change, the run's total steps and the sha256 of lora.safetensors.
+(dropout), the settings a resume must not change (the data's identity among them), the run's total steps and
+the sha256 of lora.safetensors.
 Every checkpoint is read and checked in full (`load_checkpoint`) before a run writes anything; a damaged one
 is skipped by `--resume auto` (said so) and refused when named. Only rank 0 writes. FSDP is the one strategy that
 shards what is saved: its full parameters are gathered on rank 0 while saving and its optimizer state is
@@ -29,6 +30,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from lit_lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_adapter_files
 from lit_lora.checkpoint import load_info
+from lit_lora.data.dataset import data_identity
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors, sha256_file
 from lit_lora.lora import load_lora_state_dict
@@ -88,8 +90,10 @@ def _rng_states(fabric: L.Fabric) -> torch.Tensor:
 
 
 def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress, config: TrainConfig,
-         prompt_meta: dict[str, Any], resumable: bool, max_steps: int | None = None) -> None:
+         data_meta: dict[str, Any], resumable: bool, max_steps: int | None = None) -> None:
     """step-XXXXXX/ or final/: the adapter, plus (when resumable) everything --resume needs. Rank 0 writes.
+
+    `data_meta` is the training data's meta.json: the adapter records its format, the training state its identity.
 
     The directory is built under a temporary name and renamed when complete, so a failed save (a full disk)
     leaves the previous checkpoints as they were; it ends in one UserError naming both.
@@ -100,11 +104,11 @@ def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress
         if fabric.global_rank == 0:
             try:
                 with atomic_dir(directory, overwrite=True) as tmp:
-                    write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), prompt_meta)
+                    write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), data_meta)
                     if resumable:
                         state = {"progress": vars(progress), "optimizer": optim, "rng": rng,
                                  "world_size": fabric.world_size, "global_batch_size": config.train.global_batch_size,
-                                 "seed": config.seed, "max_steps": max_steps,
+                                 "seed": config.seed, "max_steps": max_steps, "data": data_identity(data_meta),
                                  "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)}
                         # Serialised in memory and written by Python: a full disk is then an OSError naming
                         # its cause, where torch.save's own writer reports only "unexpected pos".
@@ -158,6 +162,8 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise ValueError(f"no {TRAINING_STATE}")
     try:
         state = torch.load(file, weights_only=True, map_location="cpu")
+    except OSError:  # the file system's (permissions, I/O), not a damaged file: said as such, not skipped
+        raise
     except Exception as e:  # unpickling, zip and EOF errors of a truncated or overwritten file
         first_line = (str(e).strip().splitlines() or [""])[0][:120]
         raise ValueError(f"{TRAINING_STATE} cannot be read: {type(e).__name__}: {first_line}") from None
@@ -171,16 +177,17 @@ def load_checkpoint(path: Path) -> ResumePoint:
     path = Path(path)
     try:
         state = _read_state(path)
-        if state.get("adapter_sha256") and (path / ADAPTER_WEIGHTS).is_file() \
-                and sha256_file(path / ADAPTER_WEIGHTS) != state["adapter_sha256"]:
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise ValueError(f"{ADAPTER_WEIGHTS} is missing")
+        if state.get("adapter_sha256") and sha256_file(path / ADAPTER_WEIGHTS) != state["adapter_sha256"]:
             raise ValueError(f"{ADAPTER_WEIGHTS} differs from the one saved with it (sha256)")
         try:
             lora = dict(iter_safetensors(path / ADAPTER_WEIGHTS))
         except UserError:
-            raise ValueError(f"{ADAPTER_WEIGHTS} is missing, truncated or not safetensors") from None
+            raise ValueError(f"{ADAPTER_WEIGHTS} is truncated or not safetensors") from None
         try:
             adapter_config = yaml.safe_load((path / ADAPTER_CONFIG).read_text())
-        except (OSError, yaml.YAMLError):
+        except (FileNotFoundError, yaml.YAMLError):
             adapter_config = None
         if not isinstance(adapter_config, dict):
             raise ValueError(f"{ADAPTER_CONFIG} is missing or unreadable")
@@ -237,8 +244,9 @@ def find_resume(resume: str | None, out_dir: Path) -> tuple[ResumePoint | None, 
     return None, []
 
 
-def check_resume_settings(point: ResumePoint, config: TrainConfig) -> None:
-    """A UserError naming every setting that differs from the checkpoint's and that a resume must keep."""
+def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: dict[str, Any]) -> None:
+    """A UserError naming every setting that differs from the checkpoint's and that a resume must keep, the
+    training data (`data_meta`, its meta.json) among them."""
     changed = [f"{key} {point.state[k]} -> {new}" for key, k, new in (
         ("train.global_batch_size", "global_batch_size", config.train.global_batch_size),
         ("seed", "seed", config.seed)) if point.state[k] != new]
@@ -249,6 +257,11 @@ def check_resume_settings(point: ResumePoint, config: TrainConfig) -> None:
     base = load_info(Path(config.checkpoint_dir)).get("content_hash")
     if saved_base and base and saved_base != base:
         changed.append(f"checkpoint_dir {config.checkpoint_dir} is another base model than the one it was trained on")
+    saved_data, data = point.state.get("data"), data_identity(data_meta)  # none saved by older versions
+    if saved_data is not None and saved_data != data:
+        keys = [k for k in {**saved_data, **data} if saved_data.get(k) != data.get(k)]
+        changed.append(f"data_dir {config.data_dir} holds other data than the run was trained on (its meta.json "
+                       f"differs in {', '.join(keys)})")
     if changed:
         raise UserError(f"cannot resume from {point.path}: it was trained with other settings "
                         f"({'; '.join(changed)}); resume with the same ones or choose another out_dir")

@@ -5,10 +5,14 @@ unchanged (and that no output was created).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ import yaml
 from adapter_helpers import make_adapter
 from conftest import run_cli, snapshot
 
+from lit_lora import fileio
 from lit_lora.checkpoint import load_model
 from lit_lora.data.prepare import prepare, split_indices
 from lit_lora.errors import UserError
@@ -446,3 +451,242 @@ def test_convert_hf_refuses_a_contradictory_config(monkeypatch, capsys, tmp_path
     assert_error(code, err, "contradicts", repr(model_type), architectures[-1])
     assert_not_written(tmp_path / "ckpt")
     assert snapshot(src) == before
+
+
+# ---------------------------------------------------------------------------------------------- bad-input sweep
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_outputs_get_the_modes_the_umask_gives(monkeypatch, capsys, tmp_path, tiny_checkpoint, umask):
+    """safetensors writes its files 0o600: weights others (a server, a colleague) cannot read."""
+    (tmp_path / "records.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}."}
+                                                       for i in range(6)]))
+    before = os.umask(umask)
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, "prepare-json", "--checkpoint_dir", tiny_checkpoint,
+                               "--data_file", tmp_path / "records.json", "--destination", tmp_path / "data",
+                               "--val_size", "2", "--template", "chatml")
+        make_adapter(tiny_checkpoint, tmp_path / "adapter")
+        fileio.write_json(tmp_path / "result.json", {"loss": 1.0})
+    finally:
+        os.umask(before)
+    assert code == 0, err
+    outputs = [tmp_path / "data", tmp_path / "adapter", tmp_path / "result.json"]
+    modes = {str(p): oct(p.stat().st_mode & 0o777) for root in outputs for p in [root, *root.rglob("*")]}
+    assert {p for p in modes if p.endswith(".safetensors")} and {p for p in modes if p.endswith("meta.json")}
+    assert modes == {p: oct((0o777 if Path(p).is_dir() else 0o666) & ~umask) for p in modes}
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """unreadable(path): opening `path` fails as it does for a file without read permission (even as root)."""
+    import builtins
+
+    real, denied = builtins.open, set()
+
+    def fake_open(file, *args, **kwargs):
+        if isinstance(file, (str, Path)) and str(file) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    return lambda path: denied.add(str(path))
+
+
+def test_unreadable_weights_are_a_permission_error_not_damage(monkeypatch, capsys, tmp_path, tiny_checkpoint,
+                                                              adapter, prepared, unreadable):
+    before = snapshot(adapter, prepared)
+    unreadable(adapter / "lora.safetensors")
+    code, out, err = run_cli(monkeypatch, capsys, *generate_args(tiny_checkpoint, "--lora_path", adapter))
+    assert_error(code, err, f"permission denied: {adapter / 'lora.safetensors'}; fix its permissions")
+    assert "damaged" not in err and "trusted" not in err and out == ""
+    unreadable(prepared / "train.safetensors")  # memory-mapped, not read
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, tmp_path / "run"))
+    assert_error(code, err, f"permission denied: {prepared / 'train.safetensors'}; fix its permissions",
+                 after_fabric=True)
+    assert "damaged" not in err
+    assert_not_written(tmp_path / "run")
+    assert snapshot(adapter, prepared) == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_checkpoint, prepared, tmp_path_factory) -> Path:
+    """Read-only: a complete 6-step run on `prepared` (step-000003, final/); copy it first."""
+    from lit_lora.finetune import finetune
+    from lit_lora.train_config import load_config
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    finetune(load_config(TINY, finetune_args(tiny_checkpoint, prepared, out)[3:]))
+    return out
+
+
+def test_unreadable_training_state_stops_resume_instead_of_skipping_it(monkeypatch, capsys, tmp_path,
+                                                                       tiny_checkpoint, prepared, finished_run,
+                                                                       unreadable):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "final")  # interrupted after step-000003
+    before = snapshot(out)
+    unreadable(out / "step-000003" / "training_state.pt")
+    code, stdout, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, out),
+                                "--resume", "auto")
+    assert_error(code, err, f"permission denied: {out / 'step-000003' / 'training_state.pt'}")
+    assert "damaged" not in stdout + err
+    assert snapshot(out) == before
+
+
+def test_destination_names_near_the_length_limit(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    """A 250-byte name is allowed; its temporary sibling would be 261 bytes, over the 255 limit, uncut."""
+    (tmp_path / "records.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}."}
+                                                       for i in range(6)]))
+    out = tmp_path / ("d" * 250)
+    args = ["prepare-json", "--checkpoint_dir", tiny_checkpoint, "--data_file", tmp_path / "records.json",
+            "--destination", out, "--val_size", "2", "--template", "chatml"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and (out / "meta.json").is_file(), err
+    fileio.write_json(tmp_path / ("r" * 250), {"loss": 1.0})
+    assert json.loads((tmp_path / ("r" * 250)).read_text()) == {"loss": 1.0}
+    # A killed write's temporary directory is recognised by its cut name, and cleaned up; another's is not.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left, other = fileio.sibling(out, "tmp", dead.pid), fileio.sibling(out.with_name("d" * 249 + "e"), "tmp", dead.pid)
+    for path in (left, other):
+        path.mkdir()
+        (path / "meta.json").write_text("half")
+    assert left != other and len(left.name.encode()) <= 255 and len(other.name.encode()) <= 255
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 0 and f"removed {left}, left by an interrupted write (process {dead.pid})" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, other.name, "r" * 250, "records.json"])
+    for name in ("é" * 125, "d" * 255):  # 250 bytes in two-byte characters; the longest name there is
+        assert len(fileio.sibling(tmp_path / name, "old", 4194304).name.encode()) <= 255
+
+
+def _config_file(path: Path, text: str, tmp_path: Path) -> Path:
+    path.write_text(f"out_dir: {tmp_path / 'run'}\n{text}")
+    return path
+
+
+@pytest.mark.parametrize("text,words", [
+    ("train:\n  max_steps: 3\n  micro_batch_size: 2\n  max_steps: 5\n",
+     ["line 5, column 3: the key 'max_steps' appears twice in one mapping (first on line 3)"]),
+    ("seed: 1\nseed: 2\n", ["line 3, column 1: the key 'seed' appears twice"]),
+    ("train:\n  max_steps: 3\n   x: [1, 2\n", ["line 4, column 5: mapping values are not allowed here"]),
+    ("eval:\n  prompt: \"unclosed\n", ["line 4, column 1: found unexpected end of stream"]),
+])
+def test_config_file_mistakes_are_one_line_with_the_line(monkeypatch, capsys, tmp_path, text, words):
+    config = _config_file(tmp_path / "config.yaml", text, tmp_path)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", config, "--dry-run")
+    assert_error(code, err, f"{config} is not valid YAML: ", *words)
+    assert out == "" and snapshot(tmp_path) == before
+    assert_not_written(tmp_path / "run")
+
+
+def test_a_string_override_is_the_text_as_written(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, "--out_dir", "0123",
+                             "--eval.prompt=yes", "--data_dir", "1e3", "--lora.r", "16", "--train.learning_rate",
+                             "3e-4", "--train.epochs=null", "--dry-run")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert (resolved["out_dir"], resolved["eval"]["prompt"], resolved["data_dir"]) == ("0123", "yes", "1e3")
+    assert (resolved["lora"]["r"], resolved["train"]["learning_rate"], resolved["train"]["epochs"]) == (16, 3e-4, None)
+    code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, "--out_dir=", "--dry-run")
+    assert_error(code, err, "out_dir is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _prepare_records(root: Path, checkpoint: Path, records: list[dict]) -> Path:
+    root.mkdir()
+    (root / "records.json").write_text(json.dumps(records))
+    prepare(checkpoint, root / "prepared", data_file=root / "records.json", format="alpaca", template="chatml",
+            val_size=8, max_seq_length=64)
+    return root / "prepared"
+
+
+def test_resume_on_other_data_is_refused_before_anything_is_written(monkeypatch, capsys, tmp_path, tiny_checkpoint,
+                                                                    prepared, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "final")
+    records = [{"instruction": f"Name the number {i}.", "input": "", "output": f"It is {i}."} for i in range(24)]
+    other = _prepare_records(tmp_path / "other", tiny_checkpoint, records)
+    before = snapshot(out, other)
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, other, out), "--resume", "auto")
+    assert_error(code, err, f"cannot resume from {out}/step-000003: it was trained with other settings (data_dir "
+                            f"{other} holds other data than the run was trained on (its meta.json differs in "
+                            f"source, ", "choose another out_dir")
+    assert snapshot(out, other) == before  # config.yaml too
+    # The same records prepared the same way elsewhere are the same data: the run continues on them.
+    shutil.copy(prepared.parent / "records.json", tmp_path / "records.json")
+    copy = _prepare_records(tmp_path / "copy", tiny_checkpoint, json.loads((tmp_path / "records.json").read_text()))
+    code, stdout, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, copy, out), "--resume", "auto")
+    assert code in (0, None) and f"resuming from {out}/step-000003 at step 3" in stdout, err
+
+
+def _hold(directory: Path) -> subprocess.Popen:
+    """Another process holding the lock on `directory`, as a running finetune-lora does."""
+    code = ("import sys, time; from lit_lora.fileio import hold_lock\n"
+            "with hold_lock(sys.argv[1], 'out_dir'):\n    print('held', flush=True); time.sleep(120)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_run_on_one_out_dir_is_refused_and_a_killed_ones_lock_is_not(monkeypatch, capsys, tmp_path,
+                                                                              tiny_checkpoint, prepared):
+    out = tmp_path / "run"
+    holder = _hold(out)
+    try:
+        before = snapshot(out)
+        code, stdout, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, out))
+        assert_error(code, err, f"out_dir {out} is in use by process {holder.pid} on {socket.gethostname()}, "
+                                f"which holds {out / fileio.LOCK_FILE}; wait for it to finish or choose another out_dir")
+        assert stdout == "" and snapshot(out) == before and [p.name for p in out.iterdir()] == [fileio.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed: its lock file is still there, its lock went with it.
+    assert (out / fileio.LOCK_FILE).read_text() == f"{holder.pid} {socket.gethostname()}\n"
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, out, "--train.max_steps=2"))
+    assert code in (0, None), err
+    assert (out / "final" / "lora.safetensors").is_file() and not (out / fileio.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("bf16,fp32,choice", [
+    (1.0, 75.0, "32-true"),  # no bf16 instructions
+    (40.0, 40.0, "32-true"),  # a tie: a busy machine measured both alike
+    (48.0, 40.0, "32-true"),  # faster, but within what load makes of a tie
+    (52.0, 40.0, "bf16-mixed"),  # 1.3x
+    (390.0, 120.0, "bf16-mixed"),  # avx512_bf16
+])
+def test_precision_auto_keeps_fp32_unless_bf16_is_clearly_faster(monkeypatch, bf16, fp32, choice):
+    from lit_lora import device
+
+    assert device.cpu_precision(bf16, fp32) == choice
+    monkeypatch.setattr(device, "probe_gflops", lambda: (bf16, fp32))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    picked, why = device.auto_precision("cpu")
+    assert picked == choice and f"multiplies at {bf16:.1f} GFLOP/s in bf16 and {fp32:.1f} in fp32" in why
+
+
+PEFT = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize("config,words", [
+    ([1, 2], ["is not a PEFT adapter config: it holds an array, not a JSON object"]),
+    ("x", ["is not a PEFT adapter config: it holds a string"]),
+    ({**PEFT, "r": "x"}, ["is not a PEFT adapter config: r must be a whole number >= 1, got 'x'"]),
+    ({**PEFT, "r": 4.5}, ["r must be a whole number >= 1, got 4.5"]),
+    ({k: v for k, v in PEFT.items() if k != "lora_alpha"}, ["lora_alpha must be a number, got nothing"]),
+    ({**PEFT, "lora_dropout": "0.1"}, ["lora_dropout must be a number in [0, 1), got '0.1'"]),
+    ({**PEFT, "target_modules": "q_proj"}, ["unsupported target_modules 'q_proj'; expected a list of"]),
+    ({**PEFT, "target_modules": [["q_proj"]]}, ["unsupported target_modules [['q_proj']]"]),
+])
+def test_malformed_peft_adapter_config_is_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint, config, words):
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(json.dumps(config))
+    before = snapshot(peft)
+    code, out, err = run_cli(monkeypatch, capsys, *generate_args(tiny_checkpoint, "--lora_path", peft))
+    assert_error(code, err, str(peft / "adapter_config.json"), *words)
+    assert out == "" and snapshot(peft) == before

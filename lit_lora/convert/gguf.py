@@ -66,6 +66,8 @@ def open_gguf(path: Path):
         raise UserError(f"GGUF file {path} does not exist")
     try:
         return gguf.GGUFReader(str(path))
+    except OSError:  # the file system's (permissions, I/O), not a damaged file
+        raise
     except Exception as e:  # GGUFReader raises ValueError/struct errors/etc. for anything malformed
         raise UserError(f"cannot read {path} as GGUF: {e} (the file is truncated or not GGUF)") from None
 

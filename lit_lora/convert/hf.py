@@ -104,6 +104,8 @@ def iter_weights(path: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, t
     # Legacy pickles: weights_only refuses arbitrary objects; mmap keeps the shard on disk, not in memory.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except OSError:  # the file system's (permissions, I/O), not a damaged file
+        raise
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/... for bad files
         raise UserError(f"cannot read {path}: {e} (the file is truncated or not a PyTorch state dict)") from None
     for name in list(state):

@@ -10,6 +10,7 @@ Our module names are Hugging Face's without the `model.` prefix and our LoRA ten
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,33 @@ def write_peft_adapter(directory: Path, config: LoRAConfig, state: dict[str, tor
     write_json(Path(directory) / PEFT_CONFIG, peft_config(config, base_model_name_or_path))
 
 
-def _lora_config_from_peft(cfg: dict[str, Any], path: Path) -> LoRAConfig:
+# What a JSON file holds, in JSON's words, by the type json.loads gives
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_numbers(cfg: dict[str, Any], path: Path) -> None:
+    """r, lora_alpha and lora_dropout as PEFT writes them, or a UserError naming the field."""
+    r, dropout = cfg.get("r"), cfg.get("lora_dropout") or 0.0
+    for key, ok, must in (("r", type(r) is int and r >= 1, "a whole number >= 1"),
+                          ("lora_alpha", _is_number(cfg.get("lora_alpha")), "a number"),
+                          ("lora_dropout", _is_number(dropout) and 0 <= dropout < 1, "a number in [0, 1)")):
+        if not ok:
+            got = repr(cfg[key]) if key in cfg else "nothing"
+            raise UserError(f"{path} is not a PEFT adapter config: {key} must be {must}, got {got}")
+
+
+def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
     """Our LoRAConfig for a PEFT config, refusing the PEFT features our plain LoRA layer does not compute."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a PEFT adapter config: it holds {_JSON_KINDS[type(cfg)]}, not a JSON object")
     if cfg.get("peft_type") != "LORA":
         raise UserError(f"{path} is a PEFT {cfg.get('peft_type')} adapter; only LORA adapters are supported")
+    _check_numbers(cfg, path)
     unsupported = {
         "use_dora": cfg.get("use_dora"), "bias": cfg.get("bias", "none") != "none",
         "fan_in_fan_out": cfg.get("fan_in_fan_out"), "rank_pattern": cfg.get("rank_pattern"),
@@ -85,12 +109,12 @@ def _lora_config_from_peft(cfg: dict[str, Any], path: Path) -> LoRAConfig:
     modules = cfg.get("target_modules")
     if modules == "all-linear":  # PEFT's shorthand excludes the output head
         targets = TARGET_GROUPS["attention"] + TARGET_GROUPS["mlp"]
-    elif isinstance(modules, list) and all(m in _MODULE_TO_TARGET for m in modules):
+    elif isinstance(modules, list) and all(isinstance(m, str) and m in _MODULE_TO_TARGET for m in modules):
         targets = [_MODULE_TO_TARGET[m] for m in modules]
     else:
         raise UserError(f"{path}: unsupported target_modules {modules!r}; expected a list of "
                         f"{', '.join(_MODULE_TO_TARGET)}")
-    return LoRAConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
+    return LoRAConfig(r=cfg["r"], alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
                       targets=targets, use_rslora=bool(cfg.get("use_rslora", False)))
 
 

@@ -39,6 +39,17 @@ def split_path(directory: Path, split: str) -> Path:
     return Path(directory) / f"{split}.safetensors"
 
 
+def data_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """What makes prepared data the same data: all that its meta.json records (the source's sha256, the options
+    and tokenizer it was prepared with, the counts) except where the source file was, which changes nothing."""
+    def unplaced(source: Any) -> Any:
+        if not isinstance(source, dict):
+            return source
+        return {k: unplaced(v) if k == "val_file" else v for k, v in source.items() if k != "path"}
+
+    return {**meta, "source": unplaced(meta.get("source"))}
+
+
 class PreparedDataset(torch.utils.data.Dataset):
     """One split of a prepared directory: `ds[i]` is {"input_ids": (L,), "labels": (L,)} as int64 tensors.
 
@@ -63,7 +74,7 @@ class PreparedDataset(torch.utils.data.Dataset):
     def _read_meta(self) -> dict[str, Any]:
         try:
             meta = json.loads((self.directory / META).read_text())
-        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError; an OSError is no damage: the CLI says it
             raise self._damaged(f"{META} is not valid JSON ({e})") from None
         if not isinstance(meta, dict):
             raise self._damaged(f"{META} is not a JSON object")
