@@ -12,16 +12,14 @@ The out_dir holds config.yaml (the resolved config), metrics.csv, step-XXXXXX/ (
 --resume), final/ (the same at the end: a finished run can be continued with a higher max_steps), loss.png
 and summary.json. Everything a resume depends on is read and checked before anything in out_dir is written,
 and one run at a time uses an out_dir: it is locked (fileio.hold_lock) from before those checks to the end.
-The loss is in loss.py, checkpoints of the run in train_state.py.
+The loss is in loss.py; checkpoints of the run, resuming and the complete-run check in train_state.py;
+metrics.csv and loss.png in metrics.py; Ctrl-C handling in stop.py.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +36,18 @@ from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
 from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision
 from lit_lora.errors import UserError
-from lit_lora.fileio import atomic_write_bytes, hold_lock, write_json, write_yaml
+from lit_lora.fileio import hold_lock, write_json, write_yaml
 from lit_lora.generate import Sampling, complete
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
+from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA, Block
 from lit_lora.prompts.format import prompt_format, recorded_prompt
+from lit_lora.stop import StopRequest
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import TrainConfig, check_hardware
 from lit_lora.train_state import (FINAL, Progress, ResumePoint, check_resume_settings, find_resume, is_fsdp,
-                                  last_checkpoint_note, legacy_final_steps, restore, save)
+                                  last_checkpoint_note, restore, run_is_complete, save)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -118,7 +118,7 @@ def build_model(config: TrainConfig) -> LLaMA:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def validate(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_id: int) -> float:
+def validation_loss(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_id: int) -> float:
     """Mean cross-entropy per target token over (part of) the validation split, all processes together."""
     model.eval()
     t = config.train
@@ -141,99 +141,6 @@ def sample_answer(model: LLaMA, tokenizer: Tokenizer, prompt_meta: dict[str, Any
                         Sampling(max_new_tokens=max_new_tokens, temperature=0)).texts[0]
     finally:
         model.train()
-
-
-# ---------------------------------------------------------------------------------------------- logging
-class MetricsLog:
-    """metrics.csv (and TensorBoard through Fabric's loggers); rank 0 only."""
-
-    COLUMNS = ["step", "epoch", "split", "loss", "perplexity", "lr", "tokens", "tokens_per_s", "elapsed_s",
-               "peak_memory_gb"]
-
-    def __init__(self, fabric: L.Fabric, path: Path, resume_step: int | None) -> None:
-        """A new file, or on a resume the existing one cut back to the rows up to `resume_step`."""
-        self.fabric, self.path = fabric, path
-        self.rows: list[dict[str, Any]] = []
-        if fabric.global_rank != 0:
-            return
-        if resume_step is None or not path.is_file():
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(self.COLUMNS)
-        else:
-            self.truncate(path, resume_step)
-
-    @staticmethod
-    def truncate(path: Path, step: int) -> None:
-        """Drop the rows logged after `step` (they are logged again), and any torn row; atomically."""
-        lines = path.read_text().splitlines(keepends=True)
-        keep, columns = lines[:1], len(next(csv.reader(lines[:1]), []))
-        for line in lines[1:]:
-            fields = next(csv.reader([line]), [])
-            with contextlib.suppress(ValueError):
-                if len(fields) == columns and int(fields[0]) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-        if keep != lines:
-            atomic_write_bytes(path, "".join(keep).encode())
-
-    def log(self, **row: Any) -> None:
-        self.rows.append(row)
-        if self.fabric.global_rank != 0:
-            return
-        try:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.COLUMNS).writerow(row)
-        except OSError as e:  # a full disk: the checkpoints are what matters
-            raise UserError(f"could not write {self.path}: {e.strerror or e}; "
-                            f"{last_checkpoint_note(self.path.parent)}; free some space, then continue with "
-                            f"--resume auto") from None
-        values = {f"{row['split']}/{k}": v for k, v in row.items() if k in ("loss", "perplexity", "lr", "tokens_per_s")}
-        self.fabric.log_dict(values, step=row["step"])
-
-
-def plot_losses(metrics_csv: Path, out: Path) -> str | None:
-    """loss.png from metrics.csv; returns a note instead when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no loss.png"
-    rows = list(csv.DictReader(open(metrics_csv)))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for split in ("train", "val"):
-        points = [(int(r["step"]), float(r["loss"])) for r in rows if r["split"] == split]
-        if points:
-            ax.plot(*zip(*points), marker="o" if split == "val" else None, label=split)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / target token)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------- signals
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step, so it can save before exiting."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -297,29 +204,6 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | No
                max_steps, metrics, recorded_prompt(train_data.meta))
 
 
-def run_is_complete(fabric: L.Fabric, out_dir: Path, resume: str | None, point: ResumePoint | None,
-                    max_steps: int) -> bool:
-    """True (and says so) when out_dir's run already trained max_steps: resuming it would change nothing.
-
-    A finished run's final/ holds its training state, so raising train.max_steps (or epochs) continues it
-    from its last step; a final/ from before that (no training state) can only be reported, not continued.
-    """
-    done = point.step if point is not None and point.path.name == FINAL else None
-    if done is None and resume == "auto":
-        done = legacy_final_steps(out_dir)
-        if done is not None and 0 <= done < max_steps:
-            raise UserError(f"{out_dir / FINAL} was saved without training state (by an older lit-lora), so the "
-                            f"run cannot continue from its end to step {max_steps}; resume from a step directory "
-                            f"with --resume {out_dir}/step-XXXXXX (final/ is then replaced) or choose another out_dir")
-    if done is None or (0 <= done < max_steps):
-        return False
-    if fabric.global_rank == 0:  # known before launch: each process Fabric launches runs this too
-        trained = f"{done} steps" if done >= 0 else "its steps"
-        print(f"{out_dir} holds a complete run ({trained} trained, this config asks for {max_steps}); its adapter is "
-              f"{out_dir / FINAL}; nothing was changed; raise train.max_steps (or train.epochs) to train further")
-    return True
-
-
 def schedule_note(point: ResumePoint, config: TrainConfig, max_steps: int) -> str | None:
     """The learning rate follows a cosine over the run's total steps: say so when a resume changes them."""
     before, step = point.state.get("max_steps"), point.step
@@ -331,7 +215,7 @@ def schedule_note(point: ResumePoint, config: TrainConfig, max_steps: int) -> st
             f"from one trained with {max_steps} steps from the start")
 
 
-def evaluate(run: Run) -> float | None:
+def validate_and_sample(run: Run) -> float | None:
     """Validation loss (logged), and on rank 0 a greedy sample for the configured prompt. None, said once, when
     the data has no validation split (prepared with --val_size 0): no loss is logged rather than a fake 0.0."""
     config, fabric, progress = run.config, run.fabric, run.progress
@@ -341,7 +225,7 @@ def evaluate(run: Run) -> float | None:
                          f"training without validation, no val loss will be reported")
             run.no_val_noted = True
         return None
-    loss = validate(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
+    loss = validation_loss(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
     run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss, perplexity=math.exp(min(loss, 50)))
     if fabric.global_rank == 0 and not is_fsdp(fabric):  # sampling uses the unsharded model
         sample = sample_answer(run.model.module, run.tokenizer, run.prompt_meta, config.eval.prompt,
@@ -416,7 +300,7 @@ def train(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str
         return {"interrupted": False, "steps_this_run": 0}
     progress, t, out_dir = run.progress, config.train, Path(config.out_dir)
     if progress.step == 0:
-        evaluate(run)
+        validate_and_sample(run)
     bar = tqdm(total=run.max_steps, initial=progress.step, desc="finetune", dynamic_ncols=True,
                disable=fabric.global_rank != 0)
     order_epoch, order = -1, []
@@ -442,16 +326,16 @@ def train(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str
             if stopped_by_signal:  # some process got SIGINT/SIGTERM: all save and stop together
                 break
             if progress.step % config.eval.interval == 0 or progress.step == run.max_steps:
-                evaluate(run)
+                validate_and_sample(run)
             if progress.step % t.save_interval == 0 and progress.step < run.max_steps:
                 save(fabric, out_dir / f"step-{progress.step:06d}", run.model, run.optimizer, progress, config,
-                     run.train_data.meta, True, run.max_steps)
+                     run.train_data.meta, run.max_steps)
     bar.close()
     elapsed = time.perf_counter() - start_time
 
     adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_by_signal else FINAL)
     # final/ keeps the training state too, so raising max_steps later continues from here.
-    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.train_data.meta, True, run.max_steps)
+    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.train_data.meta, run.max_steps)
     if stopped_by_signal:
         fabric.print(f"interrupted at step {progress.step}: saved {adapter_dir}; continue with --resume auto")
     summary = summarize(run, adapter_dir, stopped_by_signal, elapsed, start_tokens, start_step)

@@ -90,34 +90,25 @@ def _rng_states(fabric: L.Fabric) -> torch.Tensor:
 
 
 def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress, config: TrainConfig,
-         data_meta: dict[str, Any], resumable: bool, max_steps: int | None = None) -> None:
-    """step-XXXXXX/ or final/: the adapter, plus (when resumable) everything --resume needs. Rank 0 writes.
+         data_meta: dict[str, Any], max_steps: int) -> None:
+    """step-XXXXXX/ or final/: the adapter and everything --resume needs. Rank 0 writes.
 
     `data_meta` is the training data's meta.json: the adapter records its format, the training state its identity.
 
     The directory is built under a temporary name and renamed when complete, so a failed save (a full disk)
     leaves the previous checkpoints as they were; it ends in one UserError naming both.
     """
-    optim = _optimizer_state(fabric, model, optimizer) if resumable else None
-    rng = _rng_states(fabric) if resumable else None
+    optim, rng = _optimizer_state(fabric, model, optimizer), _rng_states(fabric)  # collective: every rank
     with _full_params(fabric, model):
         if fabric.global_rank == 0:
             try:
                 with atomic_dir(directory, overwrite=True) as tmp:
                     write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), data_meta)
-                    if resumable:
-                        state = {"progress": vars(progress), "optimizer": optim, "rng": rng,
-                                 "world_size": fabric.world_size, "global_batch_size": config.train.global_batch_size,
-                                 "seed": config.seed, "max_steps": max_steps, "data": data_identity(data_meta),
-                                 "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)}
-                        # Serialised in memory and written by Python: a full disk is then an OSError naming
-                        # its cause, where torch.save's own writer reports only "unexpected pos".
-                        buffer = io.BytesIO()
-                        torch.save(state, buffer)
-                        with open(tmp / TRAINING_STATE, "wb") as f:
-                            f.write(buffer.getbuffer())
-                            f.flush()
-                            os.fsync(f.fileno())
+                    _write_state(tmp / TRAINING_STATE, {
+                        "progress": vars(progress), "optimizer": optim, "rng": rng, "world_size": fabric.world_size,
+                        "global_batch_size": config.train.global_batch_size, "seed": config.seed,
+                        "max_steps": max_steps, "data": data_identity(data_meta),
+                        "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)})
             except Exception as e:
                 reason = _io_failure(e)
                 if reason is None:
@@ -126,6 +117,17 @@ def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress
                                 f"{last_checkpoint_note(directory.parent)}; free some space, then continue with "
                                 f"--resume auto") from None
     fabric.barrier()
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    # Serialised in memory and written by Python: a full disk is then an OSError naming its cause, where
+    # torch.save's own writer reports only "unexpected pos".
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _io_failure(e: Exception) -> str | None:
@@ -149,10 +151,6 @@ class ResumePoint:
     @property
     def step(self) -> int:
         return int(self.state["progress"]["step"])
-
-    @property
-    def is_final(self) -> bool:
-        return self.path.name == FINAL
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -278,6 +276,29 @@ def restore(fabric: L.Fabric, point: ResumePoint, model, optimizer) -> Progress:
         fabric.print(f"note: {point.path} was saved by {point.state['world_size']} processes, not "
                      f"{fabric.world_size}: dropout randomness will differ from an uninterrupted run")
     return Progress(**point.state["progress"])
+
+
+def run_is_complete(fabric: L.Fabric, out_dir: Path, resume: str | None, point: ResumePoint | None,
+                    max_steps: int) -> bool:
+    """True (and says so) when out_dir's run already trained max_steps: resuming it would change nothing.
+
+    A finished run's final/ holds its training state, so raising train.max_steps (or epochs) continues it
+    from its last step; a final/ from before that (no training state) can only be reported, not continued.
+    """
+    done = point.step if point is not None and point.path.name == FINAL else None
+    if done is None and resume == "auto":
+        done = legacy_final_steps(out_dir)
+        if done is not None and 0 <= done < max_steps:
+            raise UserError(f"{out_dir / FINAL} was saved without training state (by an older lit-lora), so the "
+                            f"run cannot continue from its end to step {max_steps}; resume from a step directory "
+                            f"with --resume {out_dir}/step-XXXXXX (final/ is then replaced) or choose another out_dir")
+    if done is None or (0 <= done < max_steps):
+        return False
+    if fabric.global_rank == 0:  # known before launch: each process Fabric launches runs this too
+        trained = f"{done} steps" if done >= 0 else "its steps"
+        print(f"{out_dir} holds a complete run ({trained} trained, this config asks for {max_steps}); its adapter is "
+              f"{out_dir / FINAL}; nothing was changed; raise train.max_steps (or train.epochs) to train further")
+    return True
 
 
 def legacy_final_steps(out_dir: Path) -> int | None:
