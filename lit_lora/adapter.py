@@ -45,7 +45,9 @@ def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path
     """
     config = model.lora_config
     state = {k: (v.detach().to(dtype) if dtype else v.detach()).contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(state, str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt", "lit_lora": "adapter"})
+    # One metadata key: safetensors writes the metadata map in a random order per process, so with two the bytes (and
+    # the sha256 recorded below) would differ between identical runs.
+    save_file(state, str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     base_info = load_info(base_checkpoint_dir) if base_checkpoint_dir else {}
     meta = {
         **config.to_dict(),

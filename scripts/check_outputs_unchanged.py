@@ -6,7 +6,8 @@ The base revision is checked out into a temporary git worktree. Both versions ru
 their own tree, in the same directory (so recorded paths agree): prepare-alpaca (chatml), a short finetune-lora
 (32-true, tiny model), merge-lora, export-hf and export-peft, all on one tiny checkpoint built once beforehand.
 Every output file is hashed (safetensors with its header keys sorted: see file_hash); timing files (metrics.csv, summary.json, loss.png, tensorboard) are left out.
-Exit code 0 when all hashes agree, 1 otherwise.
+Exit code 0 when all hashes agree, 1 otherwise. A base revision before 2026-12-01 wrote its adapters' safetensors
+metadata in a random order, so its weights_sha256 (and training_state.pt) differ by chance: run it again.
 """
 from __future__ import annotations
 

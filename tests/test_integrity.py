@@ -690,3 +690,15 @@ def test_malformed_peft_adapter_config_is_one_line(monkeypatch, capsys, tmp_path
     code, out, err = run_cli(monkeypatch, capsys, *generate_args(tiny_checkpoint, "--lora_path", peft))
     assert_error(code, err, str(peft / "adapter_config.json"), *words)
     assert out == "" and snapshot(peft) == before
+
+
+def test_the_same_adapter_is_the_same_bytes_in_every_process(tiny_checkpoint, tmp_path):
+    """The recorded sha256 of an adapter depends only on its tensors: no map written in a per-process random order."""
+    script = ("import sys; sys.path.insert(0, sys.argv[3]); from pathlib import Path; "
+              "from adapter_helpers import make_adapter; make_adapter(Path(sys.argv[1]), Path(sys.argv[2]))")
+    files = []
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", script, str(tiny_checkpoint), str(tmp_path / name),
+                        str(Path(__file__).parent)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        files.append((tmp_path / name / "lora.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]
