@@ -15,6 +15,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -27,9 +28,33 @@ from lit_lora.errors import UserError, os_error_message
 
 # ------------------------------------------------------------------------------------------ defaults, unimported
 @functools.cache
-def _module_tree(module: str) -> ast.Module:
+def _source(module: str) -> str:
     origin = importlib.util.find_spec(module).origin  # imports the parent packages only (no torch there)
-    return ast.parse(Path(origin).read_text(encoding="utf-8"))
+    return Path(origin).read_text(encoding="utf-8")
+
+
+_NEXT_TOP_LEVEL = re.compile(r"^[\w@#]", re.M)
+
+
+def _definition(module: str, name: str) -> ast.stmt:
+    """The top-level def, class or assignment of `name` in `module`, parsed on its own (parsing whole modules
+    would take most of --help's time); the whole module when the cut is not a statement of its own."""
+    source = _source(module)
+    start = re.search(rf"^(?:def |class ){name}\b|^{name}\s*[:=]", source, re.M)
+    if start is None:
+        raise LookupError(f"{module} defines no {name}")
+    end = _NEXT_TOP_LEVEL.search(source, start.end())
+    try:
+        return ast.parse(source[start.start():end.start() if end else None]).body[0]
+    except SyntaxError:  # e.g. a string with lines at column 0 inside the definition
+        return next(n for n in ast.parse(source).body if name in _names(n))
+
+
+def _names(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return [node.name]
+    targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+    return [t.id for t in targets if isinstance(t, ast.Name)]
 
 
 def _literal(node: ast.expr | None, where: str) -> Any:
@@ -43,9 +68,7 @@ def _literal(node: ast.expr | None, where: str) -> Any:
 def library_defaults(target: str) -> dict[str, Any]:
     """{parameter: default's AST} of "module:function" (or of a dataclass's fields, "module:Class"), from its source;
     evaluated when asked for, so only the defaults the CLI shows must be literals."""
-    module, name = target.split(":")
-    node = next(n for n in _module_tree(module).body
-                if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+    node = _definition(*target.split(":"))
     if isinstance(node, ast.ClassDef):
         return {s.target.id: s.value for s in node.body if isinstance(s, ast.AnnAssign) and s.value is not None}
     args = node.args
@@ -63,21 +86,13 @@ def library_default(target: str, name: str) -> Any:
     return _literal(library_defaults(target)[name], f"{target}({name}=...)")
 
 
-def _constant_node(module: str, constant: str) -> ast.expr:
-    for node in _module_tree(module).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-        if any(isinstance(t, ast.Name) and t.id == constant for t in targets):
-            return node.value
-    raise LookupError(f"{module} has no constant {constant}")
-
-
 def library_constant(module: str, constant: str) -> Any:
-    return _literal(_constant_node(module, constant), f"{module}.{constant}")
+    return _literal(_definition(module, constant).value, f"{module}.{constant}")
 
 
 def library_names(module: str, constant: str) -> list[str]:
     """The keys of a module-level dict constant, read from the source: for help texts."""
-    return [_literal(key, f"{module}.{constant}") for key in _constant_node(module, constant).keys]
+    return [_literal(key, f"{module}.{constant}") for key in _definition(module, constant).value.keys]
 
 
 # ------------------------------------------------------------------------------------------ options, declared once

@@ -77,12 +77,15 @@ def test_library_constants_read_from_source():
     assert cli.library_names("lit_lora.download", "MODELS") == list(MODELS)
 
 
-def test_a_default_that_is_not_a_literal_is_refused(tmp_path, monkeypatch):
-    (tmp_path / "odd_module.py").write_text("import os\n\ndef f(a=1, b=os.sep):\n    pass\n")
+def test_defaults_read_from_odd_source(tmp_path, monkeypatch):
+    """A default that is not a literal is refused; a definition with a string at column 0 is still read."""
+    (tmp_path / "odd_module.py").write_text('import os\n\ndef f(a=1, b=os.sep):\n    pass\n\n\n'
+                                            'def g(c="x"):\n    text = """\ndef h(): column 0\n"""\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     assert cli.library_default("odd_module:f", "a") == 1
     with pytest.raises(TypeError, match="literal"):
         cli.library_default("odd_module:f", "b")
+    assert cli.library_default("odd_module:g", "c") == "x"
 
 
 def test_every_program_is_a_command():
