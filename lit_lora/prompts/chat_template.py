@@ -23,7 +23,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lit_lora.errors import UserError
 from lit_lora.prompts.builtin import BUILTINS
-from lit_lora.prompts.masking import assistant_spans, require_huggingface, special_texts
 from lit_lora.tokenizer import token_content
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 saves the template apart; it wins over tokenizer_config's
@@ -205,17 +204,6 @@ class ChatTemplate:
     def from_record(cls, record: dict[str, str], tokenizer: Any) -> ChatTemplate:
         return cls(record["source"], special_tokens(tokenizer), name=record.get("name", "the recorded chat template"))
 
-    def end_markers(self, tokenizer: Any) -> tuple[str, ...]:
-        """The special tokens this template closes an assistant turn with (to stop generation at), found by
-        rendering a one-exchange probe; empty if the template writes none or refuses the probe. A SentencePiece-only
-        tokenizer is a UserError."""
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-        require_huggingface(tokenizer)  # outside the try: a tokenizer that cannot render chats is the user's to fix
-        try:
-            return tuple(m for m in assistant_spans(self, probe, special_texts(tokenizer))[2] if m)
-        except UserError:
-            return ()
-
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **extra: Any) -> str:
         """The conversation as text. `extra` become template variables and override the special tokens."""
         # Like apply_chat_template: keys whose value is None are dropped (templates test for presence, not None).
@@ -237,3 +225,11 @@ class ChatTemplate:
             raise UserError(f"{self.name} tried an unsafe operation and was stopped by the sandbox: {e}") from None
         except Exception as e:  # noqa: BLE001 - the template is input, not our code: its failures are the user's
             raise UserError(f"{self.name} failed to render: {type(e).__name__}: {e}") from None
+
+
+def require_huggingface(tokenizer: Any) -> None:
+    if tokenizer.backend != "huggingface":
+        # SentencePiece alone neither matches special-token strings in text (as transformers does first) nor
+        # reports offsets, so rendering through it would not be token-for-token the model's own format.
+        raise UserError(f"chat templates need a tokenizer.json next to {tokenizer.path}; create it with "
+                        "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")

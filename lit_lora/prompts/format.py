@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from lit_lora.errors import UserError
 from lit_lora.prompts.builtin import BUILTINS, Builtin
 from lit_lora.prompts.chat_template import ChatTemplate
+from lit_lora.prompts.masking import end_markers
 
 # An instruction template's name, or for conversations the chat template ({"name", "source"}) and the system prompt
 # given to all of them.
@@ -57,7 +58,7 @@ class PromptFormat(NamedTuple):
 
 
 def chat_format(template: ChatTemplate, tokenizer: Any, system: str | None = None) -> PromptFormat:
-    return PromptFormat(template, template.end_markers(tokenizer), system)
+    return PromptFormat(template, end_markers(template, tokenizer), system)
 
 
 def prompt_format(name: str, recorded: dict[str, Any], tokenizer: Any, multi_turn: bool = False) -> PromptFormat:

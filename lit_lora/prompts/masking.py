@@ -9,13 +9,11 @@ token positions through the tokenizer's offsets.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from lit_lora.errors import UserError
+from lit_lora.prompts.chat_template import ChatTemplate, require_huggingface
 from lit_lora.tokenizer import token_content
-
-if TYPE_CHECKING:
-    from lit_lora.prompts.chat_template import ChatTemplate
 
 TRAIN_ON = ("assistant", "last", "all")
 
@@ -106,14 +104,6 @@ def _place_contents(text: str, literals: list[str], contents: list[str]) -> list
     return spans
 
 
-def require_huggingface(tokenizer: Any) -> None:
-    if tokenizer.backend != "huggingface":
-        # SentencePiece alone neither matches special-token strings in text (as transformers does first) nor
-        # reports offsets, so rendering through it would not be token-for-token the model's own format.
-        raise UserError(f"chat templates need a tokenizer.json next to {tokenizer.path}; create it with "
-                        "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
-
-
 def _offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     require_huggingface(tokenizer)
     encoding = tokenizer.processor.encode(text, add_special_tokens=False)
@@ -154,3 +144,15 @@ def encode_conversation(tokenizer: Any, template: ChatTemplate, messages: list[d
 def _first_token_at(offsets: list[tuple[int, int]], char: int) -> int:
     """The first token that covers or follows character `char` (the last one if none does)."""
     return next((i for i, (start, end) in enumerate(offsets) if end > char or start >= char), len(offsets) - 1)
+
+
+def end_markers(template: ChatTemplate, tokenizer: Any) -> tuple[str, ...]:
+    """The special tokens `template` closes an assistant turn with (to stop generation at), found by rendering a
+    one-exchange probe; empty if the template writes none or refuses the probe. A SentencePiece-only tokenizer is a
+    UserError."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    require_huggingface(tokenizer)  # outside the try: a tokenizer that cannot render chats is the user's to fix
+    try:
+        return tuple(m for m in assistant_spans(template, probe, special_texts(tokenizer))[2] if m)
+    except UserError:
+        return ()
