@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from lit_lora.device import dtype_name
 from lit_lora.errors import UserError
-from lit_lora.fileio import atomic_dir, iter_safetensors, sha256_file, write_json, write_yaml
+from lit_lora.fileio import atomic_dir, iter_safetensors, read_safetensors_header, sha256_file, write_json, write_yaml
 from lit_lora.model import LLaMA, Config
 from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE
 
@@ -182,6 +182,19 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
         index = json.loads((checkpoint_dir / WEIGHTS_INDEX).read_text())
         return [checkpoint_dir / f for f in sorted(set(index["weight_map"].values()))]
     raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; the checkpoint is incomplete, convert it again")
+
+
+def weight_shapes(checkpoint_dir: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every stored tensor, in the order iter_weights yields them, from the headers alone."""
+    shapes = []
+    for path in weight_files(checkpoint_dir):
+        try:
+            with open(path, "rb") as f:
+                header, _ = read_safetensors_header(f, path)
+        except ValueError as e:
+            raise UserError(f"{path} is damaged ({e}); convert the checkpoint again") from None
+        shapes += [(name, tuple(info["shape"])) for name, info in header.items()]
+    return shapes
 
 
 def iter_weights(checkpoint_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -421,6 +421,7 @@ def finetune_lora(
 # ------------------------------------------------------------------------------------------ generation, merge, export
 GENERATE, CHAT, MERGE = "lit_lora.generate:run_generate", "lit_lora.chat:run_chat", "lit_lora.merge:merge_checkpoint"
 EXPORT_HF, EXPORT_PEFT = "lit_lora.export:export_hf", "lit_lora.export:export_peft"
+EXPORT_GGUF = "lit_lora.export:export_gguf"
 EVALUATE = "lit_lora.evaluate:evaluate"
 
 
@@ -510,6 +511,24 @@ def export_peft(
     written = library(EXPORT_PEFT)(lora_path, out, base_model_name_or_path=base_model_name_or_path,
                                    overwrite=overwrite, verify=verify)
     print(f"wrote {written}")
+
+
+@subcommand("export-gguf", "export-gguf --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
+                           "out/lora/smollm2-135m-chat/final --out smollm2-chat.gguf --type q8_0")
+def export_gguf(
+    out: Path = out_option("GGUF file to write; NAME.Modelfile (for Ollama) is written beside it."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint_dir", help="Checkpoint to export (with "
+                                                  "--lora_path: base + adapter merged)."),
+    lora_path: Optional[Path] = typer.Option(None, "--lora_path", help="Adapter: merged into --checkpoint_dir, or "
+                                             "alone a llama.cpp LoRA adapter GGUF (llama-cli --lora, Ollama ADAPTER)."),
+    type: str = option(EXPORT_GGUF, "type", "Weights type: f32, f16, bf16 or q8_0 (norms stay f32)."),
+    overwrite: bool = option(EXPORT_GGUF, "overwrite", "Replace --out (and its Modelfile) if it is a GGUF file."),
+    verify: bool = verify_option(),
+) -> None:
+    """Write a model, or an adapter alone, as GGUF for llama.cpp, Ollama and LM Studio."""
+    written = library(EXPORT_GGUF)(out, checkpoint_dir=checkpoint_dir, lora_path=lora_path, type=type,
+                                   overwrite=overwrite, verify=verify)
+    print(f"wrote {written} and {written.with_suffix('.Modelfile')}")
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -1,21 +1,39 @@
-"""Export to the Hugging Face ecosystem: a whole model as a transformers directory, an adapter as PEFT's.
+"""Export to the Hugging Face ecosystem and to llama.cpp / Ollama.
 
     export_hf:    config.json, model.safetensors (HF names: `model.` prefix, `lm_head.weight` when untied),
                   tokenizer files            -> transformers.AutoModelForCausalLM.from_pretrained(DIR)
     export_peft:  adapter_config.json, adapter_model.safetensors
                                              -> peft.PeftModel.from_pretrained(hf_model, DIR)
+    export_gguf:  a LLaMA GGUF (base, or base + adapter merged), or the adapter alone as a llama.cpp LoRA GGUF,
+                  and an Ollama Modelfile beside it
+                                             -> llama-cli -m model.gguf [--lora adapter.gguf]; ollama create
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterator
 
-from lit_lora.adapter import load_adapter
-from lit_lora.checkpoint import ShardWriter, copy_tokenizer_files, iter_weights, load_config, load_info
+import numpy as np
+
+from lit_lora.adapter import load_adapter, lora_pairs
+from lit_lora.checkpoint import (ShardWriter, copy_tokenizer_files, iter_weights, load_config, load_info,
+                                 weight_shapes)
+from lit_lora.convert.gguf import (EXPORT_TYPES, add_model_metadata, add_tokenizer_metadata, check_exportable,
+                                   gguf_name, rope_freqs, to_gguf_layout, write_gguf)
 from lit_lora.convert.hf import to_hf_name
+from lit_lora.convert.ollama import modelfile
 from lit_lora.convert.peft import write_peft_adapter
 from lit_lora.device import torch_dtype_name
-from lit_lora.fileio import atomic_dir, write_json
+from lit_lora.errors import UserError
+from lit_lora.fileio import atomic_dir, atomic_file, atomic_write_bytes, check_file_destination, write_json
+from lit_lora.merge import merged_weights
+from lit_lora.model import Config
+from lit_lora.prompts.builtin import BUILTINS
+from lit_lora.prompts.chat_template import ChatTemplate
+from lit_lora.prompts.format import prompt_format, recorded_prompt
 from lit_lora.tokenizer import Tokenizer
+
+GGUF_MAGIC = b"GGUF"
 
 
 def export_hf(checkpoint_dir: Path, out: Path, overwrite: bool = False, verify: bool = True) -> Path:
@@ -43,3 +61,102 @@ def export_peft(lora_path: Path, out: Path, base_model_name_or_path: str | None 
     with atomic_dir(out, overwrite, inputs=[lora_path]) as tmp:
         write_peft_adapter(tmp, lora_config, state, base_model_name_or_path or meta.get("base_checkpoint"))
     return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+def export_gguf(out: Path, checkpoint_dir: Path | None = None, lora_path: Path | None = None, type: str = "f16",
+                overwrite: bool = False, verify: bool = True) -> Path:
+    """A checkpoint (with `lora_path`: base + adapter merged, no merged checkpoint written) as a LLaMA GGUF, or
+    with `lora_path` alone the adapter as a llama.cpp LoRA adapter GGUF; `NAME.Modelfile` for Ollama beside it.
+    Tensors stream one at a time; both files are written under temporary names and renamed when complete."""
+    if type not in EXPORT_TYPES:
+        raise UserError(f"unknown --type {type!r}; use one of {', '.join(EXPORT_TYPES)}")
+    if checkpoint_dir is None and lora_path is None:
+        raise UserError("pass --checkpoint_dir (a model, merged with --lora_path if given) or --lora_path alone "
+                        "(the adapter)")
+    out = Path(out)
+    modelfile_path = out.with_suffix(".Modelfile")
+    for path in (out, modelfile_path):
+        check_file_destination(path, [checkpoint_dir, lora_path])
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    if out.exists() and _magic(out) != GGUF_MAGIC:
+        raise UserError(f"{out} exists and is not a GGUF file; lit-lora replaces only a GGUF, choose another --out")
+    export = _gguf_model if checkpoint_dir is not None else _gguf_adapter
+    with atomic_file(out) as tmp:
+        model_text = export(tmp, out, checkpoint_dir, lora_path, type, verify)
+    atomic_write_bytes(modelfile_path, model_text.encode())
+    return out
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | None, type: str, verify: bool) -> str:
+    if lora_path is not None:
+        config, prompt, tensors = merged_weights(checkpoint_dir, [lora_path], verify)
+    else:
+        config, prompt = load_config(checkpoint_dir), recorded_prompt(load_info(checkpoint_dir))
+        tensors = iter_weights(checkpoint_dir, verify=verify)
+    check_exportable(config)
+    tokenizer = Tokenizer(checkpoint_dir)
+    template = gguf_chat_template(prompt, tokenizer)
+    chosen = prompt_format("auto", prompt, tokenizer) if template else None
+    requested, file_type = EXPORT_TYPES[type]
+    freqs = rope_freqs(config)
+    infos = [(gguf_name(name), shape) for name, shape in weight_shapes(checkpoint_dir)]
+    infos += [("rope_freqs.weight", freqs.shape)] if freqs is not None else []
+
+    def arrays() -> Iterator[np.ndarray]:
+        for name, tensor in tensors:
+            yield to_gguf_layout(name, tensor, config)
+        if freqs is not None:
+            yield freqs
+
+    def metadata(writer) -> None:
+        add_model_metadata(writer, config, config.name or Path(checkpoint_dir).name, file_type)
+        add_tokenizer_metadata(writer, tokenizer, config.vocab_size, template)
+
+    write_gguf(tmp, metadata, infos, arrays(), requested)
+    return modelfile(f"./{out.name}", None, template, chosen.stop_strings if chosen else (), prompt.get("system"))
+
+
+def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, type: str, verify: bool) -> str:
+    lora_config, state, meta = load_adapter(lora_path, verify=verify)
+    if not meta.get("base_model"):
+        raise UserError(f"{lora_path} records no base model config (a PEFT adapter?), which a GGUF adapter needs; "
+                        f"export it merged: export-gguf --checkpoint_dir BASE --lora_path {lora_path} --out ...")
+    config = Config.from_dict(meta["base_model"])  # LoRA on a tied head cannot exist: apply_lora refuses it
+    pairs = sorted(lora_pairs(state).items())
+    infos, arrays = [], []
+    for name, (A, B) in pairs:
+        base = gguf_name(name)
+        infos += [(f"{base}.lora_a", tuple(A.shape)), (f"{base}.lora_b", tuple(B.shape))]
+        arrays += [(f"{name[:-len('weight')]}lora_A", A), (f"{name[:-len('weight')]}lora_B", B)]
+
+    def metadata(writer) -> None:
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        # llama.cpp scales by alpha / rank, the rank read from the tensors: this alpha reproduces our scaling
+        # (alpha / r, or alpha / sqrt(r) for rsLoRA, whose flag llama.cpp never reads).
+        writer.add_float32("adapter.lora.alpha", lora_config.scaling * lora_config.r)
+
+    write_gguf(tmp, metadata, infos, (to_gguf_layout(n, t, config) for n, t in arrays), EXPORT_TYPES[type][0])
+    prompt = recorded_prompt(meta)
+    template = prompt["chat_template"]["source"] if prompt["chat_template"] else \
+        BUILTINS[prompt["template"]].chat_source if prompt["template"] in BUILTINS else None
+    stops = BUILTINS[prompt["template"]].stop_strings if prompt["template"] in BUILTINS else ()
+    return "# FROM: the base model's GGUF, e.g. export-gguf --checkpoint_dir BASE --out base.gguf\n" + \
+        modelfile("./base.gguf", f"./{out.name}", template, stops, prompt["system"])
+
+
+def gguf_chat_template(prompt: dict[str, Any], tokenizer: Tokenizer) -> str | None:
+    """The chat template a GGUF carries: the adapter's recorded one (a built-in instruction template's chat form),
+    else the checkpoint's own."""
+    if prompt.get("chat_template"):
+        return prompt["chat_template"]["source"]
+    if prompt.get("template") in BUILTINS:
+        return BUILTINS[prompt["template"]].chat_source
+    return ChatTemplate.source_of(tokenizer) if tokenizer.backend == "huggingface" else tokenizer.chat_template

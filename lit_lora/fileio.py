@@ -227,17 +227,26 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | None]
         raise error from e
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = sibling(path, "tmp")
+@contextlib.contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write a file at; on success it replaces `out`, on any error it is removed.
+    (Callers check `out` first: check_file_destination, and whether an existing file may be replaced.)"""
+    out = Path(out)
+    tmp = sibling(out, "tmp")
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        tmp.replace(out)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename == str(tmp):
-            e.filename = str(path)
+            e.filename = str(out)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ hold bit-identical weights. Several adapters are summed in fp32 and rounded to t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -17,6 +17,7 @@ from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, atomic_write_bytes
 from lit_lora.lora import merged_weight
+from lit_lora.model import Config
 from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE
 from lit_lora.prompts.format import recorded_prompt
 
@@ -32,30 +33,42 @@ def merge_checkpoint(checkpoint_dir: Path, lora_paths: Path | list[Path], out: P
     are read.
     """
     lora_paths = [lora_paths] if isinstance(lora_paths, (str, Path)) else list(lora_paths)
-    if not lora_paths:
-        raise UserError("pass at least one --lora_path")
     dtype = parse_dtype(dtype)
-    config = load_config(checkpoint_dir)
-    adapters = [load_checked_adapter(path, checkpoint_dir, config, verify=verify) for path in lora_paths]
-    prompt = shared_prompt(lora_paths, [meta for *_, meta in adapters])
-    updates = [(lora_pairs(state), lora_config.scaling) for lora_config, state, _ in adapters]
+    config, prompt, tensors = merged_weights(checkpoint_dir, lora_paths, verify, dtype)
     out_dtype = None
     with atomic_dir(out, overwrite, inputs=[checkpoint_dir, *lora_paths]) as tmp:
         writer = ShardWriter(tmp)
-        for name, tensor in iter_weights(checkpoint_dir, verify=verify):
-            tensor = merged(tensor, [(*pairs.pop(name), s) for pairs, s in updates if name in pairs], dtype)
+        for name, tensor in tensors:
             out_dtype = out_dtype or tensor.dtype
             writer.add(name, tensor)
-        missing = sorted(name for pairs, _ in updates for name in pairs)
-        if missing:  # check_adapter_fits saw these layers in the config, so the checkpoint lacks them
-            raise UserError(f"{checkpoint_dir} has no tensors {missing[:2]} that the adapters update; "
-                            f"the checkpoint is incomplete, convert it again")
         source = " + ".join(map(str, [checkpoint_dir, *lora_paths]))
         finish_checkpoint(tmp, writer, config, out_dtype, source=f"merge-lora: {source}", tokenizer_src=checkpoint_dir,
                           extra=prompt)
         if prompt["chat_template"]:  # served anywhere (HF export included) with the template it was trained in
             atomic_write_bytes(tmp / CHAT_TEMPLATE_FILE, prompt["chat_template"]["source"].encode())
     return Path(out)
+
+
+def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = True, dtype: torch.dtype | None = None
+                   ) -> tuple[Config, dict[str, Any], Iterator[tuple[str, torch.Tensor]]]:
+    """(the base's config, the prompt format the adapters share, and (name, tensor) of base + adapters one tensor at
+    a time). Every adapter is checked against the base before the first tensor is read."""
+    if not lora_paths:
+        raise UserError("pass at least one --lora_path")
+    config = load_config(checkpoint_dir)
+    adapters = [load_checked_adapter(path, checkpoint_dir, config, verify=verify) for path in lora_paths]
+    prompt = shared_prompt(lora_paths, [meta for *_, meta in adapters])
+    updates = [(lora_pairs(state), lora_config.scaling) for lora_config, state, _ in adapters]
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in iter_weights(checkpoint_dir, verify=verify):
+            yield name, merged(tensor, [(*pairs.pop(name), s) for pairs, s in updates if name in pairs], dtype)
+        missing = sorted(name for pairs, _ in updates for name in pairs)
+        if missing:  # check_adapter_fits saw these layers in the config, so the checkpoint lacks them
+            raise UserError(f"{checkpoint_dir} has no tensors {missing[:2]} that the adapters update; "
+                            f"the checkpoint is incomplete, convert it again")
+
+    return config, prompt, tensors()
 
 
 def merged(weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]],

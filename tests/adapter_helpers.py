@@ -21,9 +21,9 @@ def randomize_lora(model, seed: int, scale: float = 0.1) -> None:
 
 
 def make_adapter(checkpoint_dir: Path, out: Path, seed: int = 0, targets=("query", "value"), r: int = 4,
-                 alpha: float = 8.0, template: str | None = "chatml") -> Path:
+                 alpha: float = 8.0, template: str | None = "chatml", scale: float = 0.1) -> Path:
     model = apply_lora(load_model(checkpoint_dir), LoRAConfig(r=r, alpha=alpha, dropout=0.0, targets=list(targets)))
-    randomize_lora(model, seed)
+    randomize_lora(model, seed, scale)
     with atomic_dir(out) as tmp:
         write_adapter_files(tmp, model, checkpoint_dir, {"template": template})
     return out

@@ -8,9 +8,10 @@ Three things differ from a Hugging Face directory:
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -188,7 +189,7 @@ def _pre_tokenizer(pre: str):
     from tokenizers import Regex, pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("default", "gpt2"):
+    if pre in ("default", "gpt2", "gpt-2"):
         return byte_level
     if pre in DIGIT_SPLITTING_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -236,3 +237,204 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str
                          for key, gguf_key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"))
                          if meta.get(f"tokenizer.ggml.{gguf_key}_token_id") is not None}
     return tokenizer, tokenizer_config, generation_config
+
+
+# ---------------------------------------------------------------------------------------------- export
+# --type -> (the GGML type of 2-D weights, general.file_type); norms and other 1-D tensors stay F32, as llama.cpp
+# keeps them, and a weight whose rows do not split into Q8_0's 32-value blocks falls back to F16.
+EXPORT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
+GGUF_NAMES = {ours: theirs for theirs, ours in GLOBAL_NAMES.items()}
+GGUF_LAYER_NAMES = {ours: theirs for theirs, ours in LAYER_NAMES.items()}
+# Pre-tokenizer names llama.cpp knows, in the order an export looks for the checkpoint's own (see _pre_tokenizer).
+EXPORT_PRE_TOKENIZERS = ("gpt-2", "smollm", "llama-bpe")
+
+
+def gguf_name(name: str) -> str:
+    """The GGUF tensor name of one of our parameter names (layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
+    if name in GGUF_NAMES:
+        return GGUF_NAMES[name]
+    layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
+    return f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Our (rotate-half) q/k row order into llama.cpp's interleaved one: the inverse of unpermute_rope_rows."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_gguf_layout(name: str, tensor: torch.Tensor, config: Config) -> np.ndarray:
+    """float32 numpy in llama.cpp's row order for q and k (and for a LoRA B of q or k, whose rows are theirs)."""
+    tensor = tensor.detach().float()
+    if "q_proj" in name and tensor.dim() == 2 and not name.endswith("lora_A"):
+        tensor = permute_rope_rows(tensor, config.n_heads)
+    elif "k_proj" in name and tensor.dim() == 2 and not name.endswith("lora_A"):
+        tensor = permute_rope_rows(tensor, config.n_kv_heads)
+    return tensor.contiguous().numpy()
+
+
+def ggml_type(shape: tuple[int, ...], requested: str):
+    from gguf import GGMLQuantizationType as T
+
+    if len(shape) < 2:
+        return T.F32
+    if requested == "Q8_0" and shape[-1] % 32:
+        return T.F16
+    return T[requested]
+
+
+def encode_tensor(array: np.ndarray, qtype) -> np.ndarray:
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    if qtype == T.F32:
+        return array
+    if qtype == T.F16:
+        return array.astype(np.float16)
+    return quantize(array, qtype)  # BF16 and Q8_0, as llama.cpp's own converter does them
+
+
+def encoded_nbytes(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], Any, int]:
+    """(shape as the writer wants it, numpy dtype, bytes) of a tensor of `shape` encoded as `qtype`."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quant_shape_to_byte_shape
+
+    if qtype == T.F32:
+        return shape, np.dtype(np.float32), int(np.prod(shape)) * 4
+    if qtype in (T.F16, T.BF16):
+        return shape, np.dtype(np.float16 if qtype == T.F16 else np.uint16), int(np.prod(shape)) * 2
+    byte_shape = quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def write_gguf(path: Path, arch_metadata: Callable[[Any], None], tensors: list[tuple[str, tuple[int, ...]]],
+               arrays: Iterator[np.ndarray], requested: str) -> None:
+    """Stream a GGUF file: `arch_metadata(writer)` adds the key-values, `tensors` lists (GGUF name, numpy shape)
+    in order, and `arrays` yields their float32 data in that order, one at a time (peak memory ~ one tensor)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    try:
+        arch_metadata(writer)
+        types = [ggml_type(shape, requested) for _, shape in tensors]
+        for (name, shape), qtype in zip(tensors, types):
+            writer.add_tensor_info(name, *encoded_nbytes(shape, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for (name, shape), qtype, array in zip(tensors, types, arrays):
+            if array.shape != shape:
+                raise ValueError(f"{name}: shape {array.shape}, announced {shape}")
+            writer.write_tensor_data(encode_tensor(array, qtype))
+    finally:
+        writer.close()
+
+
+def add_model_metadata(writer, config: Config, name: str, file_type: int) -> None:
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_base)
+    writer.add_layer_norm_rms_eps(config.norm_eps)  # Llama 3 RoPE scaling is the rope_freqs tensor, no key
+
+
+def rope_freqs(config: Config) -> np.ndarray | None:
+    """Llama 3 scaling as llama.cpp takes it: per-frequency divisors (plain / scaled inverse frequencies)."""
+    if not config.rope_scaling:
+        return None
+    plain = rope_inv_freq(Config(**{**config.to_dict(), "rope_scaling": None}))
+    return (plain / rope_inv_freq(config)).float().numpy()
+
+
+def check_exportable(config: Config) -> None:
+    if config.attention_bias or config.mlp_bias:
+        raise UserError("a model with attention or MLP biases cannot be exported to GGUF yet; export it with "
+                        "export-hf and convert that with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _pre_tokenizer_name(tokenizer: Any) -> str:
+    """The llama.cpp name of a tokenizer.json's pre-tokenizer: the one whose rebuild (_pre_tokenizer, the import's
+    table) has the same steps. Offsets trimming does not change the pieces, so it is not compared."""
+    from tokenizers import Tokenizer, models
+
+    def steps(pre: Any) -> str:
+        probe = Tokenizer(models.BPE())
+        probe.pre_tokenizer = pre
+        return json.dumps(json.loads(probe.to_str())["pre_tokenizer"], sort_keys=True)
+
+    own = json.loads(tokenizer.processor.to_str())
+    if own.get("normalizer"):
+        raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} normalises text "
+                        f"({own['normalizer'].get('type')}), which llama.cpp's BPE tokenizers do not; it cannot be "
+                        f"expressed in GGUF")
+    ours = json.dumps(_without_key(own.get("pre_tokenizer"), "trim_offsets"), sort_keys=True)
+    for name in EXPORT_PRE_TOKENIZERS:
+        if json.dumps(_without_key(json.loads(steps(_pre_tokenizer(name))), "trim_offsets"), sort_keys=True) == ours:
+            return name
+    raise UserError(f"the pre-tokenizer of {tokenizer.path} matches none llama.cpp knows that lit-lora can name "
+                    f"({', '.join(EXPORT_PRE_TOKENIZERS)}), so it cannot be expressed in GGUF; use llama.cpp's "
+                    f"convert_hf_to_gguf.py on an export-hf directory")
+
+
+def _without_key(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_key(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [_without_key(v, key) for v in value]
+    return value
+
+
+def add_tokenizer_metadata(writer, tokenizer: Any, vocab_size: int, chat_template: str | None) -> None:
+    """The tokenizer as llama.cpp reads it: byte-level BPE (tokens, merges, types, pre-tokenizer name) or
+    SentencePiece (pieces, scores, types); special ids, whether BOS is added, the chat template."""
+    from gguf import TokenType
+
+    if tokenizer.backend == "huggingface":
+        model = json.loads(tokenizer.processor.to_str())["model"]
+        if model.get("type") != "BPE" or not model.get("merges"):
+            raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} is {model.get('type')}, not byte-level "
+                            f"BPE with merges; it cannot be expressed in GGUF by lit-lora")
+        pre = _pre_tokenizer_name(tokenizer)
+        added = {t.content: t.special for t in tokenizer.processor.get_added_tokens_decoder().values()}
+        tokens = [tokenizer.processor.id_to_token(i) for i in range(vocab_size)]
+        types = [TokenType.NORMAL if t not in added else TokenType.CONTROL if added[t] else TokenType.USER_DEFINED
+                 for t in tokens]
+        for i, t in enumerate(tokens):  # rows of the embedding the vocabulary does not name (padding)
+            if t is None:
+                tokens[i], types[i] = f"[PAD{i}]", TokenType.UNUSED
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+    else:
+        sp = tokenizer.processor
+        if sp.vocab_size() != vocab_size:
+            raise UserError(f"{tokenizer.path} has {sp.vocab_size()} pieces for {vocab_size} embedding rows; it "
+                            f"cannot be expressed in GGUF")
+        kinds = ((sp.is_unknown, TokenType.UNKNOWN), (sp.is_control, TokenType.CONTROL), (sp.is_byte, TokenType.BYTE),
+                 (sp.is_unused, TokenType.UNUSED))
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(vocab_size)])
+        writer.add_token_scores([sp.get_score(i) for i in range(vocab_size)])
+        writer.add_token_types([next((kind for test, kind in kinds if test(i)), TokenType.NORMAL)
+                                for i in range(vocab_size)])
+    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_id), (writer.add_eos_token_id, tokenizer.eos_id),
+                          (writer.add_pad_token_id, tokenizer.pad_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(tokenizer.add_bos)
+    writer.add_add_eos_token(False)
+    if chat_template:
+        writer.add_chat_template(chat_template)

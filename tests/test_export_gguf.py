@@ -1,0 +1,232 @@
+"""export-gguf, proven in llama.cpp itself (llama-cpp-python): the model's logits and greedy tokens, an adapter over
+the base, the chat template's rendering, the round trip through convert-gguf, and bad input."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+from adapter_helpers import make_adapter
+from conftest import run_cli, snapshot
+
+from lit_lora.checkpoint import iter_weights, load_model
+from lit_lora.convert.gguf import convert_gguf, permute_rope_rows, unpermute_rope_rows
+from lit_lora.download import cache_dir
+from lit_lora.export import export_gguf
+from lit_lora.generate import Sampling, generate_tokens, load_for_generation
+from lit_lora.merge import merge_checkpoint
+from lit_lora.prompts.format import prompt_format
+from lit_lora.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EVERY_LINEAR = ["attention", "mlp"]
+TEXT = "The quick brown fox jumps over the lazy dog. Hello world"
+MULTILINGUAL = "Grüße aus Köln! Ça va? 東京は晴れ。 Привет, мир. 12345 <|im_start|>user\nhi<|im_end|>"
+
+
+def llama(path, **kwargs):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # f32 KV cache: llama.cpp's default f16 cache would round every key and value.
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
+                           type_k=0, type_v=0, **kwargs)
+
+
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    return out
+
+
+def our_logits(checkpoint, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return load_model(checkpoint).eval()(torch.tensor([ids]))[0].numpy()
+
+
+def our_greedy(checkpoint, ids: list[int], n: int) -> list[int]:
+    model = load_for_generation(checkpoint, "32-true", verify=True)
+    steps = generate_tokens(model, [ids], Sampling(max_new_tokens=n, temperature=0))
+    return [int(step[0]) for step in steps]
+
+
+def test_rope_row_permutation_round_trips():
+    w = torch.arange(8 * 3 * 4.0).reshape(8 * 3, 4)
+    assert torch.equal(unpermute_rope_rows(permute_rope_rows(w, 3), 3), w)
+    assert not torch.equal(permute_rope_rows(w, 3), w)
+
+
+def test_f32_export_matches_ours_in_llama_cpp(tiny_checkpoint, tmp_path):
+    path = export_gguf(tmp_path / "tiny.gguf", tiny_checkpoint, type="f32")
+    ids = Tokenizer(tiny_checkpoint).encode(TEXT)
+    llm = llama(path)
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids  # the tokenizer survived too
+    assert np.abs(llama_logits(llm, ids) - our_logits(tiny_checkpoint, ids)).max() < 1e-3
+    assert llama_greedy(llm, ids, 64) == our_greedy(tiny_checkpoint, ids, 64)
+
+
+@pytest.mark.parametrize("kind,tolerance", [("f16", 0.02), ("bf16", 0.1), ("q8_0", 0.1)])
+def test_lower_precision_exports_are_within_their_rounding(tiny_checkpoint, tmp_path, kind, tolerance):
+    ids = Tokenizer(tiny_checkpoint).encode(TEXT)
+    theirs = llama_logits(llama(export_gguf(tmp_path / f"{kind}.gguf", tiny_checkpoint, type=kind)), ids)
+    ours = our_logits(tiny_checkpoint, ids)
+    error = np.abs(theirs - ours).max() / np.abs(ours).max()
+    assert 0 < error < tolerance  # rounded, so not exact, but only by the type's rounding
+
+
+def test_adapter_gguf_over_the_base_equals_ours_and_the_merged_export(tiny_checkpoint, tmp_path):
+    adapter = make_adapter(tiny_checkpoint, tmp_path / "adapter", targets=EVERY_LINEAR, r=4, alpha=8.0, scale=0.3)
+    base = export_gguf(tmp_path / "base.gguf", tiny_checkpoint, type="f32")
+    lora = export_gguf(tmp_path / "adapter.gguf", lora_path=adapter, type="f32")
+    merged_gguf = export_gguf(tmp_path / "merged.gguf", tiny_checkpoint, lora_path=adapter, type="f32")
+    merged = merge_checkpoint(tiny_checkpoint, adapter, tmp_path / "merged")
+    ids = Tokenizer(tiny_checkpoint).encode(TEXT)
+    ours = our_greedy(merged, ids, 32)
+    assert ours != our_greedy(tiny_checkpoint, ids, 32)  # the adapter visibly changes the answer
+    with_lora = llama(base, lora_path=str(lora))
+    assert np.abs(llama_logits(with_lora, ids) - our_logits(merged, ids)).max() < 1e-3
+    assert llama_greedy(with_lora, ids, 32) == ours == llama_greedy(llama(merged_gguf), ids, 32)
+    assert "ADAPTER ./adapter.gguf" in (tmp_path / "adapter.Modelfile").read_text()
+
+
+def test_the_chat_template_renders_as_our_chat_does(tiny_checkpoint, tmp_path):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    tokenizer = Tokenizer(tiny_checkpoint)
+    llm = llama(export_gguf(tmp_path / "tiny.gguf", tiny_checkpoint, type="f32"))
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+             {"role": "user", "content": "and again"}]
+    # As llama-cpp-python's chat completion does it: the GGUF's template, then tokenised with special tokens.
+    text = lambda i: llm._model.token_get_text(i)  # noqa: E731
+    rendered = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], text(llm.token_eos()),
+                                   text(llm.token_bos()))(messages=[{"role": "system", "content": "Be brief."}, *turns])
+    theirs = llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+    ours = prompt_format("auto", {}, tokenizer, multi_turn=True).conversation_ids(tokenizer, turns, "Be brief.")
+    assert theirs == ours
+    assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "tiny.Modelfile").read_text()
+
+
+def test_round_trip_through_convert_gguf(tiny_checkpoint, tmp_path):
+    back = convert_gguf(export_gguf(tmp_path / "tiny.gguf", tiny_checkpoint, type="f32"), tmp_path / "back")
+    original = dict(iter_weights(tiny_checkpoint))
+    returned = dict(iter_weights(back))
+    assert original.keys() == returned.keys()
+    assert all(torch.equal(original[k], returned[k]) for k in original)
+    assert Tokenizer(back).encode(MULTILINGUAL) == Tokenizer(tiny_checkpoint).encode(MULTILINGUAL)
+
+
+def test_a_merged_chat_adapter_carries_its_template(tiny_checkpoint, tmp_path):
+    source = "{% for m in messages %}[{{ m.role }}] {{ m.content }}<|im_end|>{% endfor %}"
+    adapter = make_adapter(tiny_checkpoint, tmp_path / "adapter", template=None)
+    config = tmp_path / "adapter" / "adapter_config.yaml"
+    import yaml
+
+    meta = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**meta, "template": "chat", "chat_template": {"name": "t", "source": source},
+                                      "system": "Be kind."}))
+    export_gguf(tmp_path / "m.gguf", tiny_checkpoint, lora_path=adapter, type="f32")
+    assert llama(tmp_path / "m.gguf").metadata["tokenizer.chat_template"] == source
+    assert 'SYSTEM """Be kind."""' in (tmp_path / "m.Modelfile").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_smollm2_in_llama_cpp(smollm2_checkpoint, tmp_path):
+    tokenizer = Tokenizer(smollm2_checkpoint)
+    f32 = export_gguf(tmp_path / "smol-f32.gguf", smollm2_checkpoint, type="f32")
+    ids = tokenizer.encode(TEXT)
+    llm = llama(f32)
+    assert llm.tokenize(MULTILINGUAL.encode(), add_bos=False, special=True) == tokenizer.encode(MULTILINGUAL)
+    assert np.abs(llama_logits(llm, ids) - our_logits(smollm2_checkpoint, ids)).max() < 1e-3
+    assert llama_greedy(llm, ids, 64) == our_greedy(smollm2_checkpoint, ids, 64)
+    assert chat_answer(llm) == ("The capital of France is Paris.", "stop")  # stopped at <|im_end|>
+    del llm
+    q8 = export_gguf(tmp_path / "smol-q8.gguf", smollm2_checkpoint, type="q8_0")
+    exact = {t.name: t for t in gguf.GGUFReader(str(f32)).tensors}
+    for t in gguf.GGUFReader(str(q8)).tensors:  # Q8_0: within half a step (absmax / 127, kept in fp16) per block
+        theirs = dequantize(t.data, t.tensor_type).reshape(-1, 32) if t.tensor_type.name == "Q8_0" else None
+        if theirs is not None:
+            want = np.array(exact[t.name].data, dtype=np.float32).reshape(-1, 32)
+            assert (np.abs(theirs - want) <= np.abs(want).max(1, keepdims=True) / 127 * 0.6 + 1e-6).all(), t.name
+    # llama.cpp's quantised matrix products lose this model's answer on some CPUs (AVX2 without AVX-512 here):
+    # the Q4_1 file SmolLM2 ships answers wrongly there too. Where that reference answers, ours must.
+    reference = cache_dir() / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if reference.is_file() and "Paris" in chat_answer(llama(reference))[0]:
+        assert "Paris" in chat_answer(llama(q8))[0]
+
+
+def chat_answer(llm) -> tuple[str, str]:
+    choice = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
+                                        temperature=0, max_tokens=32)["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _refused(monkeypatch, capsys, tmp_path, *args, words):
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "export-gguf", *args)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(word in err for word in words), err
+    assert snapshot(tmp_path) == before  # nothing written, nothing half-written, nothing lost
+
+
+def test_bad_input_is_one_line_and_writes_nothing(monkeypatch, capsys, tiny_checkpoint, tmp_path):
+    from conftest import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1, n_layers=3)
+    adapter = make_adapter(other, tmp_path / "adapter")
+    out = tmp_path / "model.gguf"
+    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", tiny_checkpoint, "--lora_path", adapter, "--out", out,
+             words=["another model"])
+    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", tiny_checkpoint, "--out", out, "--type", "q4_k",
+             words=["--type", "q8_0"])
+    _refused(monkeypatch, capsys, tmp_path, "--out", out, words=["--checkpoint_dir", "--lora_path"])
+    (tmp_path / "notes.gguf").write_text("mine")
+    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", tiny_checkpoint, "--out", tmp_path / "notes.gguf",
+             words=["exists", "--overwrite"])
+    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", tiny_checkpoint, "--out", tmp_path / "notes.gguf",
+             "--overwrite", words=["not a GGUF"])
+
+
+def test_an_existing_gguf_is_replaced_only_with_overwrite(monkeypatch, capsys, tiny_checkpoint, tmp_path):
+    out = tmp_path / "model.gguf"
+    assert run_cli(monkeypatch, capsys, "export-gguf", "--checkpoint_dir", tiny_checkpoint, "--out", out)[0] == 0
+    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", tiny_checkpoint, "--out", out, words=["--overwrite"])
+    code, _, err = run_cli(monkeypatch, capsys, "export-gguf", "--checkpoint_dir", tiny_checkpoint, "--out", out,
+                           "--type", "q8_0", "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.Modelfile", "model.gguf"]  # no temporary left
+
+
+def test_a_tokenizer_gguf_cannot_express_is_refused(monkeypatch, capsys, tiny_checkpoint, tmp_path):
+    import shutil
+
+    odd = shutil.copytree(tiny_checkpoint, tmp_path / "odd")
+    spec = json.loads((odd / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (odd / "tokenizer.json").write_text(json.dumps(spec))
+    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", odd, "--out", tmp_path / "odd.gguf",
+             words=["normalises", "GGUF"])
+
+
+def test_an_adapter_on_an_untied_head_applies_in_llama_cpp(tmp_path):
+    from conftest import make_tiny_checkpoint
+
+    base = make_tiny_checkpoint(tmp_path / "untied", seed=2, tie_embeddings=False)
+    adapter = make_adapter(base, tmp_path / "adapter", targets=["query", "head"], scale=0.3)
+    with_lora = llama(export_gguf(tmp_path / "base.gguf", base, type="f32"),
+                      lora_path=str(export_gguf(tmp_path / "adapter.gguf", lora_path=adapter, type="f32")))
+    ids = Tokenizer(base).encode(TEXT)
+    merged = merge_checkpoint(base, adapter, tmp_path / "merged")
+    assert np.abs(llama_logits(with_lora, ids) - our_logits(merged, ids)).max() < 1e-3
