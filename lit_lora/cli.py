@@ -441,6 +441,9 @@ def generate(
     num_samples: int = option(GENERATE, "num_samples", "Answers to generate per prompt."),
     stream: bool = flag(GENERATE, "stream", "Print tokens as they are generated (single prompt only)."),
     compile: bool = option(GENERATE, "compile", "torch.compile the model step (slow warm-up on CPU)."),
+    engine: str = option(GENERATE, "engine", "torch; llama.cpp (the checkpoint and adapters exported to GGUF once, "
+                                             "cached; pip install 'lit-lora[llamacpp]'); or auto (llama.cpp where "
+                                             "installed)."),
     **decoding: Any,  # sampling (one Sampling), seed, precision, verify: decoding_options
 ) -> None:
     """Generate text with a base checkpoint, optionally through one or more LoRA adapters.
@@ -449,7 +452,7 @@ def generate(
     """
     library(GENERATE)(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file,
                       lora_paths=lora_path or [], template=template, system=system, num_samples=num_samples,
-                      stream=stream, compile=compile, **decoding)
+                      stream=stream, compile=compile, engine=engine, **decoding)
 
 
 @subcommand("chat", "chat --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path out/lora/a/final "

@@ -3,8 +3,8 @@
 Layers, from the bottom:
   sample            next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k / top-p sampling
   generate_tokens   the decode loop over a batch of token prompts, left-padded to a common length
-  TextStream        incremental decoding of one row: only final text comes out (no half UTF-8 characters,
-                    nothing that could be the start of a stop string), and it notices the stop strings
+  TextStream        (text_stream.py, shared with the llama.cpp engine) incremental decoding of one row: only
+                    final text comes out (no half UTF-8 characters, nothing that could start a stop string)
   complete          prompts in, texts out, optionally streamed
   run_generate      what the `generate` command does: load the base once, then answer with each adapter
 
@@ -15,12 +15,13 @@ checkpoint `merge-lora` writes, so both give the same greedy output.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, TextIO
+from typing import Callable, Iterator, TextIO
 
 import torch
 
@@ -31,6 +32,7 @@ from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
 from lit_lora.model import LLaMA, additive_mask, causal_mask
 from lit_lora.prompts.format import prompt_format
+from lit_lora.text_stream import Completion, TextStream, stop_ids_for
 from lit_lora.tokenizer import Tokenizer
 
 
@@ -121,67 +123,6 @@ def generate_tokens(
         model.set_kv_cache(0)
 
 
-class TextStream:
-    """Decodes one row's tokens as they arrive and says when the row is finished.
-
-    `add` returns only text that is final: a trailing incomplete UTF-8 character ("\\ufffd" when decoded)
-    and any tail that could be the start of a stop string are held back until the next token settles them.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop_ids: set[int], stop_strings: tuple[str, ...]) -> None:
-        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, stop_ids, stop_strings
-        self.ids: list[int] = []
-        self.text = ""
-        self.printed = 0
-        self.done = False
-
-    def add(self, token: int) -> str:
-        if self.done:
-            return ""
-        if token in self.stop_ids:
-            return self.finish()
-        self.ids.append(token)
-        # Decoding all ids each time keeps multi-byte characters and tokenizer-specific spacing right.
-        self.text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return self.finish()
-        safe = len(self.text) - self._held_back()
-        piece, self.printed = self.text[self.printed : safe], max(self.printed, safe)
-        return piece
-
-    def _held_back(self) -> int:
-        held = len(self.text) - len(self.text.rstrip("\ufffd"))
-        for stop in self.stop_strings:
-            for k in range(len(stop) - 1, 0, -1):
-                if self.text.endswith(stop[:k]):
-                    held = max(held, k)
-                    break
-        return held
-
-    def finish(self) -> str:
-        self.done = True
-        piece, self.printed = self.text[self.printed :], len(self.text)
-        return piece
-
-
-def stop_ids_for(tokenizer: Tokenizer, stop_strings: tuple[str, ...]) -> set[int]:
-    """The tokenizer's end ids plus any stop string that is a single token (ChatML's <|im_end|>)."""
-    ids = set(tokenizer.stop_ids)
-    for s in stop_strings:
-        token_id = tokenizer.token_to_id(s)
-        if token_id is not None:
-            ids.add(token_id)
-    return ids
-
-
-class Completion(NamedTuple):
-    texts: list[str]
-    n_generated: int  # tokens generated over all rows, up to and without each row's stop
-    stopped: list[bool]  # per row: ended at a stop id or string (not cut by max_new_tokens or the context)
-
-
 def complete(
     model: LLaMA, tokenizer: Tokenizer, prompts: list[list[int]], stop_strings: tuple[str, ...], sampling: Sampling,
     generator: torch.Generator | None = None, stream: TextIO | None = None, forward: Callable = next_logits,
@@ -247,14 +188,19 @@ def run_generate(
     lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
     num_samples: int = 1, stream: bool = True, precision: str = "auto", compile: bool = False,
     out: TextIO | None = None, log: TextIO | None = None, verify: bool = True, system: str | None = None,
+    engine: str = "torch",
 ) -> list[str]:
     """Answer the prompts with the base (or with each adapter in turn); texts to `out`, timings to `log`.
 
     With more than one answer (adapters x samples, or a prompts file) each is headed by a `### ...` line.
-    Only a single prompt streams; a batch prints its answers when the batch is done.
+    Only a single prompt streams; a batch prints its answers when the batch is done. `engine`: torch, llama.cpp
+    (the checkpoint and adapters exported to GGUF once, see llamacpp.py) or auto (llama.cpp where installed).
     """
+    from lit_lora import llamacpp
+
     out, log = out or sys.stdout, log or sys.stderr
     check_precision(precision, GENERATE_PRECISIONS)
+    engine = llamacpp.choose_engine(engine)
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)
@@ -262,39 +208,59 @@ def run_generate(
     check_text(system or "", "--system")
     # Everything that can be refused (adapters, templates, prompts) is checked before the model loads.
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
-    adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify)) for p in lora_paths]
+    adapters = [(p, *load_checked_adapter(p, checkpoint_dir, config, verify)) for p in lora_paths]
     # Without an adapter: the format a merged checkpoint's adapter was trained in, if it records one.
     jobs = []
-    for name, lora_config, state, meta in adapters or [("base", None, None, load_info(checkpoint_dir))]:
+    for path, lora_config, state, meta in adapters or [(None, None, None, load_info(checkpoint_dir))]:
         chosen = prompt_format(template, meta, tokenizer)
         prompts = [chosen.question_ids(tokenizer, text, input, system) for text in texts]
-        jobs.append((name, lora_config, state, chosen.stop_strings, prompts))
-    model = load_for_generation(checkpoint_dir, precision, verify, pack=not compile)
-    forward = torch.compile(next_logits, dynamic=True) if compile else next_logits
+        jobs.append((path, lora_config, state, chosen.stop_strings, prompts))
+    if engine == "torch":
+        answerer = TorchEngine(checkpoint_dir, precision, verify, compile, seed)
+    else:
+        answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
+        print(f"engine: llama.cpp ({answerer.model.name})", file=log)
     many = len(adapters) > 1 or num_samples > 1 or len(texts) > 1
 
     answers = []
-    for name, lora_config, state, stop_strings, prompts in jobs:
-        originals = merge_adapter(model, lora_config, state) if lora_config else {}
-        repack(model)
-        # One generator per adapter, so each adapter's output matches a run of its own with the same seed.
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        for i in range(num_samples):
-            if many:
-                print(f"### {name}" + (f", sample {i + 1}" if num_samples > 1 else ""), file=out, flush=True)
-            live = out if stream and len(prompts) == 1 else None
-            t0 = time.perf_counter()
-            results, n_generated, _ = complete(model, tokenizer, prompts, stop_strings, sampling, generator, live,
-                                               forward)
-            elapsed = time.perf_counter() - t0
-            for j, result in enumerate(results):
-                if live is None:
-                    print((f"## prompt {j + 1}\n" if len(results) > 1 else "") + result, file=out)
-            if live is not None:
-                print(file=out)
-            answers.extend(results)
-            print(f"Time for inference: {elapsed:.02f} sec total, {n_generated / elapsed:.02f} tokens/sec",
-                  file=log)
-        restore_weights(model, originals)
+    for path, lora_config, state, stop_strings, prompts in jobs:
+        with answerer.adapter(path, lora_config, state) as answer:
+            for i in range(num_samples):
+                if many:
+                    print(f"### {path or 'base'}" + (f", sample {i + 1}" if num_samples > 1 else ""), file=out,
+                          flush=True)
+                live = out if stream and len(prompts) == 1 else None
+                t0 = time.perf_counter()
+                results, n_generated, _ = answer(tokenizer, prompts, stop_strings, sampling, live)
+                elapsed = time.perf_counter() - t0
+                for j, result in enumerate(results):
+                    if live is None:
+                        print((f"## prompt {j + 1}\n" if len(results) > 1 else "") + result, file=out)
+                if live is not None:
+                    print(file=out)
+                answers.extend(results)
+                print(f"Time for inference: {elapsed:.02f} sec total, {n_generated / elapsed:.02f} tokens/sec",
+                      file=log)
     print(f"Memory used: {peak_memory_bytes()[1] / 1024**3:.02f} GB", file=log)
     return answers
+
+
+class TorchEngine:
+    """The base loaded once; each adapter merged into it for its answers, then the weights restored."""
+
+    def __init__(self, checkpoint_dir: Path, precision: str, verify: bool, compile: bool, seed: int | None) -> None:
+        self.model = load_for_generation(checkpoint_dir, precision, verify, pack=not compile)
+        self.forward = torch.compile(next_logits, dynamic=True) if compile else next_logits
+        self.seed = seed
+
+    @contextlib.contextmanager
+    def adapter(self, path: Path | None, lora_config, state) -> Iterator[Callable]:
+        originals = merge_adapter(self.model, lora_config, state) if lora_config else {}
+        repack(self.model)
+        # One generator per adapter, so each adapter's output matches a run of its own with the same seed.
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        try:
+            yield lambda tokenizer, prompts, stops, sampling, live: complete(
+                self.model, tokenizer, prompts, stops, sampling, generator, live, self.forward)
+        finally:
+            restore_weights(self.model, originals)

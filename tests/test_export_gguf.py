@@ -230,3 +230,40 @@ def test_an_adapter_on_an_untied_head_applies_in_llama_cpp(tmp_path):
     ids = Tokenizer(base).encode(TEXT)
     merged = merge_checkpoint(base, adapter, tmp_path / "merged")
     assert np.abs(llama_logits(with_lora, ids) - our_logits(merged, ids)).max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- the llama.cpp engine
+def test_generate_with_the_llama_cpp_engine_answers_as_torch(tiny_checkpoint, tmp_path, monkeypatch):
+    import io
+
+    from lit_lora.generate import run_generate
+
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path / "cache"))
+    adapters = [make_adapter(tiny_checkpoint, tmp_path / f"a{i}", seed=i, targets=EVERY_LINEAR, scale=0.3)
+                for i in range(2)]
+    greedy = Sampling(max_new_tokens=24, temperature=0)
+
+    def answers(engine: str) -> list[str]:
+        return run_generate(tiny_checkpoint, prompt="Give three tips for staying healthy.", lora_paths=adapters,
+                            sampling=greedy, precision="32-true", engine=engine, out=io.StringIO(), log=io.StringIO())
+
+    ours = answers("torch")
+    assert answers("llama.cpp") == ours and ours[0] != ours[1]
+    cached = sorted((tmp_path / "cache" / "engine").glob("*.gguf"))
+    assert len(cached) == 3  # the base and two adapters, each exported once
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert answers("llama.cpp") == ours
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache" / "engine").glob("*.gguf"))] == stamps  # reused
+
+
+def test_the_llama_cpp_engine_without_its_package_is_one_line(tiny_checkpoint, monkeypatch, capsys):
+    from lit_lora import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--checkpoint_dir", tiny_checkpoint, "--prompt", "hi",
+                           "--engine", "llama.cpp")
+    assert code == 2 and err.count("\n") == 1 and "pip install 'lit-lora[llamacpp]'" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--checkpoint_dir", tiny_checkpoint, "--prompt", "hi",
+                           "--engine", "vllm")
+    assert code == 2 and "unknown --engine 'vllm'" in err, err

@@ -11,8 +11,9 @@ from conftest import run_cli, snapshot
 from lit_lora.checkpoint import load_model
 from lit_lora.prompts.builtin import BUILTINS
 from lit_lora.errors import UserError
-from lit_lora.generate import Sampling, TextStream, generate_tokens, run_generate, sample
+from lit_lora.generate import Sampling, generate_tokens, run_generate, sample
 from lit_lora.lora import LoRAConfig
+from lit_lora.text_stream import TextStream
 from lit_lora.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread

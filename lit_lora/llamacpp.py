@@ -1,0 +1,125 @@
+"""llama.cpp as the CPU decode engine of `generate`, through llama-cpp-python (the `llamacpp` extra).
+
+The checkpoint and each adapter are exported once (export-gguf: the base as a GGUF, each adapter as a llama.cpp
+LoRA adapter over it) into $LIT_LORA_CACHE/engine, named by their content hashes, so a checkpoint or adapter that
+changes is exported again and an unchanged one never is. Prompts are rendered and answers cut exactly as with the
+torch engine (the same PromptFormat ids, stop ids and stop strings, TextStream); llama.cpp only picks the tokens.
+Greedy answers are the torch engine's (tests/test_export_gguf.py); sampled ones follow llama.cpp's own sampler.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+from lit_lora.adapter import load_adapter
+from lit_lora.checkpoint import load_config, load_info
+from lit_lora.download import cache_dir
+from lit_lora.errors import UserError
+from lit_lora.text_stream import Completion, TextStream, stop_ids_for
+from lit_lora.tokenizer import Tokenizer
+
+ENGINES = ("torch", "llama.cpp", "auto")
+INSTALL = "pip install 'lit-lora[llamacpp]' (it builds llama.cpp from source: about 10 minutes on 2 cores)"
+# torch precision -> GGUF type: the engine computes in the weights' type, as the torch engine does.
+GGUF_TYPE = {"32-true": "f32", "bf16-true": "bf16"}
+
+
+def available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_engine(engine: str, accelerator_is_cpu: bool = True) -> str:
+    """`auto`: llama.cpp where it is installed and we decode on a CPU, else torch."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == "llama.cpp" and not available():
+        raise UserError(f"--engine llama.cpp needs llama-cpp-python: {INSTALL}")
+    if engine == "auto":
+        return "llama.cpp" if accelerator_is_cpu and available() else "torch"
+    return engine
+
+
+def _cached(kind: str, key: str | None, what: Path) -> Path:
+    if not key:
+        raise UserError(f"{what} records no content hash, so its GGUF cannot be cached safely; use --engine torch")
+    directory = cache_dir() / "engine"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{kind}-{key[:20]}.gguf"
+
+
+def base_gguf(checkpoint_dir: Path, gguf_type: str, verify: bool) -> Path:
+    from lit_lora.export import export_gguf
+
+    path = _cached(f"model-{gguf_type}", load_info(checkpoint_dir).get("content_hash"), checkpoint_dir)
+    if not path.is_file():
+        export_gguf(path, checkpoint_dir, type=gguf_type, verify=verify)
+    return path
+
+
+def adapter_gguf(lora_path: Path, verify: bool) -> Path:
+    from lit_lora.export import export_gguf
+
+    *_, meta = load_adapter(lora_path, verify=verify)
+    path = _cached("adapter", meta.get("weights_sha256"), lora_path)
+    if not path.is_file():
+        export_gguf(path, lora_path=lora_path, type="f32", verify=verify)
+    return path
+
+
+class LlamaCppEngine:
+    """The base GGUF; per adapter, llama.cpp loads it with that adapter's LoRA GGUF (one adapter per model here)."""
+
+    def __init__(self, checkpoint_dir: Path, precision: str, verify: bool, seed: int | None) -> None:
+        from lit_lora.device import resolve_precision
+
+        self.checkpoint_dir, self.verify, self.seed = checkpoint_dir, verify, seed
+        self.model = base_gguf(checkpoint_dir, GGUF_TYPE[resolve_precision(precision, training=False)], verify)
+
+    @contextlib.contextmanager
+    def adapter(self, path: Path | None, lora_config: Any, state: Any) -> Iterator[Callable]:
+        import llama_cpp
+        import torch
+
+        lora = adapter_gguf(path, self.verify) if path is not None else None
+        llm = llama_cpp.Llama(model_path=str(self.model), lora_path=str(lora) if lora else None,
+                              n_ctx=load_config(self.checkpoint_dir).max_seq_len, n_threads=torch.get_num_threads(),
+                              seed=self.seed if self.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                              verbose=False)
+        try:
+            yield lambda tokenizer, prompts, stops, sampling, live: complete(llm, tokenizer, prompts, stops,
+                                                                             sampling, live)
+        finally:
+            llm.close()
+
+
+def complete(llm: Any, tokenizer: Tokenizer, prompts: list[list[int]], stop_strings: tuple[str, ...],
+             sampling: Any, stream: TextIO | None = None) -> Completion:
+    """As generate.complete, one prompt after another: llama.cpp holds one sequence here."""
+    stop_ids = stop_ids_for(tokenizer, stop_strings)
+    texts, n_generated, stopped = [], 0, []
+    for prompt in prompts:
+        row = TextStream(tokenizer, stop_ids, stop_strings)
+        budget = min(sampling.max_new_tokens, llm.n_ctx() - len(prompt))
+        if budget < 1:
+            raise UserError(f"the prompt is {len(prompt)} tokens, the model's context is {llm.n_ctx()}; shorten it")
+        tokens = llm.generate(prompt, temp=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p,
+                              min_p=0.0, repeat_penalty=1.0, reset=True)
+        for i, token in enumerate(tokens):
+            n_generated += 1  # as generate.complete counts: up to and with the token that ends the row
+            piece = row.add(token)
+            if stream is not None and piece:
+                stream.write(piece)
+                stream.flush()
+            if row.done or i + 1 >= budget:
+                break
+        stopped.append(row.done)
+        piece = row.finish()
+        if stream is not None and piece:
+            stream.write(piece)
+        texts.append(row.text)
+    return Completion(texts, n_generated, stopped)
