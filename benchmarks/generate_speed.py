@@ -1,11 +1,15 @@
-"""Decode speed: our KV-cache loop vs transformers' `generate`, same checkpoint, prompt, dtype, greedy.
+"""Decode speed: our torch loop, our llama.cpp engine, llama.cpp called directly and transformers' `generate`, on
+the same checkpoint, prompt, dtype, greedy.
 
-    python benchmarks/generate_speed.py --checkpoint_dir /work/cache/smollm2-ckpt [--precision bf16-true]
+    python benchmarks/generate_speed.py --checkpoint_dir ~/.cache/lit-lora/checkpoints/smollm2-135m-instruct \
+        [--precision 32-true] [--skip_llama_cpp] [--skip_transformers]
 
-Both sides generate exactly --new_tokens tokens (EOS ignored) after a warm-up run; the time includes the
-(short) prompt's prefill. The HF side is our checkpoint exported with `export_hf`, so the weights are the
-same. On a shared machine the numbers are noisy: run it when the machine is quiet, look at the best of
---repeats.
+The torch and transformers sides generate exactly --new_tokens tokens (EOS ignored) after a warm-up run; the time
+includes the (short) prompt's prefill. The llama.cpp sides run on the checkpoint exported with export-gguf (the
+precision's type) and stop at the same end ids, so they are compared in tokens/s; "ours" there is
+`llamacpp.complete` (prompt ids in, text out, through TextStream), "direct" is llama-cpp-python's own
+`Llama.generate` loop. The HF side is our checkpoint exported with `export_hf`, so the weights are the same. On a
+shared machine the numbers are noisy: run it when the machine is quiet, look at the best of --repeats.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ import torch
 
 from lit_lora.checkpoint import load_model
 from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS
-from lit_lora.export import export_hf
+from lit_lora.export import export_gguf, export_hf
 from lit_lora.fast_decode import prepare_for_generation
 from lit_lora.generate import Sampling, generate_tokens
+from lit_lora.llamacpp import GGUF_TYPE
 from lit_lora.prompts.builtin import instruction_template
 from lit_lora.tokenizer import Tokenizer
 
@@ -41,6 +46,36 @@ def ours(checkpoint_dir: Path, dtype: torch.dtype, prompt: list[int], n: int, re
     return n / best
 
 
+def llama_cpp_speeds(gguf: Path, tokenizer: Tokenizer, prompt: list[int], n: int, repeats: int) -> tuple[float, float]:
+    """(tokens/s of our llama.cpp engine, of llama-cpp-python's generate loop called directly) on one loaded model."""
+    import llama_cpp
+
+    from lit_lora import llamacpp
+    from lit_lora.text_stream import stop_ids_for
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(prompt) + n + 8, n_threads=torch.get_num_threads(),
+                          verbose=False)
+    stops = stop_ids_for(tokenizer, ())
+
+    def direct() -> int:
+        count = 0
+        for token in llm.generate(prompt, temp=0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            count += 1
+            if token in stops or count >= n:
+                return count
+        return count
+
+    def wrapped() -> int:
+        return llamacpp.complete(llm, tokenizer, [prompt], (), Sampling(max_new_tokens=n, temperature=0)).n_generated
+
+    best = {}
+    for name, run in (("direct", direct), ("ours", wrapped)) * (repeats + 1):  # interleaved: the same conditions
+        t0 = time.perf_counter()
+        count = run()
+        best[name] = max(best.get(name, 0.0), count / (time.perf_counter() - t0))
+    return best["ours"], best["direct"]
+
+
 def transformers_generate(hf_dir: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> float:
     from transformers import AutoModelForCausalLM
 
@@ -59,11 +94,13 @@ def transformers_generate(hf_dir: Path, dtype: torch.dtype, prompt: list[int], n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_dir", type=Path, default=Path("/work/cache/smollm2-ckpt"))
-    parser.add_argument("--precision", choices=[p for p in GENERATE_PRECISIONS if p != "auto"], default="bf16-true")
+    parser.add_argument("--checkpoint_dir", type=Path,
+                        default=Path.home() / ".cache" / "lit-lora" / "checkpoints" / "smollm2-135m-instruct")
+    parser.add_argument("--precision", choices=[p for p in GENERATE_PRECISIONS if p != "auto"], default="32-true")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--skip_transformers", action="store_true", help="only measure ours")
+    parser.add_argument("--skip_transformers", action="store_true", help="no transformers peer")
+    parser.add_argument("--skip_llama_cpp", action="store_true", help="no llama.cpp (engine and peer)")
     parser.add_argument("--plain", action="store_true", help="ours on the model as loaded: no fused matmuls, "
                         "no pre-packed weights (to see what prepare_for_generation buys)")
     args = parser.parse_args()
@@ -74,14 +111,19 @@ def main() -> None:
     print(f"{args.checkpoint_dir.name}, {args.precision}, prompt {len(prompt)} tokens, greedy, "
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads")
     our_speed = ours(args.checkpoint_dir, dtype, prompt, args.new_tokens, args.repeats, not args.plain)
-    print(f"lit-lora generate:      {our_speed:7.2f} tokens/s")
-    if args.skip_transformers:
-        return
+    print(f"lit-lora generate, torch engine:      {our_speed:7.2f} tokens/s")
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = export_hf(args.checkpoint_dir, Path(tmp) / "hf")
-        hf_speed = transformers_generate(hf_dir, dtype, prompt, args.new_tokens, args.repeats)
-    print(f"transformers generate:  {hf_speed:7.2f} tokens/s")
-    print(f"ratio:                  {our_speed / hf_speed:7.2f}x")
+        if not args.skip_llama_cpp:
+            gguf = export_gguf(Path(tmp) / "model.gguf", args.checkpoint_dir, type=GGUF_TYPE[args.precision])
+            engine, direct = llama_cpp_speeds(gguf, tokenizer, prompt, args.new_tokens, args.repeats)
+            print(f"lit-lora generate, llama.cpp engine:  {engine:7.2f} tokens/s")
+            print(f"llama.cpp (llama-cpp-python) direct:  {direct:7.2f} tokens/s   "
+                  f"(engine / direct {engine / direct:.3f})")
+        if not args.skip_transformers:
+            hf_dir = export_hf(args.checkpoint_dir, Path(tmp) / "hf")
+            hf_speed = transformers_generate(hf_dir, dtype, prompt, args.new_tokens, args.repeats)
+            print(f"transformers generate:                {hf_speed:7.2f} tokens/s   (torch engine / transformers "
+                  f"{our_speed / hf_speed:.2f}x)")
 
 
 if __name__ == "__main__":
