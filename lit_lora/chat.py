@@ -3,13 +3,15 @@
 Each message is rendered with the conversation so far in the active adapter's format (the chat template it was
 trained with, else the checkpoint's own) and the answer streams as it is generated, ending at the template's
 end-of-turn marker. When the conversation no longer fits the context window with room for an answer, the oldest
-exchanges are dropped (the user is told once). Adapters are merged into the weights of the one loaded base and
-swapped by restoring the base's own tensors, so switching costs a merge, not a reload.
+exchanges are dropped (the user is told once). With the torch engine, adapters are merged into the weights of the
+one loaded base and swapped by restoring the base's own tensors, so switching costs a merge, not a reload; with
+llama.cpp (`--engine llama.cpp`), a switch loads the base GGUF with the adapter's LoRA GGUF.
 
 Commands: /reset, /system TEXT (no TEXT: none), /adapter NAME (an index, a path as given, or `base`), /help, /exit.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +19,12 @@ from typing import Any, TextIO
 
 import torch
 
-from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
+from lit_lora import llamacpp
+from lit_lora.adapter import load_checked_adapter
 from lit_lora.checkpoint import load_config, load_info
 from lit_lora.device import GENERATE_PRECISIONS, check_precision
 from lit_lora.errors import UserError
-from lit_lora.fast_decode import repack
-from lit_lora.generate import Sampling, check_text, complete, load_for_generation
-from lit_lora.model import LLaMA
+from lit_lora.generate import Sampling, TorchEngine, check_text
 from lit_lora.prompts.format import PromptFormat, prompt_format
 from lit_lora.tokenizer import Tokenizer
 
@@ -34,27 +35,29 @@ HELP = ("commands: /reset (forget the conversation), /system TEXT (set the syste
 @dataclass
 class Adapter:
     name: str  # the path as given on the command line, or "base"
+    path: Path | None  # None for the base
     weights: tuple[Any, dict[str, torch.Tensor]] | None  # (LoRA config, tensors), None for the base
     format: PromptFormat
 
 
 @dataclass
 class ChatSession:
-    model: LLaMA
+    engine: Any  # generate.TorchEngine or llamacpp.LlamaCppEngine
+    max_seq_len: int
     tokenizer: Tokenizer
     adapters: list[Adapter]
     sampling: Sampling
     system: str | None = None  # None: the active adapter's default (its data's system prompt); "": none
     history: list[dict[str, str]] = field(default_factory=list)  # user and assistant turns, oldest first
     active: Adapter | None = None
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensors the active adapter replaced
+    answer: Any = None  # the engine's answering function with the active adapter applied
     overflow_noted: bool = False
-    generator: torch.Generator | None = None  # seeded sampling, for answers that can be reproduced
+    applied: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # undoes the active adapter
 
     def switch(self, adapter: Adapter) -> None:
-        restore_weights(self.model, self.originals)
-        self.originals = merge_adapter(self.model, *adapter.weights) if adapter.weights else {}
-        repack(self.model)
+        self.applied.close()  # the base as it was (torch: its own tensors restored)
+        weights = adapter.weights or (None, None)
+        self.answer = self.applied.enter_context(self.engine.adapter(adapter.path, *weights))
         self.active = adapter
 
     def find(self, name: str) -> Adapter:
@@ -73,7 +76,7 @@ class ChatSession:
 
     def prompt_ids(self, log: TextIO) -> list[int]:
         """The conversation rendered for the next answer, without its oldest exchanges if that is what fits."""
-        room = self.model.config.max_seq_len - self.sampling.max_new_tokens
+        room = self.max_seq_len - self.sampling.max_new_tokens
         turns = self.history
         while True:
             ids = self.active.format.conversation_ids(self.tokenizer, turns, self.system)
@@ -85,7 +88,7 @@ class ChatSession:
             turns = turns[2:]  # the oldest exchange: a user turn and its answer
         if len(turns) < len(self.history):
             if not self.overflow_noted:
-                print(f"(the conversation is longer than the context window of {self.model.config.max_seq_len} "
+                print(f"(the conversation is longer than the context window of {self.max_seq_len} "
                       f"tokens: dropping the oldest turns to make room)", file=log, flush=True)
                 self.overflow_noted = True
             self.history = turns
@@ -98,8 +101,7 @@ class ChatSession:
         except UserError:  # the template refused it, or it is too long: the conversation stays as it was
             self.history = self.history[:-1]
             raise
-        answer = complete(self.model, self.tokenizer, [ids], self.active.format.stop_strings, self.sampling,
-                          self.generator, stream=out).texts[0]
+        answer = self.answer(self.tokenizer, [ids], self.active.format.stop_strings, self.sampling, out).texts[0]
         print(file=out, flush=True)
         self.history.append({"role": "assistant", "content": answer})
         return answer
@@ -128,7 +130,7 @@ class ChatSession:
 def run_chat(
     checkpoint_dir: Path, lora_paths: list[Path] = (), template: str = "auto", system: str | None = None,
     sampling: Sampling = Sampling(), seed: int | None = None, precision: str = "auto", verify: bool = True,
-    input: TextIO | None = None, out: TextIO | None = None, log: TextIO | None = None,
+    input: TextIO | None = None, out: TextIO | None = None, log: TextIO | None = None, engine: str = "torch",
 ) -> ChatSession:
     """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input.
 
@@ -136,22 +138,25 @@ def run_chat(
     messages was answered ends in a UserError (exit code 2), so that a script notices."""
     input, out, log = input or sys.stdin, out or sys.stdout, log or sys.stderr
     check_precision(precision, GENERATE_PRECISIONS)
+    engine = llamacpp.choose_engine(engine)
     # Everything that can be refused (templates, adapters, the token budget) is checked before the model loads.
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     if sampling.max_new_tokens >= config.max_seq_len:
         raise UserError(f"--max_new_tokens {sampling.max_new_tokens} leaves no room for the conversation in the "
                         f"context window of {config.max_seq_len} tokens")
-    adapters = [Adapter("base", None, prompt_format(template, load_info(checkpoint_dir), tokenizer, multi_turn=True))]
+    adapters = [Adapter("base", None, None, prompt_format(template, load_info(checkpoint_dir), tokenizer, True))]
     for path in lora_paths:
         lora_config, state, meta = load_checked_adapter(path, checkpoint_dir, config, verify)
-        adapters.append(Adapter(str(path), (lora_config, state), prompt_format(template, meta, tokenizer, True)))
-    model = load_for_generation(checkpoint_dir, precision, verify)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    session = ChatSession(model, tokenizer, adapters, sampling, system=system, generator=generator)
+        adapters.append(Adapter(str(path), path, (lora_config, state), prompt_format(template, meta, tokenizer, True)))
+    # Seeded sampling starts again from the seed at each switch, so an adapter's answers can be reproduced.
+    answerer = TorchEngine(checkpoint_dir, precision, verify, False, seed) if engine == "torch" else \
+        llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
+    session = ChatSession(answerer, config.max_seq_len, tokenizer, adapters, sampling, system=system)
     session.switch(adapters[1] if len(adapters) > 1 else adapters[0])
     print(f"chatting with {session.active.name} ({session.active.format.name}); "
           f"{HELP.format(names=session.names())}", file=log, flush=True)
-    asked, answered = converse(session, input, out, log)
+    with session.applied:
+        asked, answered = converse(session, input, out, log)
     if asked and not answered and not input.isatty():  # a script sees its failure in the exit code, not only on stderr
         raise UserError(f"no message was answered ({asked} refused, each error is above); fix them and send them again")
     return session

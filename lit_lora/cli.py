@@ -175,7 +175,7 @@ SAMPLING = "lit_lora.generate:Sampling"
 
 def decoding_options(target: str) -> Callable:
     """Give a command the options generate and chat share: sampling (passed on as one `sampling`), seed,
-    precision and verify, defaulting to `target`'s."""
+    precision, verify and engine, defaulting to `target`'s."""
     sampling = [
         keyword("max_new_tokens", int, option(SAMPLING, "max_new_tokens", "Most tokens to generate per answer.")),
         keyword("temperature", float, option(SAMPLING, "temperature", "Sampling temperature; 0 is greedy.")),
@@ -188,6 +188,9 @@ def decoding_options(target: str) -> Callable:
         keyword("precision", str, option(target, "precision", "bf16-true, 32-true or auto (the faster on this "
                                                               "machine, by a short matmul probe).")),
         keyword("verify", bool, verify_option()),
+        keyword("engine", str, option(target, "engine", "torch; llama.cpp (the checkpoint and adapters exported to "
+                                                        "GGUF once, cached; pip install 'lit-lora[llamacpp]'); or auto "
+                                                        "(llama.cpp where installed).")),
     ]
 
     def decorate(command: Callable) -> Callable:
@@ -441,10 +444,7 @@ def generate(
     num_samples: int = option(GENERATE, "num_samples", "Answers to generate per prompt."),
     stream: bool = flag(GENERATE, "stream", "Print tokens as they are generated (single prompt only)."),
     compile: bool = option(GENERATE, "compile", "torch.compile the model step (slow warm-up on CPU)."),
-    engine: str = option(GENERATE, "engine", "torch; llama.cpp (the checkpoint and adapters exported to GGUF once, "
-                                             "cached; pip install 'lit-lora[llamacpp]'); or auto (llama.cpp where "
-                                             "installed)."),
-    **decoding: Any,  # sampling (one Sampling), seed, precision, verify: decoding_options
+    **decoding: Any,  # sampling (one Sampling), seed, precision, verify, engine: decoding_options
 ) -> None:
     """Generate text with a base checkpoint, optionally through one or more LoRA adapters.
 
@@ -452,7 +452,7 @@ def generate(
     """
     library(GENERATE)(checkpoint_dir, prompt=prompt, input=input, prompts_file=prompts_file,
                       lora_paths=lora_path or [], template=template, system=system, num_samples=num_samples,
-                      stream=stream, compile=compile, engine=engine, **decoding)
+                      stream=stream, compile=compile, **decoding)
 
 
 @subcommand("chat", "chat --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path out/lora/a/final "
@@ -464,7 +464,7 @@ def chat(
                                                         "then switch with /adapter NAME."),
     template: str = option(CHAT, "template", template_help("their chat forms")),
     system: Optional[str] = option(CHAT, "system", "System prompt (change it with /system TEXT)."),
-    **decoding: Any,  # sampling (one Sampling), seed, precision, verify: decoding_options
+    **decoding: Any,  # sampling (one Sampling), seed, precision, verify, engine: decoding_options
 ) -> None:
     """Talk with a model and its adapters, turn by turn: one message per line, from a terminal or a pipe.
 

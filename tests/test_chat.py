@@ -111,7 +111,7 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_checkpoint, a
     contents = [m["content"] for m in session.history[::2]]
     assert contents[-1] == f"{message} 5" and contents[0] != f"{message} 0"  # newest kept, oldest gone
     prompt = session.active.format.conversation_ids(session.tokenizer, session.history[:-1])
-    assert len(prompt) <= session.model.config.max_seq_len  # every turn was answered inside the window
+    assert len(prompt) <= session.max_seq_len  # every turn was answered inside the window
 
 
 def test_chat_command_reads_a_pipe(tiny_checkpoint, adapters):

@@ -267,3 +267,26 @@ def test_the_llama_cpp_engine_without_its_package_is_one_line(tiny_checkpoint, m
     code, _, err = run_cli(monkeypatch, capsys, "generate", "--checkpoint_dir", tiny_checkpoint, "--prompt", "hi",
                            "--engine", "vllm")
     assert code == 2 and "unknown --engine 'vllm'" in err, err
+
+
+def test_chat_with_the_llama_cpp_engine_answers_as_torch(tiny_checkpoint, tmp_path, monkeypatch):
+    """A piped session with two adapters and switches: every answer is the torch engine's."""
+    import io
+
+    from lit_lora.chat import run_chat
+
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path / "cache"))
+    adapters = [make_adapter(tiny_checkpoint, tmp_path / f"a{i}", seed=i, targets=EVERY_LINEAR, scale=0.3)
+                for i in range(2)]
+    script = "hello there\n/adapter 2\nsay more\n/adapter base\nand again\n/exit\n"
+
+    def answers(engine: str) -> list[str]:
+        session = run_chat(tiny_checkpoint, adapters, sampling=Sampling(max_new_tokens=12, temperature=0),
+                           precision="32-true", engine=engine, input=io.StringIO(script), out=io.StringIO(),
+                           log=io.StringIO())
+        return [m["content"] for m in session.history if m["role"] == "assistant"]
+
+    ours = answers("torch")
+    assert len(ours) == 3 and len(set(ours)) == 3  # three answers, each from another model
+    assert answers("llama.cpp") == ours
