@@ -57,7 +57,12 @@ class ChatSession:
     def switch(self, adapter: Adapter) -> None:
         self.applied.close()  # the base as it was (torch: its own tensors restored)
         weights = adapter.weights or (None, None)
-        self.answer = self.applied.enter_context(self.engine.adapter(adapter.path, *weights))
+        try:
+            self.answer = self.applied.enter_context(self.engine.adapter(adapter.path, *weights))
+        except BaseException:  # then answer with the base, never with what was just closed
+            self.answer = self.applied.enter_context(self.engine.adapter(None, None, None))
+            self.active = self.adapters[0]
+            raise
         self.active = adapter
 
     def find(self, name: str) -> Adapter:
@@ -138,7 +143,6 @@ def run_chat(
     messages was answered ends in a UserError (exit code 2), so that a script notices."""
     input, out, log = input or sys.stdin, out or sys.stdout, log or sys.stderr
     check_precision(precision, GENERATE_PRECISIONS)
-    engine = llamacpp.choose_engine(engine)
     # Everything that can be refused (templates, adapters, the token budget) is checked before the model loads.
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     if sampling.max_new_tokens >= config.max_seq_len:
@@ -149,8 +153,10 @@ def run_chat(
         lora_config, state, meta = load_checked_adapter(path, checkpoint_dir, config, verify)
         adapters.append(Adapter(str(path), path, (lora_config, state), prompt_format(template, meta, tokenizer, True)))
     # Seeded sampling starts again from the seed at each switch, so an adapter's answers can be reproduced.
-    answerer = TorchEngine(checkpoint_dir, precision, verify, False, seed) if engine == "torch" else \
-        llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
+    if llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, log) == "torch":
+        answerer = TorchEngine(checkpoint_dir, precision, verify, False, seed)
+    else:
+        answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
     session = ChatSession(answerer, config.max_seq_len, tokenizer, adapters, sampling, system=system)
     session.switch(adapters[1] if len(adapters) > 1 else adapters[0])
     print(f"chatting with {session.active.name} ({session.active.format.name}); "

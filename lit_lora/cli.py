@@ -524,14 +524,16 @@ def export_gguf(
                                                   "--lora_path: base + adapter merged)."),
     lora_path: Optional[Path] = typer.Option(None, "--lora_path", help="Adapter: merged into --checkpoint_dir, or "
                                              "alone a llama.cpp LoRA adapter GGUF (llama-cli --lora, Ollama ADAPTER)."),
-    type: str = option(EXPORT_GGUF, "type", "Weights type: f32, f16, bf16 or q8_0 (norms stay f32)."),
+    type: str = option(EXPORT_GGUF, "type", "Weights type: "
+                       f"{', '.join(library_names('lit_lora.convert.gguf', 'EXPORT_TYPES'))} (norms stay f32)."),
     overwrite: bool = option(EXPORT_GGUF, "overwrite", "Replace --out (and its Modelfile) if it is a GGUF file."),
     verify: bool = verify_option(),
 ) -> None:
     """Write a model, or an adapter alone, as GGUF for llama.cpp, Ollama and LM Studio."""
     written = library(EXPORT_GGUF)(out, checkpoint_dir=checkpoint_dir, lora_path=lora_path, type=type,
                                    overwrite=overwrite, verify=verify)
-    print(f"wrote {written} and {written.with_suffix('.Modelfile')}")
+    modelfile = library("lit_lora.export:modelfile_path")(written)
+    print(f"wrote {written} and {modelfile}")
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -19,7 +19,7 @@ from lit_lora.adapter import load_adapter, lora_pairs
 from lit_lora.checkpoint import (ShardWriter, copy_tokenizer_files, iter_weights, load_config, load_info,
                                  weight_shapes)
 from lit_lora.convert.gguf import (EXPORT_TYPES, add_model_metadata, add_tokenizer_metadata, check_exportable,
-                                   gguf_name, rope_freqs, to_gguf_layout, write_gguf)
+                                   check_tokenizer, gguf_name, rope_freqs, to_gguf_layout, write_gguf)
 from lit_lora.convert.hf import to_hf_name
 from lit_lora.convert.ollama import modelfile
 from lit_lora.convert.peft import write_peft_adapter
@@ -34,6 +34,7 @@ from lit_lora.prompts.format import prompt_format, recorded_prompt
 from lit_lora.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
+MODELFILE_SUFFIX = ".Modelfile"
 
 
 def export_hf(checkpoint_dir: Path, out: Path, overwrite: bool = False, verify: bool = True) -> Path:
@@ -65,18 +66,20 @@ def export_peft(lora_path: Path, out: Path, base_model_name_or_path: str | None 
 
 # ---------------------------------------------------------------------------------------------- GGUF
 def export_gguf(out: Path, checkpoint_dir: Path | None = None, lora_path: Path | None = None, type: str = "f16",
-                overwrite: bool = False, verify: bool = True) -> Path:
+                overwrite: bool = False, verify: bool = True, write_modelfile: bool = True) -> Path:
     """A checkpoint (with `lora_path`: base + adapter merged, no merged checkpoint written) as a LLaMA GGUF, or
-    with `lora_path` alone the adapter as a llama.cpp LoRA adapter GGUF; `NAME.Modelfile` for Ollama beside it.
-    Tensors stream one at a time; both files are written under temporary names and renamed when complete."""
+    with `lora_path` alone the adapter as a llama.cpp LoRA adapter GGUF; `NAME.Modelfile` for Ollama beside it
+    (`modelfile_path`). Tensors stream one at a time; both files are written under temporary names and renamed
+    when complete."""
     if type not in EXPORT_TYPES:
         raise UserError(f"unknown --type {type!r}; use one of {', '.join(EXPORT_TYPES)}")
     if checkpoint_dir is None and lora_path is None:
         raise UserError("pass --checkpoint_dir (a model, merged with --lora_path if given) or --lora_path alone "
                         "(the adapter)")
     out = Path(out)
-    modelfile_path = out.with_suffix(".Modelfile")
-    for path in (out, modelfile_path):
+    if out.suffix == MODELFILE_SUFFIX:
+        raise UserError(f"--out {out} is where its Modelfile would go; name the GGUF file, e.g. {out.stem}.gguf")
+    for path in (out, modelfile_path(out)) if write_modelfile else (out,):
         check_file_destination(path, [checkpoint_dir, lora_path])
         if path.exists() and not overwrite:
             raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
@@ -85,8 +88,13 @@ def export_gguf(out: Path, checkpoint_dir: Path | None = None, lora_path: Path |
     export = _gguf_model if checkpoint_dir is not None else _gguf_adapter
     with atomic_file(out) as tmp:
         model_text = export(tmp, out, checkpoint_dir, lora_path, type, verify)
-    atomic_write_bytes(modelfile_path, model_text.encode())
+    if write_modelfile:
+        atomic_write_bytes(modelfile_path(out), model_text.encode())
     return out
+
+
+def modelfile_path(out: Path) -> Path:
+    return Path(out).with_suffix(MODELFILE_SUFFIX)
 
 
 def _magic(path: Path) -> bytes:
@@ -102,8 +110,7 @@ def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | No
         tensors = iter_weights(checkpoint_dir, verify=verify)
     check_exportable(config)
     tokenizer = Tokenizer(checkpoint_dir)
-    template = gguf_chat_template(prompt, tokenizer)
-    chosen = prompt_format("auto", prompt, tokenizer) if template else None
+    template, stops = gguf_chat_format(prompt, tokenizer)
     requested, file_type = EXPORT_TYPES[type]
     freqs = rope_freqs(config)
     infos = [(gguf_name(name), shape) for name, shape in weight_shapes(checkpoint_dir)]
@@ -120,7 +127,7 @@ def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | No
         add_tokenizer_metadata(writer, tokenizer, config.vocab_size, template)
 
     write_gguf(tmp, metadata, infos, arrays(), requested)
-    return modelfile(f"./{out.name}", None, template, chosen.stop_strings if chosen else (), prompt.get("system"))
+    return modelfile(f"./{out.name}", None, template, stops, prompt.get("system"))
 
 
 def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, type: str, verify: bool) -> str:
@@ -144,19 +151,41 @@ def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, t
         writer.add_float32("adapter.lora.alpha", lora_config.scaling * lora_config.r)
 
     write_gguf(tmp, metadata, infos, (to_gguf_layout(n, t, config) for n, t in arrays), EXPORT_TYPES[type][0])
+    base = meta.get("base_checkpoint")  # its tokenizer finds the template's end markers, where it is still there
+    tokenizer = Tokenizer(base) if base and Path(base).is_dir() else None
     prompt = recorded_prompt(meta)
-    template = prompt["chat_template"]["source"] if prompt["chat_template"] else \
-        BUILTINS[prompt["template"]].chat_source if prompt["template"] in BUILTINS else None
-    stops = BUILTINS[prompt["template"]].stop_strings if prompt["template"] in BUILTINS else ()
+    template, stops = gguf_chat_format(prompt, tokenizer)
     return "# FROM: the base model's GGUF, e.g. export-gguf --checkpoint_dir BASE --out base.gguf\n" + \
         modelfile("./base.gguf", f"./{out.name}", template, stops, prompt["system"])
 
 
-def gguf_chat_template(prompt: dict[str, Any], tokenizer: Tokenizer) -> str | None:
-    """The chat template a GGUF carries: the adapter's recorded one (a built-in instruction template's chat form),
-    else the checkpoint's own."""
+def gguf_chat_format(prompt: dict[str, Any], tokenizer: Tokenizer | None) -> tuple[str | None, tuple[str, ...]]:
+    """The chat template a GGUF carries, and where its answers stop: the adapter's recorded template (a built-in
+    instruction template's chat form), else the checkpoint's own. Without a tokenizer, only a built-in's stops."""
+    builtin = BUILTINS.get(prompt.get("template"))
     if prompt.get("chat_template"):
-        return prompt["chat_template"]["source"]
-    if prompt.get("template") in BUILTINS:
-        return BUILTINS[prompt["template"]].chat_source
-    return ChatTemplate.source_of(tokenizer) if tokenizer.backend == "huggingface" else tokenizer.chat_template
+        template = prompt["chat_template"]["source"]
+    elif builtin is not None:
+        template = builtin.chat_source
+    elif tokenizer is not None and tokenizer.backend == "huggingface":
+        template = ChatTemplate.source_of(tokenizer)
+    else:
+        template = tokenizer.chat_template if tokenizer is not None else None
+    if tokenizer is None or template is None:
+        return template, builtin.stop_strings if builtin else ()
+    return template, prompt_format("auto", prompt, tokenizer).stop_strings
+
+
+def gguf_problem(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = True) -> str | None:
+    """Why the checkpoint or an adapter cannot go to llama.cpp (checked before anything loads), or None."""
+    try:
+        config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
+        check_exportable(config)
+        check_tokenizer(tokenizer, config.vocab_size)
+        for path in lora_paths:
+            *_, meta = load_adapter(path, verify=verify)
+            if not meta.get("base_model"):
+                raise UserError(f"{path} records no base model config (a PEFT adapter?), which a GGUF adapter needs")
+    except UserError as e:
+        return str(e)
+    return None

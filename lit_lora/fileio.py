@@ -232,6 +232,7 @@ def atomic_file(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write a file at; on success it replaces `out`, on any error it is removed.
     (Callers check `out` first: check_file_destination, and whether an existing file may be replaced.)"""
     out = Path(out)
+    clean_leftovers(out)
     tmp = sibling(out, "tmp")
     try:
         yield tmp

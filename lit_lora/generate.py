@@ -200,7 +200,6 @@ def run_generate(
 
     out, log = out or sys.stdout, log or sys.stderr
     check_precision(precision, GENERATE_PRECISIONS)
-    engine = llamacpp.choose_engine(engine)
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)
@@ -215,10 +214,13 @@ def run_generate(
         chosen = prompt_format(template, meta, tokenizer)
         prompts = [chosen.question_ids(tokenizer, text, input, system) for text in texts]
         jobs.append((path, lora_config, state, chosen.stop_strings, prompts))
-    if engine == "torch":
+    if llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, log) == "torch":
         answerer = TorchEngine(checkpoint_dir, precision, verify, compile, seed)
     else:
-        answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
+        if compile:
+            print("note: --compile is for the torch engine; llama.cpp ignores it", file=log)
+        longest = max(len(p) for *_, prompts in jobs for p in prompts)
+        answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed, longest + sampling.max_new_tokens)
         print(f"engine: llama.cpp ({answerer.model.name})", file=log)
     many = len(adapters) > 1 or num_samples > 1 or len(texts) > 1
 

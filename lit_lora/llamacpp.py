@@ -1,14 +1,19 @@
-"""llama.cpp as the CPU decode engine of `generate`, through llama-cpp-python (the `llamacpp` extra).
+"""llama.cpp as the CPU decode engine of `generate` and `chat`, through llama-cpp-python (the `llamacpp` extra).
 
 The checkpoint and each adapter are exported once (export-gguf: the base as a GGUF, each adapter as a llama.cpp
-LoRA adapter over it) into $LIT_LORA_CACHE/engine, named by their content hashes, so a checkpoint or adapter that
-changes is exported again and an unchanged one never is. Prompts are rendered and answers cut exactly as with the
-torch engine (the same PromptFormat ids, stop ids and stop strings, TextStream); llama.cpp only picks the tokens.
-Greedy answers are the torch engine's (tests/test_export_gguf.py); sampled ones follow llama.cpp's own sampler.
+LoRA adapter over it) into $LIT_LORA_CACHE/engine, named by a hash of everything the file is made from (weights,
+configs, tokenizer, GGUF type, EXPORT_VERSION), so a checkpoint or adapter that changes is exported again and an
+unchanged one never is. What llama.cpp cannot take (a model with biases, a tokenizer GGUF cannot express, a PEFT
+adapter) is found before anything loads: `--engine llama.cpp` refuses it, `auto` decodes with torch and says why.
+Prompts are rendered and answers cut exactly as with the torch engine (the same PromptFormat ids, stop ids and stop
+strings, TextStream); llama.cpp only picks the tokens. Greedy answers are the torch engine's
+(tests/test_export_gguf.py); sampled ones follow llama.cpp's own sampler.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
@@ -21,6 +26,7 @@ from lit_lora.tokenizer import Tokenizer
 
 ENGINES = ("torch", "llama.cpp", "auto")
 INSTALL = "pip install 'lit-lora[llamacpp]' (it builds llama.cpp from source: about 10 minutes on 2 cores)"
+EXPORT_VERSION = 1  # raise when what export-gguf writes changes, so cached files are made again
 # torch precision -> GGUF type: the engine computes in the weights' type, as the torch engine does.
 GGUF_TYPE = {"32-true": "f32", "bf16-true": "bf16"}
 
@@ -33,20 +39,37 @@ def available() -> bool:
     return True
 
 
-def choose_engine(engine: str, accelerator_is_cpu: bool = True) -> str:
-    """`auto`: llama.cpp where it is installed and we decode on a CPU, else torch."""
+def choose_engine(engine: str, checkpoint_dir: Path, lora_paths: list[Path], verify: bool, log: TextIO) -> str:
+    """torch or llama.cpp, decided before anything loads. `auto`: llama.cpp where it is installed and can take the
+    checkpoint and every adapter, else torch (said once, with the reason)."""
     if engine not in ENGINES:
         raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(ENGINES)}")
-    if engine == "llama.cpp" and not available():
+    if engine == "torch":
+        return engine
+    if not available():
+        if engine == "auto":
+            return "torch"
         raise UserError(f"--engine llama.cpp needs llama-cpp-python: {INSTALL}")
-    if engine == "auto":
-        return "llama.cpp" if accelerator_is_cpu and available() else "torch"
-    return engine
+    from lit_lora.export import gguf_problem
+
+    problem = gguf_problem(checkpoint_dir, lora_paths, verify) or _unhashed(checkpoint_dir)
+    if problem and engine == "llama.cpp":
+        raise UserError(f"{problem}; llama.cpp cannot decode it: use --engine torch")
+    if problem:
+        print(f"engine: torch ({problem})", file=log)
+        return "torch"
+    return "llama.cpp"
 
 
-def _cached(kind: str, key: str | None, what: Path) -> Path:
-    if not key:
-        raise UserError(f"{what} records no content hash, so its GGUF cannot be cached safely; use --engine torch")
+def _unhashed(checkpoint_dir: Path) -> str | None:
+    if not load_info(checkpoint_dir).get("content_hash"):
+        return f"{checkpoint_dir} records no content hash, so its GGUF could not be cached safely"
+    return None
+
+
+def _cached(kind: str, *sources: Any) -> Path:
+    """$LIT_LORA_CACHE/engine/KIND-HASH.gguf, the hash over everything the file is made from."""
+    key = hashlib.sha256(json.dumps([EXPORT_VERSION, *sources], sort_keys=True, default=str).encode()).hexdigest()
     directory = cache_dir() / "engine"
     directory.mkdir(parents=True, exist_ok=True)
     return directory / f"{kind}-{key[:20]}.gguf"
@@ -55,9 +78,10 @@ def _cached(kind: str, key: str | None, what: Path) -> Path:
 def base_gguf(checkpoint_dir: Path, gguf_type: str, verify: bool) -> Path:
     from lit_lora.export import export_gguf
 
-    path = _cached(f"model-{gguf_type}", load_info(checkpoint_dir).get("content_hash"), checkpoint_dir)
+    path = _cached(f"model-{gguf_type}", load_info(checkpoint_dir).get("content_hash"),
+                   load_config(checkpoint_dir).to_dict(), Tokenizer(checkpoint_dir).identity())
     if not path.is_file():
-        export_gguf(path, checkpoint_dir, type=gguf_type, verify=verify)
+        export_gguf(path, checkpoint_dir, type=gguf_type, verify=verify, write_modelfile=False)
     return path
 
 
@@ -65,19 +89,22 @@ def adapter_gguf(lora_path: Path, verify: bool) -> Path:
     from lit_lora.export import export_gguf
 
     *_, meta = load_adapter(lora_path, verify=verify)
-    path = _cached("adapter", meta.get("weights_sha256"), lora_path)
+    path = _cached("adapter", meta)  # its weights' sha256, rank, alpha, scaling, targets and base config
     if not path.is_file():
-        export_gguf(path, lora_path=lora_path, type="f32", verify=verify)
+        export_gguf(path, lora_path=lora_path, type="f32", verify=verify, write_modelfile=False)
     return path
 
 
 class LlamaCppEngine:
     """The base GGUF; per adapter, llama.cpp loads it with that adapter's LoRA GGUF (one adapter per model here)."""
 
-    def __init__(self, checkpoint_dir: Path, precision: str, verify: bool, seed: int | None) -> None:
+    def __init__(self, checkpoint_dir: Path, precision: str, verify: bool, seed: int | None,
+                 n_ctx: int | None = None) -> None:
         from lit_lora.device import resolve_precision
 
         self.checkpoint_dir, self.verify, self.seed = checkpoint_dir, verify, seed
+        # The KV cache llama.cpp allocates at each load: the model's context unless the caller needs less.
+        self.n_ctx = min(n_ctx or 1 << 62, load_config(checkpoint_dir).max_seq_len)
         self.model = base_gguf(checkpoint_dir, GGUF_TYPE[resolve_precision(precision, training=False)], verify)
 
     @contextlib.contextmanager
@@ -87,7 +114,7 @@ class LlamaCppEngine:
 
         lora = adapter_gguf(path, self.verify) if path is not None else None
         llm = llama_cpp.Llama(model_path=str(self.model), lora_path=str(lora) if lora else None,
-                              n_ctx=load_config(self.checkpoint_dir).max_seq_len, n_threads=torch.get_num_threads(),
+                              n_ctx=self.n_ctx, n_threads=torch.get_num_threads(),
                               seed=self.seed if self.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
                               verbose=False)
         try:
@@ -110,7 +137,7 @@ def complete(llm: Any, tokenizer: Tokenizer, prompts: list[list[int]], stop_stri
         tokens = llm.generate(prompt, temp=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p,
                               min_p=0.0, repeat_penalty=1.0, reset=True)
         for i, token in enumerate(tokens):
-            n_generated += 1  # as generate.complete counts: up to and with the token that ends the row
+            n_generated += 1  # as generate.complete counts them: the token that ends the row included
             piece = row.add(token)
             if stream is not None and piece:
                 stream.write(piece)

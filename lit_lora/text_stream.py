@@ -63,5 +63,5 @@ def stop_ids_for(tokenizer: Tokenizer, stop_strings: tuple[str, ...]) -> set[int
 
 class Completion(NamedTuple):
     texts: list[str]
-    n_generated: int  # tokens generated over all rows, up to and without each row's stop
+    n_generated: int  # tokens generated over all rows, each row's stop token included
     stopped: list[bool]  # per row: ended at a stop id or string (not cut by max_new_tokens or the context)

@@ -290,3 +290,69 @@ def test_chat_with_the_llama_cpp_engine_answers_as_torch(tiny_checkpoint, tmp_pa
     ours = answers("torch")
     assert len(ours) == 3 and len(set(ours)) == 3  # three answers, each from another model
     assert answers("llama.cpp") == ours
+
+
+def test_engine_auto_falls_back_to_torch_and_llama_cpp_refuses_before_loading(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                              capsys):
+    """What llama.cpp cannot take is found before anything loads: auto says why and decodes with torch."""
+    pytest.importorskip("llama_cpp")
+    from conftest import make_tiny_checkpoint
+
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path / "cache"))
+    biased = make_tiny_checkpoint(tmp_path / "biased", attention_bias=True)
+    args = ["generate", "--checkpoint_dir", biased, "--prompt", "hi", "--max_new_tokens", 4, "--temperature", 0]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--engine", "auto")
+    assert code == 0 and "engine: torch (a model with attention or MLP biases" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--engine", "llama.cpp")
+    assert code == 2 and err.count("\n") == 1 and "use --engine torch" in err, err
+    assert not (tmp_path / "cache" / "engine").exists()  # refused before any export
+
+
+def test_a_changed_adapter_config_is_exported_again(tiny_checkpoint, tmp_path, monkeypatch):
+    import io
+
+    import yaml
+
+    from lit_lora.generate import run_generate
+
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path / "cache"))
+    first = make_adapter(tiny_checkpoint, tmp_path / "a", targets=EVERY_LINEAR, scale=0.2)
+    second = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(first, second)  # the same tensors, twice the scaling
+    meta = yaml.safe_load((second / "adapter_config.yaml").read_text())
+    (second / "adapter_config.yaml").write_text(yaml.safe_dump({**meta, "alpha": 2 * meta["alpha"],
+                                                                "scaling": 2 * meta["scaling"]}))
+
+    def answers(engine: str) -> list[str]:
+        return run_generate(tiny_checkpoint, prompt="hello", lora_paths=[first, second], precision="32-true",
+                            sampling=Sampling(max_new_tokens=8, temperature=0), engine=engine, out=io.StringIO(),
+                            log=io.StringIO())
+
+    ours = answers("torch")
+    assert ours[0] != ours[1] and answers("llama.cpp") == ours  # a stale cache would answer b as a
+
+
+def test_export_refuses_a_modelfile_name_and_cleans_a_killed_write(monkeypatch, capsys, tiny_checkpoint, tmp_path):
+    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", tiny_checkpoint, "--out", tmp_path / "m.Modelfile",
+             words=["Modelfile", "m.gguf"])
+    leftover = tmp_path / ".m.gguf.tmp-999999"  # a write killed before it was renamed (no such process)
+    leftover.write_bytes(b"GGUF half")
+    assert run_cli(monkeypatch, capsys, "export-gguf", "--checkpoint_dir", tiny_checkpoint, "--out",
+                   tmp_path / "m.gguf")[0] == 0
+    assert not leftover.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]
+
+
+def test_an_adapter_alone_keeps_its_chat_stops(tiny_checkpoint, tmp_path):
+    import yaml
+
+    adapter = make_adapter(tiny_checkpoint, tmp_path / "adapter", template=None)
+    config = tmp_path / "adapter" / "adapter_config.yaml"
+    meta = yaml.safe_load(config.read_text())
+    source = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    config.write_text(yaml.safe_dump({**meta, "template": "chat", "chat_template": {"name": "c", "source": source}}))
+    export_gguf(tmp_path / "a.gguf", lora_path=adapter, type="f32")
+    text = (tmp_path / "a.Modelfile").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in text and "TEMPLATE" in text

@@ -198,7 +198,7 @@ def _pre_tokenizer(pre: str):
             pre_tokenizers.Split(Regex(LLAMA3_PRE_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-    raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, llama-bpe, "
+    raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, gpt-2, llama-bpe, llama3, "
                     f"{', '.join(DIGIT_SPLITTING_PRE)})")
 
 
@@ -242,7 +242,8 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str
 # ---------------------------------------------------------------------------------------------- export
 # --type -> (the GGML type of 2-D weights, general.file_type); norms and other 1-D tensors stay F32, as llama.cpp
 # keeps them, and a weight whose rows do not split into Q8_0's 32-value blocks falls back to F16.
-EXPORT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
+EXPORT_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+                "q8_0": ("Q8_0", "MOSTLY_Q8_0")}  # (gguf.GGMLQuantizationType, gguf.LlamaFileType) names
 GGUF_NAMES = {ours: theirs for theirs, ours in GLOBAL_NAMES.items()}
 GGUF_LAYER_NAMES = {ours: theirs for theirs, ours in LAYER_NAMES.items()}
 # Pre-tokenizer names llama.cpp knows, in the order an export looks for the checkpoint's own (see _pre_tokenizer).
@@ -330,9 +331,11 @@ def write_gguf(path: Path, arch_metadata: Callable[[Any], None], tensors: list[t
         writer.close()
 
 
-def add_model_metadata(writer, config: Config, name: str, file_type: int) -> None:
+def add_model_metadata(writer, config: Config, name: str, file_type: str) -> None:
+    from gguf import LlamaFileType
+
     writer.add_name(name)
-    writer.add_file_type(file_type)
+    writer.add_file_type(LlamaFileType[file_type])
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.dim)
@@ -393,17 +396,28 @@ def _without_key(value: Any, key: str) -> Any:
     return value
 
 
-def add_tokenizer_metadata(writer, tokenizer: Any, vocab_size: int, chat_template: str | None) -> None:
-    """The tokenizer as llama.cpp reads it: byte-level BPE (tokens, merges, types, pre-tokenizer name) or
-    SentencePiece (pieces, scores, types); special ids, whether BOS is added, the chat template."""
-    from gguf import TokenType
-
+def check_tokenizer(tokenizer: Any, vocab_size: int) -> str | None:
+    """Refuse (UserError) a tokenizer llama.cpp could not read as it is; the pre-tokenizer's llama.cpp name for BPE."""
     if tokenizer.backend == "huggingface":
         model = json.loads(tokenizer.processor.to_str())["model"]
         if model.get("type") != "BPE" or not model.get("merges"):
             raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} is {model.get('type')}, not byte-level "
                             f"BPE with merges; it cannot be expressed in GGUF by lit-lora")
-        pre = _pre_tokenizer_name(tokenizer)
+        return _pre_tokenizer_name(tokenizer)
+    if tokenizer.processor.vocab_size() != vocab_size:
+        raise UserError(f"{tokenizer.path} has {tokenizer.processor.vocab_size()} pieces for {vocab_size} embedding "
+                        f"rows; it cannot be expressed in GGUF")
+    return None
+
+
+def add_tokenizer_metadata(writer, tokenizer: Any, vocab_size: int, chat_template: str | None) -> None:
+    """The tokenizer as llama.cpp reads it: byte-level BPE (tokens, merges, types, pre-tokenizer name) or
+    SentencePiece (pieces, scores, types); special ids, whether BOS is added, the chat template."""
+    from gguf import TokenType
+
+    pre = check_tokenizer(tokenizer, vocab_size)
+    if tokenizer.backend == "huggingface":
+        model = json.loads(tokenizer.processor.to_str())["model"]
         added = {t.content: t.special for t in tokenizer.processor.get_added_tokens_decoder().values()}
         tokens = [tokenizer.processor.id_to_token(i) for i in range(vocab_size)]
         types = [TokenType.NORMAL if t not in added else TokenType.CONTROL if added[t] else TokenType.USER_DEFINED
@@ -419,9 +433,6 @@ def add_tokenizer_metadata(writer, tokenizer: Any, vocab_size: int, chat_templat
         writer.add_token_merges(merges)
     else:
         sp = tokenizer.processor
-        if sp.vocab_size() != vocab_size:
-            raise UserError(f"{tokenizer.path} has {sp.vocab_size()} pieces for {vocab_size} embedding rows; it "
-                            f"cannot be expressed in GGUF")
         kinds = ((sp.is_unknown, TokenType.UNKNOWN), (sp.is_control, TokenType.CONTROL), (sp.is_byte, TokenType.BYTE),
                  (sp.is_unused, TokenType.UNUSED))
         writer.add_tokenizer_model("llama")
