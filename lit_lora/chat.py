@@ -154,7 +154,7 @@ def run_chat(
         adapters.append(Adapter(str(path), path, (lora_config, state), prompt_format(template, meta, tokenizer, True)))
     # Seeded sampling starts again from the seed at each switch, so an adapter's answers can be reproduced.
     if llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, log) == "torch":
-        answerer = TorchEngine(checkpoint_dir, precision, verify, False, seed)
+        answerer = TorchEngine.load(checkpoint_dir, precision, verify, False, seed)
     else:
         answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
     session = ChatSession(answerer, config.max_seq_len, tokenizer, adapters, sampling, system=system)

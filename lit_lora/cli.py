@@ -555,6 +555,8 @@ def evaluate(
     precision: str = option(EVALUATE, "precision", "auto, bf16-mixed, bf16-true or 32-true."),
     baseline: Optional[Path] = option(EVALUATE, "baseline", "An earlier --out on the same examples: its models are "
                                                             "shown first and not scored again (before/after)."),
+    engine: str = option(EVALUATE, "engine", "What generates the answers for exact match: torch, llama.cpp or auto "
+                                             "(llama.cpp where installed); losses are always torch's."),
     verify: bool = verify_option(),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as one JSON object instead of a table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores and every prediction beside its "
@@ -568,7 +570,7 @@ def evaluate(
     result = library(EVALUATE)(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric,
                                limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
                                precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty(),
-                               out=out)
+                               out=out, engine=engine)
     summary = {k: v for k, v in result.items() if k != "predictions"}
     print(json.dumps(summary, indent=2) if json_output else format_table(result))
 

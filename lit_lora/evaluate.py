@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,15 +28,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
+from lit_lora import llamacpp
+from lit_lora.adapter import load_checked_adapter
 from lit_lora.checkpoint import load_config, load_info, load_model
 from lit_lora.data.dataset import PreparedDataset, check_tokenizer
 from lit_lora.data.readers import is_conversation, load_json_records
 from lit_lora.device import PRECISIONS, check_precision, resolve_precision
 from lit_lora.errors import UserError
-from lit_lora.fast_decode import prepare_for_generation, repack
+from lit_lora.fast_decode import prepare_for_generation
 from lit_lora.fileio import check_file_destination, write_json
-from lit_lora.generate import Sampling, complete
+from lit_lora.generate import Sampling, TorchEngine
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
 from lit_lora.prompts.chat_template import ChatTemplate
@@ -130,12 +132,13 @@ def evaluate(
     checkpoint_dir: Path, data: Path, lora_paths: list[Path] = (), split: str = "val", metric: str = "both",
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 64, template: str = "auto",
     precision: str = "auto", verify: bool = True, baseline: Path | None = None, progress: bool = True,
-    out: Path | None = None,
+    out: Path | None = None, engine: str = "torch",
 ) -> dict[str, Any]:
     """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}.
 
     `baseline`: an earlier result (`--out`) on the same examples; its models are shown first and not scored again.
     `out`: a JSON file to write the result to, checked before the work and written at once when it is done.
+    `engine`: what generates the answers for exact match (torch, llama.cpp or auto); losses are always torch's.
     """
     if metric not in METRICS:
         raise UserError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -149,6 +152,8 @@ def evaluate(
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify=verify)) for p in lora_paths]
     recorded = next((meta for *_, meta in adapters if any(recorded_prompt(meta).values())), load_info(checkpoint_dir))
     chosen = prompt_format(template, recorded, tokenizer)
+    if metric != "loss":
+        engine = llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, sys.stderr)
 
     with open_data(data, split, checkpoint_dir, tokenizer, chosen) as dataset:
         n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -164,7 +169,8 @@ def evaluate(
         precision = resolve_precision(precision)
         model = load_model(checkpoint_dir, PRECISIONS[precision][0], verify=verify).eval()
         # (score, adapter or None for the base); a base the baseline already scored is not scored again
-        models = [(Score("base", n), None)] + [(Score(name, n), (cfg, state)) for name, cfg, state, _ in adapters]
+        models = [(Score("base", n), None)] + [(Score(name, n), (cfg, state, Path(name)))
+                                                 for name, cfg, state, _ in adapters]
         if earlier and any(m["name"] == "base" for m in earlier["models"]):
             models = models[1:]
         scores = [score for score, _ in models]
@@ -175,7 +181,9 @@ def evaluate(
             if metric != "loss":
                 pairs = examples(dataset, n, tokenizer.eos_id)
                 stop_strings = prompt_format("auto", dataset.meta, tokenizer).stop_strings
-                score_answers(model, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar)
+                answerer = TorchEngine(prepare_for_generation(model)) if engine == "torch" else \
+                    llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, None)
+                score_answers(answerer, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar)
                 references = [tokenizer.decode(ref) for _, ref in pairs]
                 prompts = [tokenizer.decode(prompt, skip_special=False) for prompt, _ in pairs]
     if metric != "loss":
@@ -235,7 +243,7 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) 
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     for score, adapter in models:
         start = time.perf_counter()
-        with lora_applied(model, *adapter, lora_dtype) if adapter else contextlib.nullcontext():
+        with lora_applied(model, *adapter[:2], lora_dtype) if adapter else contextlib.nullcontext():
             total = torch.zeros(2)
             for batch in batches:
                 total += summed_loss(model, dataset, [batch], pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
@@ -246,22 +254,19 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) 
         score.seconds += time.perf_counter() - start
 
 
-def score_answers(model, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar) -> None:
-    """Greedy answers of the base and each adapter (merged into the weights, then restored)."""
-    prepare_for_generation(model)
+def score_answers(engine, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar) -> None:
+    """Greedy answers of the base and each adapter: with the torch engine merged into the weights, then restored."""
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0)
     for score, adapter in models:
         start = time.perf_counter()
-        originals = merge_adapter(model, *adapter) if adapter else {}
-        repack(model)
-        for i in range(0, len(pairs), batch_size):
-            texts, _, stopped = complete(model, tokenizer, [p for p, _ in pairs[i : i + batch_size]], stop_strings,
-                                         sampling)
-            score.answers.extend(texts)
-            score.stops.extend(stopped)
-            bar.update(1)
-        restore_weights(model, originals)
-        repack(model)
+        lora_config, state, path = adapter or (None, None, None)
+        with engine.adapter(path, lora_config, state) as answer:
+            for i in range(0, len(pairs), batch_size):
+                texts, _, stopped = answer(tokenizer, [p for p, _ in pairs[i : i + batch_size]], stop_strings,
+                                           sampling, None)
+                score.answers.extend(texts)
+                score.stops.extend(stopped)
+                bar.update(1)
         score.seconds += time.perf_counter() - start
 
 

@@ -215,7 +215,7 @@ def run_generate(
         prompts = [chosen.question_ids(tokenizer, text, input, system) for text in texts]
         jobs.append((path, lora_config, state, chosen.stop_strings, prompts))
     if llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, log) == "torch":
-        answerer = TorchEngine(checkpoint_dir, precision, verify, compile, seed)
+        answerer = TorchEngine.load(checkpoint_dir, precision, verify, compile, seed)
     else:
         if compile:
             print("note: --compile is for the torch engine; llama.cpp ignores it", file=log)
@@ -250,10 +250,13 @@ def run_generate(
 class TorchEngine:
     """The base loaded once; each adapter merged into it for its answers, then the weights restored."""
 
-    def __init__(self, checkpoint_dir: Path, precision: str, verify: bool, compile: bool, seed: int | None) -> None:
-        self.model = load_for_generation(checkpoint_dir, precision, verify, pack=not compile)
-        self.forward = torch.compile(next_logits, dynamic=True) if compile else next_logits
-        self.seed = seed
+    def __init__(self, model: LLaMA, seed: int | None = None, forward: Callable = next_logits) -> None:
+        self.model, self.seed, self.forward = model, seed, forward
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path, precision: str, verify: bool, compile: bool, seed: int | None) -> TorchEngine:
+        model = load_for_generation(checkpoint_dir, precision, verify, pack=not compile)
+        return cls(model, seed, torch.compile(next_logits, dynamic=True) if compile else next_logits)
 
     @contextlib.contextmanager
     def adapter(self, path: Path | None, lora_config, state) -> Iterator[Callable]:

@@ -28,7 +28,7 @@ ENGINES = ("torch", "llama.cpp", "auto")
 INSTALL = "pip install 'lit-lora[llamacpp]' (it builds llama.cpp from source: about 10 minutes on 2 cores)"
 EXPORT_VERSION = 1  # raise when what export-gguf writes changes, so cached files are made again
 # torch precision -> GGUF type: the engine computes in the weights' type, as the torch engine does.
-GGUF_TYPE = {"32-true": "f32", "bf16-true": "bf16"}
+GGUF_TYPE = {"32-true": "f32", "bf16-true": "bf16", "bf16-mixed": "bf16", "16-mixed": "f16"}
 
 
 def available() -> bool:

@@ -11,6 +11,7 @@ import torch
 from gguf.quants import dequantize
 from adapter_helpers import make_adapter
 from conftest import run_cli, snapshot
+from test_finetune import prepared, run  # noqa: F401  (fixtures)
 
 from lit_lora.checkpoint import iter_weights, load_model
 from lit_lora.convert.gguf import convert_gguf, permute_rope_rows, unpermute_rope_rows
@@ -98,6 +99,21 @@ def test_adapter_gguf_over_the_base_equals_ours_and_the_merged_export(tiny_check
     assert np.abs(llama_logits(with_lora, ids) - our_logits(merged, ids)).max() < 1e-3
     assert llama_greedy(with_lora, ids, 32) == ours == llama_greedy(llama(merged_gguf), ids, 32)
     assert "ADAPTER ./adapter.gguf" in (tmp_path / "adapter.Modelfile").read_text()
+
+
+def test_a_trained_adapter_over_the_base_in_llama_cpp(tiny_checkpoint, prepared, tmp_path):
+    """An adapter trained a few steps at a high learning rate, on every linear layer of the blocks, rsLoRA scaling
+    (alpha / sqrt(r), which llama.cpp knows only through the alpha we write)."""
+    run(tiny_checkpoint, prepared, tmp_path / "run", "--train.learning_rate=0.05", "--train.max_steps=4",
+        "--lora.targets=[attention, mlp]", "--lora.use_rslora=true", "--lora.dropout=0")
+    adapter = tmp_path / "run" / "final"
+    ids = Tokenizer(tiny_checkpoint).encode(TEXT)
+    merged = merge_checkpoint(tiny_checkpoint, adapter, tmp_path / "merged")
+    ours = our_greedy(merged, ids, 32)
+    assert ours != our_greedy(tiny_checkpoint, ids, 32)
+    base = export_gguf(tmp_path / "base.gguf", tiny_checkpoint, type="f32")
+    with_lora = llama(base, lora_path=str(export_gguf(tmp_path / "adapter.gguf", lora_path=adapter, type="f32")))
+    assert llama_greedy(with_lora, ids, 32) == ours
 
 
 def test_the_chat_template_renders_as_our_chat_does(tiny_checkpoint, tmp_path):
@@ -356,3 +372,19 @@ def test_an_adapter_alone_keeps_its_chat_stops(tiny_checkpoint, tmp_path):
     export_gguf(tmp_path / "a.gguf", lora_path=adapter, type="f32")
     text = (tmp_path / "a.Modelfile").read_text()
     assert 'PARAMETER stop "<|im_end|>"' in text and "TEMPLATE" in text
+
+
+def test_evaluate_with_the_llama_cpp_engine_answers_as_torch(tiny_checkpoint, prepared, tmp_path, monkeypatch):
+    from lit_lora.evaluate import evaluate
+
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path / "cache"))
+    adapter = make_adapter(tiny_checkpoint, tmp_path / "a", targets=EVERY_LINEAR, scale=0.3)
+
+    def result(engine: str) -> dict:
+        return evaluate(tiny_checkpoint, prepared, [adapter], limit=4, max_new_tokens=8, precision="32-true",
+                        progress=False, engine=engine)
+
+    ours, theirs = result("torch"), result("llama.cpp")
+    assert theirs["predictions"] == ours["predictions"]
+    assert [m["loss"] for m in theirs["models"]] == [m["loss"] for m in ours["models"]]  # losses: torch's
