@@ -135,7 +135,7 @@ class ChatSession:
 def run_chat(
     checkpoint_dir: Path, lora_paths: list[Path] = (), template: str = "auto", system: str | None = None,
     sampling: Sampling = Sampling(), seed: int | None = None, precision: str = "auto", verify: bool = True,
-    input: TextIO | None = None, out: TextIO | None = None, log: TextIO | None = None, engine: str = "torch",
+    input: TextIO | None = None, out: TextIO | None = None, log: TextIO | None = None, engine: str = "auto",
 ) -> ChatSession:
     """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input.
 
@@ -157,6 +157,7 @@ def run_chat(
         answerer = TorchEngine.load(checkpoint_dir, precision, verify, False, seed)
     else:
         answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
+        print(f"engine: llama.cpp ({answerer.model.name})", file=log)
     session = ChatSession(answerer, config.max_seq_len, tokenizer, adapters, sampling, system=system)
     session.switch(adapters[1] if len(adapters) > 1 else adapters[0])
     print(f"chatting with {session.active.name} ({session.active.format.name}); "

@@ -197,6 +197,16 @@ def weight_shapes(checkpoint_dir: Path) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+def verify_weights(checkpoint_dir: Path) -> None:
+    """Check every weights file against checkpoint.json's sha256 without loading it (one hashing pass): for
+    readers of something made from the checkpoint, such as the llama.cpp engine's cached GGUF."""
+    hashes = load_info(checkpoint_dir).get("weights_sha256") or {}
+    for path in weight_files(checkpoint_dir) if hashes else ():
+        if hashes.get(path.name) != sha256_file(path):
+            raise UserError(f"{path} is damaged: its sha256 is not the one recorded when it was written; convert or "
+                            f"download the checkpoint again ({_SKIP_VERIFY})")
+
+
 def iter_weights(checkpoint_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  verify: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) over every weights file, one tensor at a time. With `verify`, each file is hashed while it

@@ -188,7 +188,7 @@ def run_generate(
     lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
     num_samples: int = 1, stream: bool = True, precision: str = "auto", compile: bool = False,
     out: TextIO | None = None, log: TextIO | None = None, verify: bool = True, system: str | None = None,
-    engine: str = "torch",
+    engine: str = "auto",
 ) -> list[str]:
     """Answer the prompts with the base (or with each adapter in turn); texts to `out`, timings to `log`.
 
@@ -214,12 +214,14 @@ def run_generate(
         chosen = prompt_format(template, meta, tokenizer)
         prompts = [chosen.question_ids(tokenizer, text, input, system) for text in texts]
         jobs.append((path, lora_config, state, chosen.stop_strings, prompts))
+    longest = max(len(p) for *_, prompts in jobs for p in prompts)
+    if longest >= config.max_seq_len:
+        raise UserError(f"the prompt is {longest} tokens, the model's context is {config.max_seq_len}; shorten it")
     if llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, log) == "torch":
         answerer = TorchEngine.load(checkpoint_dir, precision, verify, compile, seed)
     else:
         if compile:
             print("note: --compile is for the torch engine; llama.cpp ignores it", file=log)
-        longest = max(len(p) for *_, prompts in jobs for p in prompts)
         answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed, longest + sampling.max_new_tokens)
         print(f"engine: llama.cpp ({answerer.model.name})", file=log)
     many = len(adapters) > 1 or num_samples > 1 or len(texts) > 1

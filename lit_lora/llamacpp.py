@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from lit_lora.adapter import load_adapter
-from lit_lora.checkpoint import load_config, load_info
+from lit_lora.checkpoint import load_config, load_info, verify_weights
 from lit_lora.download import cache_dir
 from lit_lora.errors import UserError
 from lit_lora.text_stream import Completion, TextStream, stop_ids_for
@@ -46,6 +46,8 @@ def choose_engine(engine: str, checkpoint_dir: Path, lora_paths: list[Path], ver
         raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "torch":
         return engine
+    if engine == "auto" and _has_cuda():  # the torch engine is the GPU path
+        return "torch"
     if not available():
         if engine == "auto":
             return "torch"
@@ -59,6 +61,12 @@ def choose_engine(engine: str, checkpoint_dir: Path, lora_paths: list[Path], ver
         print(f"engine: torch ({problem})", file=log)
         return "torch"
     return "llama.cpp"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _unhashed(checkpoint_dir: Path) -> str | None:
@@ -82,6 +90,8 @@ def base_gguf(checkpoint_dir: Path, gguf_type: str, verify: bool) -> Path:
                    load_config(checkpoint_dir).to_dict(), Tokenizer(checkpoint_dir).identity())
     if not path.is_file():
         export_gguf(path, checkpoint_dir, type=gguf_type, verify=verify, write_modelfile=False)
+    elif verify:  # made from the weights when they were intact: are they still?
+        verify_weights(checkpoint_dir)
     return path
 
 

@@ -89,6 +89,15 @@ def one_thread(monkeypatch):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def torch_engine_by_default(request, monkeypatch):
+    """`--engine auto` (generate's and chat's default) decodes with llama.cpp where it is installed. The torch engine
+    is the reference the other tests pin down, so outside test_export_gguf (which tests llama.cpp, and auto's choice
+    of it) auto finds no llama.cpp in this process."""
+    if request.module.__name__ != "test_export_gguf":
+        monkeypatch.setattr("lit_lora.llamacpp.available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """Read-only: tests must not write into it (copy it first)."""

@@ -388,3 +388,14 @@ def test_evaluate_with_the_llama_cpp_engine_answers_as_torch(tiny_checkpoint, pr
     ours, theirs = result("torch"), result("llama.cpp")
     assert theirs["predictions"] == ours["predictions"]
     assert [m["loss"] for m in theirs["models"]] == [m["loss"] for m in ours["models"]]  # losses: torch's
+
+
+def test_auto_decodes_with_llama_cpp_where_it_is_installed(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path / "cache"))
+    args = ["--checkpoint_dir", tiny_checkpoint, "--prompt", "hi", "--max_new_tokens", 4, "--temperature", 0,
+            "--precision", "32-true"]
+    code, auto, err = run_cli(monkeypatch, capsys, "generate", *args)  # auto is the default
+    assert code == 0 and "engine: llama.cpp" in err, err
+    code, torch_answer, err = run_cli(monkeypatch, capsys, "generate", *args, "--engine", "torch")
+    assert code == 0 and "engine:" not in err and torch_answer == auto
