@@ -5,7 +5,7 @@ trained with, else the checkpoint's own) and the answer streams as it is generat
 end-of-turn marker. When the conversation no longer fits the context window with room for an answer, the oldest
 exchanges are dropped (the user is told once). With the torch engine, adapters are merged into the weights of the
 one loaded base and swapped by restoring the base's own tensors, so switching costs a merge, not a reload; with
-llama.cpp (`--engine llama.cpp`), a switch loads the base GGUF with the adapter's LoRA GGUF.
+llama.cpp (`--engine`), every adapter's LoRA GGUF is loaded once over the one base and a switch sets the active one.
 
 Commands: /reset, /system TEXT (no TEXT: none), /adapter NAME (an index, a path as given, or `base`), /help, /exit.
 """

@@ -106,32 +106,60 @@ def adapter_gguf(lora_path: Path, verify: bool) -> Path:
 
 
 class LlamaCppEngine:
-    """The base GGUF; per adapter, llama.cpp loads it with that adapter's LoRA GGUF (one adapter per model here)."""
+    """The base GGUF loaded once; each adapter's LoRA GGUF loaded once beside it, and the active one set on the
+    context (llama_set_adapters_lora), so switching adapters costs no reload."""
 
     def __init__(self, checkpoint_dir: Path, precision: str, verify: bool, seed: int | None,
                  n_ctx: int | None = None) -> None:
         from lit_lora.device import resolve_precision
 
         self.checkpoint_dir, self.verify, self.seed = checkpoint_dir, verify, seed
-        # The KV cache llama.cpp allocates at each load: the model's context unless the caller needs less.
+        # The KV cache llama.cpp allocates: the model's context unless the caller needs less.
         self.n_ctx = min(n_ctx or 1 << 62, load_config(checkpoint_dir).max_seq_len)
         self.model = base_gguf(checkpoint_dir, GGUF_TYPE[resolve_precision(precision, training=False)], verify)
+        self.llm: Any = None
+        self.loras: dict[Path, Any] = {}  # adapter path -> its llama.cpp adapter, freed with the model
 
-    @contextlib.contextmanager
-    def adapter(self, path: Path | None, lora_config: Any, state: Any) -> Iterator[Callable]:
+    def _load(self) -> Any:
         import llama_cpp
         import torch
 
-        lora = adapter_gguf(path, self.verify) if path is not None else None
-        llm = llama_cpp.Llama(model_path=str(self.model), lora_path=str(lora) if lora else None,
-                              n_ctx=self.n_ctx, n_threads=torch.get_num_threads(),
-                              seed=self.seed if self.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                              verbose=False)
-        try:
-            yield lambda tokenizer, prompts, stops, sampling, live: complete(llm, tokenizer, prompts, stops,
-                                                                             sampling, live)
-        finally:
-            llm.close()
+        if self.llm is None:
+            self.llm = llama_cpp.Llama(model_path=str(self.model), n_ctx=self.n_ctx, n_threads=torch.get_num_threads(),
+                                       seed=self.seed if self.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                                       verbose=False)
+        return self.llm
+
+    def _lora(self, path: Path) -> Any:
+        import llama_cpp
+
+        if path not in self.loras:
+            llm = self._load()
+            # llama-cpp-python's own lora_path handling does the same through these (its model, context and stack).
+            adapter = llama_cpp.llama_adapter_lora_init(llm._model.model, str(adapter_gguf(path, self.verify)).encode())
+            if adapter is None:
+                raise UserError(f"llama.cpp could not load the adapter exported from {path}; use --engine torch")
+            llm._stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
+            self.loras[path] = adapter
+        return self.loras[path]
+
+    @contextlib.contextmanager
+    def adapter(self, path: Path | None, lora_config: Any, state: Any) -> Iterator[Callable]:
+        import ctypes
+
+        import llama_cpp
+
+        active = [self._lora(path)] if path is not None else []
+        llm = self._load()
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * len(active))(*active)
+        scales = (ctypes.c_float * len(active))(*[1.0] * len(active))
+        if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, len(active), scales):
+            raise UserError(f"llama.cpp could not apply the adapter {path}; use --engine torch")
+        llm.reset()  # what the KV cache holds was computed with the previous adapter
+        if self.seed is not None:
+            llm.set_seed(self.seed)  # each adapter's answers as from a run of its own
+        yield lambda tokenizer, prompts, stops, sampling, live: complete(llm, tokenizer, prompts, stops, sampling,
+                                                                         live)
 
 
 def complete(llm: Any, tokenizer: Tokenizer, prompts: list[list[int]], stop_strings: tuple[str, ...],
