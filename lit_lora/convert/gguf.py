@@ -132,6 +132,14 @@ def rope_scaling_from_gguf(meta: dict[str, Any], reader, config: Config) -> dict
     return scaling
 
 
+def rope_heads(name: str, config: Config) -> int | None:
+    """The heads whose rows llama.cpp orders its own way in tensor `name` (ours): q's and k's weights, and a LoRA B
+    of them (its rows are the weight's; a LoRA A's are the rank's). None for every other tensor."""
+    if name.endswith("lora_A"):
+        return None
+    return config.n_heads if ".q_proj." in name else config.n_kv_heads if ".k_proj." in name else None
+
+
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row order: per head it interleaves the two halves that rotate-half RoPE pairs up.
 
@@ -165,10 +173,8 @@ def iter_gguf_tensors(reader, config: Config) -> Iterator[tuple[str, torch.Tenso
         # GGUF lists dimensions innermost first: (in, out) for a weight matrix.
         array = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
         tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: F32 data is a read-only mmap
-        if name.endswith("q_proj.weight"):
-            tensor = unpermute_rope_rows(tensor, config.n_heads)
-        elif name.endswith("k_proj.weight"):
-            tensor = unpermute_rope_rows(tensor, config.n_kv_heads)
+        if heads := rope_heads(name, config):
+            tensor = unpermute_rope_rows(tensor, heads)
         seen.add(name)
         yield name, tensor
     expected = stored_names(config)
@@ -265,12 +271,10 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def to_gguf_layout(name: str, tensor: torch.Tensor, config: Config) -> np.ndarray:
-    """float32 numpy in llama.cpp's row order for q and k (and for a LoRA B of q or k, whose rows are theirs)."""
+    """float32 numpy, in llama.cpp's row order where it has its own (rope_heads)."""
     tensor = tensor.detach().float()
-    if "q_proj" in name and tensor.dim() == 2 and not name.endswith("lora_A"):
-        tensor = permute_rope_rows(tensor, config.n_heads)
-    elif "k_proj" in name and tensor.dim() == 2 and not name.endswith("lora_A"):
-        tensor = permute_rope_rows(tensor, config.n_kv_heads)
+    if (heads := rope_heads(name, config)) and tensor.dim() == 2:
+        tensor = permute_rope_rows(tensor, heads)
     return tensor.contiguous().numpy()
 
 
@@ -364,24 +368,24 @@ def check_exportable(config: Config) -> None:
                         "export-hf and convert that with llama.cpp's convert_hf_to_gguf.py")
 
 
-def _pre_tokenizer_name(tokenizer: Any) -> str:
-    """The llama.cpp name of a tokenizer.json's pre-tokenizer: the one whose rebuild (_pre_tokenizer, the import's
-    table) has the same steps. Offsets trimming does not change the pieces, so it is not compared."""
+def _pre_tokenizer_name(tokenizer: Any, spec: dict[str, Any]) -> str:
+    """The llama.cpp name of the pre-tokenizer of `spec` (its tokenizer.json): the one whose rebuild
+    (_pre_tokenizer, the import's table) has the same steps. Offsets trimming does not change the pieces, so it is
+    not compared."""
     from tokenizers import Tokenizer, models
 
-    def steps(pre: Any) -> str:
+    def steps(pre: Any) -> Any:
         probe = Tokenizer(models.BPE())
         probe.pre_tokenizer = pre
-        return json.dumps(json.loads(probe.to_str())["pre_tokenizer"], sort_keys=True)
+        return _without_key(json.loads(probe.to_str())["pre_tokenizer"], "trim_offsets")
 
-    own = json.loads(tokenizer.processor.to_str())
-    if own.get("normalizer"):
+    if spec.get("normalizer"):
         raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} normalises text "
-                        f"({own['normalizer'].get('type')}), which llama.cpp's BPE tokenizers do not; it cannot be "
+                        f"({spec['normalizer'].get('type')}), which llama.cpp's BPE tokenizers do not; it cannot be "
                         f"expressed in GGUF")
-    ours = json.dumps(_without_key(own.get("pre_tokenizer"), "trim_offsets"), sort_keys=True)
+    ours = _without_key(spec.get("pre_tokenizer"), "trim_offsets")
     for name in EXPORT_PRE_TOKENIZERS:
-        if json.dumps(_without_key(json.loads(steps(_pre_tokenizer(name))), "trim_offsets"), sort_keys=True) == ours:
+        if steps(_pre_tokenizer(name)) == ours:
             return name
     raise UserError(f"the pre-tokenizer of {tokenizer.path} matches none llama.cpp knows that lit-lora can name "
                     f"({', '.join(EXPORT_PRE_TOKENIZERS)}), so it cannot be expressed in GGUF; use llama.cpp's "
@@ -396,14 +400,16 @@ def _without_key(value: Any, key: str) -> Any:
     return value
 
 
-def check_tokenizer(tokenizer: Any, vocab_size: int) -> str | None:
-    """Refuse (UserError) a tokenizer llama.cpp could not read as it is; the pre-tokenizer's llama.cpp name for BPE."""
+def check_tokenizer(tokenizer: Any, vocab_size: int) -> tuple[str, list[Any]] | None:
+    """Refuse (UserError) a tokenizer llama.cpp could not read as it is; for BPE, (the pre-tokenizer's llama.cpp
+    name, the merges)."""
     if tokenizer.backend == "huggingface":
-        model = json.loads(tokenizer.processor.to_str())["model"]
+        spec = json.loads(tokenizer.processor.to_str())
+        model = spec["model"]
         if model.get("type") != "BPE" or not model.get("merges"):
             raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} is {model.get('type')}, not byte-level "
                             f"BPE with merges; it cannot be expressed in GGUF by lit-lora")
-        return _pre_tokenizer_name(tokenizer)
+        return _pre_tokenizer_name(tokenizer, spec), model["merges"]
     if tokenizer.processor.vocab_size() != vocab_size:
         raise UserError(f"{tokenizer.path} has {tokenizer.processor.vocab_size()} pieces for {vocab_size} embedding "
                         f"rows; it cannot be expressed in GGUF")
@@ -415,9 +421,9 @@ def add_tokenizer_metadata(writer, tokenizer: Any, vocab_size: int, chat_templat
     SentencePiece (pieces, scores, types); special ids, whether BOS is added, the chat template."""
     from gguf import TokenType
 
-    pre = check_tokenizer(tokenizer, vocab_size)
-    if tokenizer.backend == "huggingface":
-        model = json.loads(tokenizer.processor.to_str())["model"]
+    bpe = check_tokenizer(tokenizer, vocab_size)
+    if bpe is not None:
+        pre, merges = bpe
         added = {t.content: t.special for t in tokenizer.processor.get_added_tokens_decoder().values()}
         tokens = [tokenizer.processor.id_to_token(i) for i in range(vocab_size)]
         types = [TokenType.NORMAL if t not in added else TokenType.CONTROL if added[t] else TokenType.USER_DEFINED
@@ -425,12 +431,11 @@ def add_tokenizer_metadata(writer, tokenizer: Any, vocab_size: int, chat_templat
         for i, t in enumerate(tokens):  # rows of the embedding the vocabulary does not name (padding)
             if t is None:
                 tokens[i], types[i] = f"[PAD{i}]", TokenType.UNUSED
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        writer.add_token_merges(merges)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     else:
         sp = tokenizer.processor
         kinds = ((sp.is_unknown, TokenType.UNKNOWN), (sp.is_control, TokenType.CONTROL), (sp.is_byte, TokenType.BYTE),
