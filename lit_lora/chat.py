@@ -149,11 +149,13 @@ def run_chat(
         raise UserError(f"--max_new_tokens {sampling.max_new_tokens} leaves no room for the conversation in the "
                         f"context window of {config.max_seq_len} tokens")
     adapters = [Adapter("base", None, None, prompt_format(template, load_info(checkpoint_dir), tokenizer, True))]
+    metas = []
     for path in lora_paths:
         lora_config, state, meta = load_checked_adapter(path, checkpoint_dir, config, verify)
         adapters.append(Adapter(str(path), path, (lora_config, state), prompt_format(template, meta, tokenizer, True)))
+        metas.append((path, meta))
     # Seeded sampling starts again from the seed at each switch, so an adapter's answers can be reproduced.
-    if llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, log) == "torch":
+    if llamacpp.choose_engine(engine, checkpoint_dir, metas, log) == "torch":
         answerer = TorchEngine.load(checkpoint_dir, precision, verify, False, seed)
     else:
         answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)

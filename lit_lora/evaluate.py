@@ -153,7 +153,8 @@ def evaluate(
     recorded = next((meta for *_, meta in adapters if any(recorded_prompt(meta).values())), load_info(checkpoint_dir))
     chosen = prompt_format(template, recorded, tokenizer)
     if metric != "loss":
-        engine = llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, sys.stderr)
+        engine = llamacpp.choose_engine(engine, checkpoint_dir, [(Path(p), meta) for p, *_, meta in adapters],
+                                        sys.stderr)
 
     with open_data(data, split, checkpoint_dir, tokenizer, chosen) as dataset:
         n = len(dataset) if limit is None else min(limit, len(dataset))

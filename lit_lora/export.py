@@ -132,10 +132,7 @@ def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | No
 
 def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, type: str, verify: bool) -> str:
     lora_config, state, meta = load_adapter(lora_path, verify=verify)
-    if not meta.get("base_model"):
-        raise UserError(f"{lora_path} records no base model config (a PEFT adapter?), which a GGUF adapter needs; "
-                        f"export it merged: export-gguf --checkpoint_dir BASE --lora_path {lora_path} --out ...")
-    config = Config.from_dict(meta["base_model"])  # LoRA on a tied head cannot exist: apply_lora refuses it
+    config = adapter_base_config(lora_path, meta)  # LoRA on a tied head cannot exist: apply_lora refuses it
     pairs = sorted(lora_pairs(state).items())
     infos, arrays = [], []
     for name, (A, B) in pairs:
@@ -176,16 +173,23 @@ def gguf_chat_format(prompt: dict[str, Any], tokenizer: Tokenizer | None) -> tup
     return template, prompt_format("auto", prompt, tokenizer).stop_strings
 
 
-def gguf_problem(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = True) -> str | None:
-    """Why the checkpoint or an adapter cannot go to llama.cpp (checked before anything loads), or None."""
+def adapter_base_config(path: Path, meta: dict[str, Any]) -> Config:
+    """The base config an adapter records, which its GGUF needs (llama.cpp's q/k row order is per head)."""
+    if not meta.get("base_model"):
+        raise UserError(f"{path} records no base model config (a PEFT adapter?), which a GGUF adapter needs; "
+                        f"export it merged: export-gguf --checkpoint_dir BASE --lora_path {path} --out ...")
+    return Config.from_dict(meta["base_model"])
+
+
+def gguf_problem(checkpoint_dir: Path, adapters: list[tuple[Path, dict[str, Any]]]) -> str | None:
+    """Why the checkpoint or an adapter ((path, what its config records), as loaded already) cannot go to
+    llama.cpp, checked before anything loads; None when nothing stands in the way."""
     try:
         config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
         check_exportable(config)
         check_tokenizer(tokenizer, config.vocab_size)
-        for path in lora_paths:
-            *_, meta = load_adapter(path, verify=verify)
-            if not meta.get("base_model"):
-                raise UserError(f"{path} records no base model config (a PEFT adapter?), which a GGUF adapter needs")
+        for path, meta in adapters:
+            adapter_base_config(path, meta)
     except UserError as e:
         return str(e)
     return None

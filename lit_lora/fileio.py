@@ -240,9 +240,10 @@ def atomic_file(out: Path) -> Iterator[Path]:
         tmp.replace(out)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename == str(tmp):
-            e.filename = str(out)
-        raise
+        error = _naming(e, tmp, out)
+        if error is e:
+            raise
+        raise error from e
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -217,7 +217,7 @@ def run_generate(
     longest = max(len(p) for *_, prompts in jobs for p in prompts)
     if longest >= config.max_seq_len:
         raise UserError(f"the prompt is {longest} tokens, the model's context is {config.max_seq_len}; shorten it")
-    if llamacpp.choose_engine(engine, checkpoint_dir, lora_paths, verify, log) == "torch":
+    if llamacpp.choose_engine(engine, checkpoint_dir, [(p, meta) for p, *_, meta in adapters], log) == "torch":
         answerer = TorchEngine.load(checkpoint_dir, precision, verify, compile, seed)
     else:
         if compile:

@@ -39,9 +39,10 @@ def available() -> bool:
     return True
 
 
-def choose_engine(engine: str, checkpoint_dir: Path, lora_paths: list[Path], verify: bool, log: TextIO) -> str:
+def choose_engine(engine: str, checkpoint_dir: Path, adapters: list[tuple[Path, dict[str, Any]]], log: TextIO) -> str:
     """torch or llama.cpp, decided before anything loads. `auto`: llama.cpp where it is installed and can take the
-    checkpoint and every adapter, else torch (said once, with the reason)."""
+    checkpoint and every adapter ((path, its recorded config), as the caller loaded them), else torch (said once,
+    with the reason)."""
     if engine not in ENGINES:
         raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "torch":
@@ -54,7 +55,7 @@ def choose_engine(engine: str, checkpoint_dir: Path, lora_paths: list[Path], ver
         raise UserError(f"--engine llama.cpp needs llama-cpp-python: {INSTALL}")
     from lit_lora.export import gguf_problem
 
-    problem = gguf_problem(checkpoint_dir, lora_paths, verify) or _unhashed(checkpoint_dir)
+    problem = gguf_problem(checkpoint_dir, adapters) or _unhashed(checkpoint_dir)
     if problem and engine == "llama.cpp":
         raise UserError(f"{problem}; llama.cpp cannot decode it: use --engine torch")
     if problem:
