@@ -30,7 +30,7 @@ from lit_lora.prompts.format import recorded_prompt
 ADAPTER_WEIGHTS = "lora.safetensors"
 ADAPTER_CONFIG = "adapter_config.yaml"
 # Fields that decide whether adapter tensors fit a base (name and context length do not).
-_ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
+_ARCHITECTURE_FIELDS = ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
 
 
 # ---------------------------------------------------------------------------------------------- the format

@@ -20,7 +20,7 @@ from lit_lora.checkpoint import (ShardWriter, copy_tokenizer_files, iter_weights
                                  weight_shapes)
 from lit_lora.convert.gguf import (EXPORT_TYPES, add_model_metadata, add_tokenizer_metadata, check_exportable,
                                    check_tokenizer, gguf_name, rope_freqs, to_gguf_layout, write_gguf)
-from lit_lora.convert.hf import to_hf_name
+from lit_lora.convert.hf import config_to_hf, to_hf_tensors
 from lit_lora.convert.ollama import modelfile
 from lit_lora.convert.peft import write_peft_adapter
 from lit_lora.device import torch_dtype_name
@@ -44,11 +44,11 @@ def export_hf(checkpoint_dir: Path, out: Path, overwrite: bool = False, verify: 
     tokenizer = Tokenizer(checkpoint_dir)
     with atomic_dir(out, overwrite, inputs=[checkpoint_dir]) as tmp:
         writer = ShardWriter(tmp)  # its file names (model.safetensors or shards + index) are HF's too
-        for name, tensor in iter_weights(checkpoint_dir, verify=verify):
-            writer.add(to_hf_name(name), tensor)
+        for hf_name, tensor in to_hf_tensors(config, iter_weights(checkpoint_dir, verify=verify)):
+            writer.add(hf_name, tensor)
         writer.close()
         dtype = load_info(checkpoint_dir).get("dtype") or "fp32"
-        hf_config = {**config.to_hf_config(), "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+        hf_config = {**config_to_hf(config), "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                      "pad_token_id": tokenizer.pad_id, "torch_dtype": torch_dtype_name(dtype)}
         write_json(tmp / "config.json", hf_config)
         copy_tokenizer_files(checkpoint_dir, tmp)
@@ -60,7 +60,8 @@ def export_peft(lora_path: Path, out: Path, base_model_name_or_path: str | None 
     """Write an adapter (ours or PEFT's) as a PEFT LoRA adapter directory."""
     lora_config, state, meta = load_adapter(lora_path, verify=verify)
     with atomic_dir(out, overwrite, inputs=[lora_path]) as tmp:
-        write_peft_adapter(tmp, lora_config, state, base_model_name_or_path or meta.get("base_checkpoint"))
+        base = Config.from_dict(meta["base_model"]) if meta.get("base_model") else None
+        write_peft_adapter(tmp, lora_config, state, base_model_name_or_path or meta.get("base_checkpoint"), base)
     return Path(out)
 
 

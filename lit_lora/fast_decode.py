@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lit_lora.lora import LoRALinear
-from lit_lora.model import MLP, Attention, Config, LLaMA, additive_mask, apply_rope
+from lit_lora.model import MLP, Attention, Config, LLaMA
 
 
 def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
@@ -36,32 +35,22 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
 class FusedAttention(Attention):
     """Attention shaped for decoding: q, k and v from one matmul (a single-token step is a matrix-vector
     product bound by memory bandwidth, and one larger product streams the weights faster than three small
-    ones), RoPE applied to q and k in one pass, and a plain fp32 attention for the one-token step, where
-    SDPA's CPU kernel has a large fixed cost per call that grows with the cache length."""
+    ones), and the plain fp32 attention for the one-token step, where SDPA's CPU kernel has a large fixed cost
+    per call that grows with the cache length."""
 
     def __init__(self, attn: Attention, config: Config) -> None:
         with torch.device("meta"):  # the parent sets every field; its fresh projections are replaced below
             super().__init__(config)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        for name, module in attn.named_children():  # the projections, and q_norm / k_norm where the family has them
+            setattr(self, name, module)
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        self.kv_cache = attn.kv_cache
+        self.plain_decode = True
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def qkv(self, x):
         B, T, _ = x.shape
         H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(B, T, H + 2 * G, D).transpose(1, 2)  # (B, H + 2G, T, D)
-        qk, v = apply_rope(qkv[:, : H + G], cos, sin), qkv[:, H + G :]
-        q, k = qk[:, :H], qk[:, H:]
-        if self.kv_cache is None or T > 1:  # no cache, or the prefill: the model's own attention
-            return self.attend(q, k, v, mask, input_pos)
-        k, v = self.kv_cache.update(input_pos, k, v)
-        S = mask.shape[-1]
-        # (B, H, 1, D) -> (B, G, H/G, D): the query heads that share a key/value head, as SDPA's enable_gqa.
-        q = q.reshape(B, G, H // G, D).float()
-        scores = q @ k[:, :, :S].float().transpose(-1, -2) * D**-0.5  # (B, G, H/G, S)
-        bias = additive_mask(mask, scores.dtype) if mask.dtype == torch.bool else mask
-        y = torch.softmax(scores + bias, dim=-1) @ v[:, :, :S].float()  # (B, G, H/G, D)
-        return self.o_proj(y.to(x.dtype).view(B, 1, H * D))
+        return qkv[:, :H], qkv[:, H : H + G], qkv[:, H + G :]
 
 
 class FusedMLP(MLP):
@@ -75,7 +64,7 @@ class FusedMLP(MLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class PackedLinear(nn.Linear):

@@ -77,7 +77,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
 
 def next_logits(model: LLaMA, idx: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits (B, V) of the last position only: the output head is the largest matrix, skip it elsewhere."""
-    return model.lm_head(model.hidden_states(idx, input_pos, mask)[:, -1])
+    return model.logits(model.hidden_states(idx, input_pos, mask)[:, -1])
 
 
 def generate_tokens(

@@ -48,20 +48,23 @@ class HeadCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), None, None, None
 
 
-def target_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def target_loss_sum(hidden: torch.Tensor, model: nn.Module, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Summed cross-entropy over the positions whose target is not -100.
 
-    hidden (B, T, C), targets (B, T). Only target positions go through the output head, a chunk at a time, so
-    at most one (chunk, vocab) fp32 logits block exists, also in the backward pass.
+    hidden (B, T, C), targets (B, T). Only target positions go through the output head (`model.logits`), a chunk
+    at a time, so at most one (chunk, vocab) fp32 logits block exists, also in the backward pass.
     """
     keep = targets != IGNORE_INDEX
     h, y = hidden[keep], targets[keep]  # (N, C), (N,)
-    if not any(p.requires_grad for p in lm_head.parameters()):  # the usual case: a frozen head
-        return HeadCrossEntropy.apply(h, lm_head.weight, y, chunk_size)
+    head, c = model.lm_head, model.config
+    plain = c.logits_scaling == 1.0 and c.final_softcap is None  # logits = h @ W.T exactly
+    if plain and not any(p.requires_grad for p in head.parameters()):  # the usual case: a frozen head
+        return HeadCrossEntropy.apply(h, head.weight, y, chunk_size)
 
-    # LoRA on the head: let autograd handle it, recomputing each chunk's logits in the backward pass.
+    # LoRA on the head, or logits scaled or soft-capped (Granite, Gemma 2): autograd, recomputing each chunk's
+    # logits in the backward pass.
     def chunk_loss(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lm_head(h_chunk).float(), y_chunk, reduction="sum")
+        return F.cross_entropy(model.logits(h_chunk).float(), y_chunk, reduction="sum")
 
     total = h.sum().float() * 0  # part of the graph even when there are no targets
     for i in range(0, len(y), chunk_size):
@@ -71,7 +74,7 @@ def target_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Ten
 
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     hidden = model.hidden_states(batch["input_ids"], batch.get("input_pos"), batch.get("mask"))
-    return target_loss_sum(hidden, model.lm_head, batch["targets"], chunk_size)
+    return target_loss_sum(hidden, model, batch["targets"], chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

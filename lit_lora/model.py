@@ -1,8 +1,12 @@
 """A LLaMA-family decoder in plain PyTorch, meant to be read top to bottom.
 
-RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP, repeated, then a final
+RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> gated MLP, repeated, then a final
 norm and the output head. Module names follow Hugging Face's `LlamaForCausalLM` (without its `model.`
 prefix), so converting checkpoints is a rename of at most one prefix.
+
+Qwen, Gemma, Phi, Granite and Mistral are the same decoder with a few differences each; every difference is
+one named field of `Config` (default: what Llama does), never a subclass. convert/hf.py reads them from each
+family's config.json.
 
 Shapes: B batch, T new tokens, S key length (T, or the cache length when generating), H query heads,
 G key/value heads (groups), D head size, C model width.
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lit_lora.errors import UserError
+from lit_lora.presets import PRESETS
 
 
 @dataclass
@@ -28,26 +33,48 @@ class Config:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int | None = None  # grouped-query attention; None means n_heads (plain multi-head)
-    head_dim: int | None = None  # None means dim // n_heads
-    hidden_dim: int = 11008  # SwiGLU width
+    head_dim: int | None = None  # None means dim // n_heads (Gemma and Qwen 3 set it explicitly)
+    hidden_dim: int = 11008  # gated-MLP width
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
-    # Llama-3 frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"}; None for plain RoPE.
-    rope_scaling: dict[str, float] | None = None
+    # Frequency scaling: Llama 3's {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; {"rope_type": "linear", "factor"} (Gemma 3); {"rope_type": "longrope",
+    # "short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"} (Phi 3); None: plain.
+    rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 4096  # context length the model was trained for
     tie_embeddings: bool = False  # output head shares the token embedding matrix
     attention_bias: bool = False
     mlp_bias: bool = False
     name: str = ""
+    family: str = "llama"  # the Hugging Face model_type it converts to and from (convert/hf.py)
+    # --- where the families differ (each default is Llama's) ---
+    qkv_bias: bool | None = None  # Qwen 2: bias on q, k and v but not on o; None: attention_bias decides all four
+    qk_norm: bool = False  # Qwen 3, Gemma 3: RMSNorm over each head of q and k, before RoPE
+    rope_dim: int | None = None  # Phi-4-mini: only the first rope_dim dims of a head rotate; None: all of head_dim
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + w), in fp32 (w is stored zero-centred)
+    embedding_multiplier: float = 1.0  # Gemma: sqrt(dim); Granite: its embedding_multiplier
+    mlp_activation: str = "silu"  # Gemma: "gelu_tanh" (GELU, tanh approximation) gates the MLP
+    sandwich_norms: bool = False  # Gemma 2/3: the attention and MLP outputs are normed too, before the residual add
+    attention_scale: float | None = None  # None: head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5; Granite
+    attn_softcap: float | None = None  # Gemma 2: attention scores -> c * tanh(scores / c)
+    final_softcap: float | None = None  # Gemma 2: logits -> c * tanh(logits / c)
+    sliding_window: int | None = None  # Mistral, Gemma 2/3: a local layer attends this many tokens back (itself incl.)
+    local_layers: list[int] | None = None  # which layers are local when sliding_window is set; None: all (Mistral)
+    rope_local_base: float | None = None  # Gemma 3: local layers' RoPE base (unscaled); None: rope_base
+    residual_multiplier: float = 1.0  # Granite: each block's two branches are scaled before the residual add
+    logits_scaling: float = 1.0  # Granite: logits are divided by this
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
+        if self.rope_dim is None:
+            self.rope_dim = self.head_dim
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.mlp_activation not in ACTIVATIONS:
+            raise UserError(f"unknown mlp_activation {self.mlp_activation!r}; use one of {', '.join(ACTIVATIONS)}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
@@ -67,146 +94,79 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], name: str = "") -> "Config":
-        """From a Hugging Face `config.json` of a LlamaForCausalLM (or the same layout under another name)."""
-        archs, model_type = hf.get("architectures") or [], hf.get("model_type")
-        type_ok, archs_ok = model_type in HF_MODEL_TYPES, any(a in HF_ARCHITECTURES for a in archs)
-        if not type_ok and not archs_ok:
-            raise UserError(
-                f"unsupported architecture {archs or model_type!r}: lit-lora reads LLaMA-layout models "
-                f"({', '.join(HF_ARCHITECTURES)})"
-            )
-        others = [a for a in archs if a not in HF_ARCHITECTURES]
-        if others or (model_type is not None and not type_ok):  # one says LLaMA, the other something else
-            raise UserError(
-                f"config.json contradicts itself: model_type {model_type!r} but architectures {archs}; lit-lora "
-                f"reads LLaMA-layout models only ({', '.join(HF_ARCHITECTURES)}), so check which model this is"
-            )
-        if hf.get("hidden_act", "silu") != "silu":
-            raise UserError(f"unsupported hidden_act {hf['hidden_act']!r}: LLaMA uses silu")
-        # transformers 5 writes rope settings under "rope_parameters"; older versions use rope_theta/rope_scaling.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        base = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        kind = rope.pop("rope_type", rope.pop("type", "default"))
-        if kind not in ("default", "llama3"):
-            raise UserError(f"unsupported rope scaling type {kind!r}: lit-lora supports plain and llama3 RoPE")
-        scaling = None
-        if kind == "llama3":
-            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-            scaling = {k: float(rope[k]) for k in keys}
-        n_heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            hidden_dim=hf["intermediate_size"],
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_base=float(base),
-            rope_scaling=scaling,
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            name=name,
-        )
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """The `config.json` transformers needs to load this model as LlamaForCausalLM."""
-        rope: dict[str, Any] = {"rope_type": "llama3", **self.rope_scaling} if self.rope_scaling else {}
-        if rope:
-            rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.hidden_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_base,
-            "rope_scaling": rope or None,
-            "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-        }
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window."""
+        return self.sliding_window is not None and (self.local_layers is None or layer in self.local_layers)
 
 
-HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-HF_MODEL_TYPES = ("llama", "mistral")  # the model_type values of those architectures
-
-# The Llama 3 scaling constants every released Llama 3.x model uses (only `factor` varies between them).
-LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}
-_SMOLLM2 = dict(vocab_size=49152, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True)
-PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(_SMOLLM2, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, rope_base=100000.0),
-    "smollm2-360m": dict(_SMOLLM2, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, rope_base=100000.0),
-    "smollm2-1.7b": dict(_SMOLLM2, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, rope_base=130000.0),
-    "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048),
-    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
-    "llama-2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=4096),
-    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
-                         rope_base=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0), max_seq_len=131072, tie_embeddings=True),
-    "llama-3.2-3b": dict(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
-                         rope_base=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0), max_seq_len=131072, tie_embeddings=True),
-    "llama-3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
-                         rope_base=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=8.0), max_seq_len=131072),
-    # Mistral-7B-v0.1's layout; its 4096-token sliding window is not applied (attention is full-context).
-    "mistral-7b-v0.1": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=32768),
-}
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability, then scale in the weight's dtype (as LLaMA does).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma scales in fp32, by 1 + w
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+        # Normalise in fp32 for stability, then scale in the weight's dtype (as LLaMA does).
         return self.weight * x32.to(x.dtype)
 
 
-def rope_inv_freq(config: Config) -> torch.Tensor:
-    """Inverse frequencies (D/2,) in fp32, with Llama-3 scaling of the low frequencies when configured."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
-    s = config.rope_scaling
-    if s:
-        low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
-        high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
-        smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
-            s["high_freq_factor"] - s["low_freq_factor"]
-        )
-        smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
+def norm(c: Config, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or c.dim, c.norm_eps, c.norm_unit_offset)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for `positions` ((T,) or (B, T)), shaped (T, D) or (B, 1, T, D) to broadcast over heads."""
-    freqs = positions.float()[..., None] * inv_freq  # (..., T, D/2)
+def rope_inv_freq(config: Config, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies (rope_dim/2,) in fp32: a local layer's (Gemma 3: its own base, unscaled), else the
+    global ones with the configured scaling (`long`: LongRoPE's factors for positions past its original context)."""
+    d = config.rope_dim
+    base = config.rope_local_base if local and config.rope_local_base else config.rope_base
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = None if local else config.rope_scaling
+    if not s:
+        return inv_freq
+    kind = s.get("rope_type", "llama3")
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    if kind == "longrope":
+        return inv_freq / torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for `positions` ((T,) or (B, T)), shaped (T, R) or (B, 1, T, R) to broadcast over heads
+    (R the rotated dims); LongRoPE scales both by its attention factor."""
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, R/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: first and second halves pair up
-    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.to(dtype), sin.to(dtype)
     if positions.dim() == 2:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head; the rest pass through (partial rotary)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -230,19 +190,32 @@ class Attention(nn.Module):
     def __init__(self, c: Config) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.attention_bias)
+        qkv_bias = c.attention_bias if c.qkv_bias is None else c.qkv_bias
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.attention_bias)
+        if c.qk_norm:
+            self.q_norm, self.k_norm = norm(c, c.head_dim), norm(c, c.head_dim)
+        self.scale = c.attention_scale if c.attention_scale is not None else c.head_dim**-0.5
+        self.softcap = c.attn_softcap
+        self.plain_decode = False  # fast_decode sets it: one-token steps skip SDPA's fixed cost per call
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.attend(q, k, v, mask, input_pos)
+
+    def qkv(self, x):
+        """q (B, H, T, D), k and v (B, G, T, D)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
 
     def attend(self, q, k, v, mask, input_pos):
         """q (B, H, T, D) attends the cached keys and values and k, v (B, G, T, D); then the output projection."""
@@ -250,11 +223,31 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # only the positions written so far
-        y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )  # (B, H, T, D)
+        if self.softcap is not None or (self.plain_decode and T == 1 and self.kv_cache is not None):
+            y = plain_attention(q, k, v, mask, self.scale, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                enable_gqa=self.n_heads != self.n_kv_heads,
+            )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def plain_attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention written out in fp32, for what SDPA cannot do (soft-capped scores) or does slowly (one query on
+    CPU). q (B, H, T, D), k and v (B, G, S, D), mask bool or additive, broadcastable to (B, 1, T, S)."""
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    # The H/G query heads sharing a key/value head become rows of one product (SDPA's enable_gqa, no copies).
+    scores = q.reshape(B, G, H // G * T, D).float() @ k.float().transpose(-1, -2) * scale  # (B, G, H/G*T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = causal_mask(torch.arange(S - T, S, device=q.device), S)
+    bias = additive_mask(mask, scores.dtype) if mask.dtype == torch.bool else mask
+    bias = bias.unsqueeze(2) if bias.dim() == 4 else bias  # (B, 1, 1, T, S) against (B, G, H/G, T, S)
+    probs = torch.softmax(scores.view(B, G, H // G, T, S) + bias, dim=-1).view(B, G, H // G * T, S)
+    return (probs @ v.float()).view(B, H, T, D).to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -263,22 +256,32 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=c.mlp_bias)
         self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=c.mlp_bias)
+        self.act = ACTIVATIONS[c.mlp_activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, c: Config) -> None:
+    def __init__(self, c: Config, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.input_layernorm = norm(c)
         self.self_attn = Attention(c)
-        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.post_attention_layernorm = norm(c)  # Llama: the MLP's input; sandwich norms: the attention's output
+        if c.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(c), norm(c)
         self.mlp = MLP(c)
+        self.local = c.is_local(layer)
+        self.residual_multiplier = c.residual_multiplier
 
     def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        m = self.residual_multiplier
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.post_attention_layernorm(h) * m
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))) * m
+        x = x + h * m
+        return x + self.mlp(self.post_attention_layernorm(x)) * m
 
 
 class LLaMA(nn.Module):
@@ -286,11 +289,11 @@ class LLaMA(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = norm(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
-        self.inv_freq = rope_inv_freq(config)  # a plain attribute: never cast to bf16, never in the state dict
+        self.inv_freq: dict = {}  # (local, long, device) -> fp32 tensor; plain attributes, never in the state dict
         self.gradient_checkpointing = False
         self.cache_len = 0  # >0 once set_kv_cache() has allocated caches
 
@@ -310,7 +313,7 @@ class LLaMA(nn.Module):
                     if getattr(module, "bias", None) is not None:
                         module.bias.zero_()
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                (nn.init.zeros_ if module.unit_offset else nn.init.ones_)(module.weight)
         self.tie_weights()
 
     def set_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
@@ -324,6 +327,15 @@ class LLaMA(nn.Module):
             )
         self.cache_len = 0 if batch_size == 0 else max_len
 
+    def rope(self, input_pos: torch.Tensor, dtype: torch.dtype, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        s = {} if local else self.config.rope_scaling or {}
+        # LongRoPE switches to its long factors once a position passes the original context, as transformers does.
+        long = s.get("rope_type") == "longrope" and int(input_pos.max()) >= s["original_max_position_embeddings"]
+        key = (local, long, input_pos.device)
+        if key not in self.inv_freq:
+            self.inv_freq[key] = rope_inv_freq(self.config, local, long).to(input_pos.device)
+        return rope_cos_sin(input_pos, self.inv_freq[key], dtype, s.get("attention_factor", 1.0))
+
     def hidden_states(
         self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -331,35 +343,65 @@ class LLaMA(nn.Module):
 
         input_pos: the position of each token, (T,) or (B, T); default 0..T-1. With a KV cache it is required,
           (T,), and also says where in the cache the new keys go.
-        mask: bool, broadcastable to (B, 1, T, S), True where a query may attend a key; default causal.
-          With a cache, S is the number of cache positions to attend (the slice [0, S)).
+        mask: bool, or additive (0 or -inf), broadcastable to (B, 1, T, S), True where a query may attend a key;
+          default causal. With a cache, S is the number of cache positions to attend (the slice [0, S)).
         """
         B, T = idx.shape
+        c = self.config
         if input_pos is None:
             if self.cache_len:
                 raise ValueError("input_pos is required when a KV cache is set")
             input_pos = torch.arange(T, device=idx.device)
         if self.cache_len and mask is None:
             mask = causal_mask(input_pos, int(input_pos[-1]) + 1)
-        if self.inv_freq.device != idx.device:
-            self.inv_freq = self.inv_freq.to(idx.device)
         x = self.embed_tokens(idx)
-        cos, sin = rope_cos_sin(input_pos, self.inv_freq, x.dtype)
+        if c.embedding_multiplier != 1.0:  # Gemma rounds the multiplier to the activations' dtype first
+            x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
+        rope = {False: self.rope(input_pos, x.dtype, local=False)}
+        masks = {False: mask}
+        if c.sliding_window is not None:
+            rope[True] = self.rope(input_pos, x.dtype, local=True) if c.rope_local_base else rope[False]
+            # Keys are cache slots (with a cache) or token indices: either way, distance counts tokens.
+            query_slots = input_pos if self.cache_len else torch.arange(T, device=idx.device)
+            masks[True] = window_mask(mask, query_slots, mask.shape[-1] if mask is not None else T, c.sliding_window)
         for block in self.layers:
+            (cos, sin), block_mask = rope[block.local], masks[block.local]
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, block_mask, input_pos, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, input_pos)
+                x = block(x, cos, sin, block_mask, input_pos)
         return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head on hidden states (Granite divides the logits, Gemma 2 soft-caps them)."""
+        y = self.lm_head(h)
+        if self.config.logits_scaling != 1.0:
+            y = y / self.config.logits_scaling
+        if self.config.final_softcap is not None:
+            y = torch.tanh(y / self.config.final_softcap) * self.config.final_softcap
+        return y
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab)."""
-        return self.lm_head(self.hidden_states(idx, input_pos, mask))
+        return self.logits(self.hidden_states(idx, input_pos, mask))
 
 
 def causal_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
     """(T, S) bool: the query at position p may attend keys at positions 0..p."""
     return torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+
+
+def window_mask(mask: torch.Tensor | None, query_slots: torch.Tensor, kv_len: int, window: int) -> torch.Tensor | None:
+    """`mask` (default causal) restricted to the `window` keys up to and including each query's own slot;
+    None (plain causal) when no query reaches back further than the window."""
+    if mask is None and kv_len <= window:
+        return None
+    near = torch.arange(kv_len, device=query_slots.device)[None, :] > query_slots[:, None] - window  # (T, S)
+    if mask is None:
+        return causal_mask(query_slots, kv_len) & near
+    if mask.dtype == torch.bool:
+        return mask & near
+    return mask.masked_fill(~near, float("-inf"))
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

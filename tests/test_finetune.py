@@ -125,17 +125,20 @@ def test_sigint_saves_a_resumable_checkpoint(tiny_checkpoint, prepared, tmp_path
     assert summary["steps"] == step + 2 and summary["steps_this_run"] == 2
 
 
-def test_chunked_head_loss_matches_plain_cross_entropy():
+@pytest.mark.parametrize("head", [{}, {"logits_scaling": 2.0, "final_softcap": 5.0}], ids=["plain", "granite-gemma2"])
+def test_chunked_head_loss_matches_plain_cross_entropy(head):
     from lit_lora.loss import target_loss_sum
+    from conftest import tiny_config
+    from lit_lora.model import LLaMA
 
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    model = LLaMA(tiny_config(50, dim=16, n_heads=2, **head)).requires_grad_(False)
     targets = torch.randint(0, 50, (3, 7))
     targets[0, :3] = -100
     hidden = torch.randn(3, 7, 16, requires_grad=True)
-    ours = target_loss_sum(hidden, head, targets, chunk_size=4)  # 18 targets: 5 chunks
+    ours = target_loss_sum(hidden, model, targets, chunk_size=4)  # 18 targets: 5 chunks
     (grad,) = torch.autograd.grad(ours, hidden)
-    plain = torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), reduction="sum")
+    plain = torch.nn.functional.cross_entropy(model.logits(hidden).flatten(0, 1), targets.flatten(), reduction="sum")
     (expected,) = torch.autograd.grad(plain, hidden)
     torch.testing.assert_close(ours, plain)
     torch.testing.assert_close(grad, expected)

@@ -9,7 +9,9 @@ from lit_lora import checkpoint
 from lit_lora.checkpoint import load_model
 from lit_lora.fileio import iter_safetensors
 from lit_lora.errors import UserError
+from lit_lora.convert.hf import config_from_hf, config_to_hf
 from lit_lora.model import LLaMA, Config
+from lit_lora.presets import PRESETS
 
 
 def random_model(seed: int = 0, **overrides) -> LLaMA:
@@ -31,10 +33,10 @@ def test_unknown_preset_is_a_user_error():
         Config.from_name("gpt-5")
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "tinyllama-1.1b", "smollm2-135m"])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_hf_config_round_trip(name):
     config = Config.from_name(name)
-    assert Config.from_hf_config(config.to_hf_config(), name=name) == config
+    assert config_from_hf(config_to_hf(config), name=name) == config
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 1])

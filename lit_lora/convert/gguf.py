@@ -20,7 +20,8 @@ from lit_lora.checkpoint import ShardWriter, finish_checkpoint, stored_names
 from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, write_json
-from lit_lora.model import LLAMA3_ROPE, Config, rope_inv_freq
+from lit_lora.model import Config, rope_inv_freq
+from lit_lora.presets import LLAMA3_ROPE
 
 # GGUF tensor name -> our name; per-layer names sit under blk.N. / layers.N.
 GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",

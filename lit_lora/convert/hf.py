@@ -1,14 +1,20 @@
-"""Import a Hugging Face LlamaForCausalLM directory into our checkpoint format, one tensor at a time.
+"""Hugging Face checkpoints of the LLaMA-style families, both ways: their config.json and their tensor names.
 
-Our module names are HF's without the leading "model.", so the conversion is a rename, an optional cast
-and a re-shard. Source shards are read one at a time (safetensors lazily, legacy .bin files memory-mapped),
-so peak memory stays near one source shard plus one output shard, never the whole model.
+Our module names are HF's without the leading "model.", so the conversion is a rename (Phi 3's fused qkv_proj
+and gate_up_proj are split on import and fused again on export), an optional cast and a re-shard. Source
+shards are read one at a time (safetensors lazily, legacy .bin files memory-mapped), so peak memory stays
+near one source shard plus one output shard, never the whole model.
+
+Each family's config.json differs from Llama's in a few keys; `config_from_hf` reads them into our `Config`
+fields and refuses, naming the key, what the model cannot compute; `config_to_hf` writes them back.
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -17,6 +23,21 @@ from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors
 from lit_lora.model import Config
+
+# model_type -> the transformers class that loads it (what export-hf writes as "architectures").
+FAMILIES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
+}
+# Phi 3 stores these projections side by side in one matrix (rows in this order); we keep them apart.
+FUSED = {"phi3": {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's name -> ours
+# Keys that mean a model this decoder cannot compute, with what they are.
+UNSUPPORTED_KEYS = {"vision_config": "a vision tower", "audio_config": "an audio tower",
+                    "num_experts": "a mixture of experts", "num_local_experts": "a mixture of experts",
+                    "n_routed_experts": "a mixture of experts"}
 
 
 def to_hf_name(name: str) -> str:
@@ -27,6 +48,52 @@ def to_hf_name(name: str) -> str:
 def from_hf_name(hf_name: str) -> str:
     """The inverse of `to_hf_name`."""
     return hf_name.removeprefix("model.")
+
+
+def split_sizes(config: Config, fused: str) -> list[int]:
+    """Rows of each part of a fused projection."""
+    kv = config.n_kv_heads * config.head_dim
+    return [config.n_heads * config.head_dim, kv, kv] if fused.endswith("qkv_proj") else [config.hidden_dim] * 2
+
+
+def _layer_module(name: str) -> tuple[str, str, str]:
+    """`layers.3.self_attn.q_proj.weight` -> ("layers.3", "self_attn.q_proj", "weight"); ("", "", "") elsewhere."""
+    m = re.fullmatch(r"(layers\.\d+)\.(.+)\.(weight|bias)", name)
+    return m.groups() if m else ("", "", "")
+
+
+def from_hf_tensors(config: Config, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs as ours: renamed, fused projections split (views, no copies)."""
+    fused = FUSED.get(config.family, {})
+    for hf_name, tensor in tensors:
+        name = from_hf_name(hf_name)
+        layer, module, kind = _layer_module(name)
+        if module not in fused:
+            yield name, tensor
+            continue
+        for part, piece in zip(fused[module], tensor.split(split_sizes(config, module))):
+            yield f"{layer}.{part}.{kind}", piece
+
+
+def to_hf_tensors(config: Config, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our (name, tensor) pairs as HF's: renamed, and fused where the family fuses (the parts of one matrix are
+    held until all of them have come)."""
+    part_of = {part: (module, i, len(parts)) for module, parts in FUSED.get(config.family, {}).items()
+               for i, part in enumerate(parts)}
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        layer, part, kind = _layer_module(name)
+        if part not in part_of:
+            yield to_hf_name(name), tensor
+            continue
+        module, i, n = part_of[part]
+        fused = f"{layer}.{module}.{kind}"
+        pending.setdefault(fused, {})[i] = tensor
+        if len(pending[fused]) == n:
+            parts = pending.pop(fused)
+            yield to_hf_name(fused), torch.cat([parts[j] for j in range(n)])
+    if pending:
+        raise ValueError(f"fused tensors lack parts: {sorted(pending)}")
 
 
 def convert_hf(
@@ -46,16 +113,16 @@ def convert_hf(
     with atomic_dir(out, overwrite, inputs=[src]) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for path in sources:
-            for hf_name, tensor in iter_weights(path, target):
-                name = from_hf_name(hf_name)
+            for name, tensor in from_hf_tensors(config, iter_weights(path, target)):
+                hf_name = to_hf_name(name)
                 if (name == "lm_head.weight" and config.tie_embeddings) or name.endswith("rotary_emb.inv_freq"):
                     continue  # a tied head is the embedding; inv_freq buffers are recomputed from the config
                 if name not in expected:
                     raise UserError(f"unexpected tensor {hf_name!r} in {path.name}: it does not belong to the "
-                                    f"LLaMA model that {src / 'config.json'} describes")
+                                    f"{config.family} model that {src / 'config.json'} describes")
                 if name == "embed_tokens.weight":
                     saved_dtype = saved_dtype or tensor.dtype
-                writer.add(name, tensor)
+                writer.add(name, tensor.contiguous())
                 written.add(name)
         missing = sorted(expected - written)
         if missing:
@@ -73,11 +140,11 @@ def read_hf_config(src: Path) -> Config:
         raise UserError(f"{src} has no config.json; point convert-hf at a Hugging Face model directory")
     try:
         hf = json.loads(path.read_text())
-        return Config.from_hf_config(hf, name=src.resolve().name)
+        return config_from_hf(hf, name=src.resolve().name)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
     except KeyError as e:
-        raise UserError(f"{path} lacks {e}, which a LLaMA config needs") from None
+        raise UserError(f"{path} lacks {e}, which a {hf.get('model_type', 'LLaMA')} config needs") from None
 
 
 def weight_sources(src: Path) -> list[Path]:
@@ -111,3 +178,150 @@ def iter_weights(path: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, t
     for name in list(state):
         tensor = state.pop(name)
         yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+def _check_family(hf: dict[str, Any]) -> str:
+    """The model_type of a config.json this decoder computes, or a UserError naming what it is not."""
+    archs, model_type = hf.get("architectures") or [], hf.get("model_type")
+    for key, what in UNSUPPORTED_KEYS.items():
+        if hf.get(key):
+            raise UserError(f"config.json has {key!r}: the model holds {what}, which lit-lora does not compute "
+                            f"(it reads the text decoders of {', '.join(FAMILIES)})")
+    if model_type not in FAMILIES and not any(a in FAMILIES.values() for a in archs):
+        raise UserError(f"unsupported architecture {archs or model_type!r}: lit-lora reads "
+                        f"{', '.join(FAMILIES.values())}")
+    by_arch = {a: t for t, a in FAMILIES.items()}
+    types = ({model_type} if model_type else set()) | {by_arch.get(a, a) for a in archs}  # unknown: its own name
+    if len(types) != 1:
+        raise UserError(f"config.json contradicts itself: model_type {model_type!r} but architectures {archs}; "
+                        f"lit-lora reads {', '.join(FAMILIES.values())}, so check which model this is")
+    return types.pop()
+
+
+def _rope(hf: dict[str, Any], family: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(global, local) RoPE parameters: transformers 5's rope_parameters (per layer type for Gemma 3), or the
+    older rope_theta / rope_scaling / rope_local_base_freq keys."""
+    params = dict(hf.get("rope_parameters") or {})
+    if "full_attention" in params:
+        return dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
+    rope = {**params, **(hf.get("rope_scaling") or {})}
+    rope.setdefault("rope_theta", hf.get("rope_theta", 1e6 if family == "gemma3_text" else 10000.0))
+    return rope, {"rope_theta": hf["rope_local_base_freq"]} if "rope_local_base_freq" in hf else {}
+
+
+def _rope_scaling(rope: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any] | None:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = "longrope" if kind in ("su", "yarn") and hf.get("model_type") == "phi3" else kind  # Phi 3's old names
+    if kind == "default":
+        return None
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return {k: float(rope[k]) for k in keys}
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(rope["factor"])}
+    if kind == "longrope":
+        original = rope.get("original_max_position_embeddings") or hf["original_max_position_embeddings"]
+        factor = rope.get("factor") or hf["max_position_embeddings"] / original
+        attention = rope.get("attention_factor") or (
+            math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
+        return {"rope_type": "longrope", "short_factor": [float(x) for x in rope["short_factor"]],
+                "long_factor": [float(x) for x in rope["long_factor"]],
+                "original_max_position_embeddings": int(original), "attention_factor": float(attention)}
+    raise UserError(f"unsupported rope_type {kind!r} in config.json's rope settings: lit-lora computes default, "
+                    f"llama3, linear and (Phi 3) longrope RoPE")
+
+
+def _local_layers(hf: dict[str, Any], family: str, n_layers: int) -> tuple[int | None, list[int] | None]:
+    """(sliding window, its layers; None: all) as transformers derives them for each family."""
+    window = hf.get("sliding_window")
+    if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        window = None
+    if window is None or family in ("llama", "granite", "gemma"):
+        return None, None
+    if hf.get("layer_types"):
+        local = [i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention"]
+    elif family == "gemma2":
+        local = [i for i in range(n_layers) if (i + 1) % 2]
+    elif family == "gemma3_text":
+        local = [i for i in range(n_layers) if (i + 1) % hf.get("sliding_window_pattern", 6)]
+    elif family in ("qwen2", "qwen3"):
+        local = [i for i in range(n_layers) if i >= hf.get("max_window_layers", n_layers)]
+    else:  # Mistral, Phi 3: every layer
+        local = list(range(n_layers))
+    return (int(window), None if len(local) == n_layers else local) if local else (None, None)
+
+
+def config_from_hf(hf: dict[str, Any], name: str = "") -> Config:
+    """Our Config from a Hugging Face `config.json` of one of FAMILIES."""
+    family = _check_family(hf)
+    gemma, granite = family.startswith("gemma"), family == "granite"
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu") if gemma else hf.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise UserError(f"unsupported hidden_act {act!r} in config.json: lit-lora's MLP gates with "
+                        f"{', '.join(ACTIVATIONS)}")
+    rope, local_rope = _rope(hf, family)
+    n_heads, dim, n_layers = hf["num_attention_heads"], hf["hidden_size"], hf["num_hidden_layers"]
+    head_dim = hf.get("head_dim") or dim // n_heads
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    window, local = _local_layers(hf, family, n_layers)
+    local_base = local_rope.get("rope_theta") if family == "gemma3_text" else None
+    return Config(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+        hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_base=float(rope["rope_theta"]), rope_scaling=_rope_scaling(rope, hf),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
+        name=name, family=family,
+        qkv_bias=True if family == "qwen2" else None,
+        qk_norm=family in ("qwen3", "gemma3_text"),
+        rope_dim=int(head_dim * partial) if partial != 1.0 else None,
+        norm_unit_offset=gemma, mlp_activation=ACTIVATIONS[act],
+        embedding_multiplier=float(dim**0.5 if gemma else hf.get("embedding_multiplier", 1.0)),
+        sandwich_norms=family in ("gemma2", "gemma3_text"),
+        attention_scale=(float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5 if gemma
+                         else float(hf["attention_multiplier"]) if granite else None),
+        attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
+        final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
+        sliding_window=window, local_layers=local, rope_local_base=float(local_base) if local_base else None,
+        residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+        logits_scaling=float(hf.get("logits_scaling", 1.0)),
+    )
+
+
+def config_to_hf(c: Config) -> dict[str, Any]:
+    """The `config.json` transformers needs to load this model as its family's class."""
+    rope: dict[str, Any] = {"rope_type": "llama3", **c.rope_scaling} if c.rope_scaling else {}
+    if rope.get("original_max_position_embeddings"):
+        rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    hf: dict[str, Any] = {
+        "architectures": [FAMILIES[c.family]], "model_type": c.family, "vocab_size": c.vocab_size,
+        "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.hidden_dim,
+        "hidden_act": next(hf for hf, ours in ACTIVATIONS.items() if ours == c.mlp_activation),
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_base, "rope_scaling": rope or None,
+        "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias,
+    }
+    if c.family.startswith("gemma"):
+        scalar = c.attention_scale ** -2  # transformers wants the whole number configs carry (256)
+        hf.update(hidden_activation=hf["hidden_act"], query_pre_attn_scalar=round(scalar) if
+                  abs(scalar - round(scalar)) < 1e-6 else scalar,
+                  attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap)
+    if c.family == "gemma3_text":
+        hf["rope_local_base_freq"] = c.rope_local_base or c.rope_base
+    if c.family == "granite":
+        hf.update(embedding_multiplier=c.embedding_multiplier, residual_multiplier=c.residual_multiplier,
+                  attention_multiplier=c.attention_scale, logits_scaling=c.logits_scaling)
+    if c.family == "phi3" and c.rope_dim != c.head_dim:
+        hf["partial_rotary_factor"] = c.rope_dim / c.head_dim
+    if rope.get("rope_type") == "longrope":
+        hf["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+    hf["sliding_window"] = c.sliding_window
+    if c.sliding_window is not None and c.family in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = True
+    if c.sliding_window is not None and c.local_layers is not None:
+        hf["layer_types"] = ["sliding_attention" if c.is_local(i) else "full_attention" for i in range(c.n_layers)]
+    return hf

@@ -5,7 +5,9 @@
                                      base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight  (out, r)
 
 Our module names are Hugging Face's without the `model.` prefix and our LoRA tensors are laid out as PEFT's
-(A (r, in), B (out, r)), so the mapping is a rename and nothing is transposed.
+(A (r, in), B (out, r)), so the mapping is a rename and nothing is transposed. Phi 3 fuses q, k and v (and gate
+and up) into one projection: there the parts' LoRAs become one of their summed rank, A stacked and B block
+diagonal, which computes exactly the same update (`fuse_lora`).
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lit_lora.convert.hf import from_hf_name, to_hf_name
+from lit_lora.convert.hf import FUSED, from_hf_name, split_sizes, to_hf_name
 from lit_lora.errors import UserError
 from lit_lora.fileio import iter_safetensors, write_json
 from lit_lora.lora import TARGET_GROUPS, TARGETS, LoRAConfig
+from lit_lora.model import Config
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -42,8 +45,11 @@ def from_peft_key(key: str) -> str:
     return from_hf_name(key.removeprefix(_PREFIX).removesuffix(".weight"))
 
 
-def peft_config(config: LoRAConfig, base_model_name_or_path: str | None) -> dict[str, Any]:
-    """adapter_config.json for a plain LoRA on a causal LM (the fields PEFT, vLLM and llama.cpp read)."""
+def peft_config(config: LoRAConfig, base_model_name_or_path: str | None, modules: list[str] | None = None,
+                ranks: dict[str, int] | None = None) -> dict[str, Any]:
+    """adapter_config.json for a plain LoRA on a causal LM (the fields PEFT, vLLM and llama.cpp read); `modules`
+    and `ranks` (fused modules' own ranks, with the alpha that keeps our scaling) when the family fuses layers."""
+    alphas = {m: config.scaling * (math.sqrt(r) if config.use_rslora else r) for m, r in (ranks or {}).items()}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -51,22 +57,58 @@ def peft_config(config: LoRAConfig, base_model_name_or_path: str | None) -> dict
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": [TARGETS[t] for t in config.targets],
+        "target_modules": modules or [TARGETS[t] for t in config.targets],
         "use_rslora": config.use_rslora,
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
+        "rank_pattern": ranks or {},
+        "alpha_pattern": alphas,
         "init_lora_weights": True,
         "inference_mode": True,
     }
 
 
 def write_peft_adapter(directory: Path, config: LoRAConfig, state: dict[str, torch.Tensor],
-                       base_model_name_or_path: str | None) -> None:
-    """Write adapter_config.json and adapter_model.safetensors into an existing (temporary) directory."""
+                       base_model_name_or_path: str | None, base: Config | None = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into an existing (temporary) directory; `base`
+    (the config the adapter records) names the modules the way its family does."""
+    modules, ranks = None, None
+    if base is not None and base.family in FUSED:
+        state, modules, ranks = fuse_lora(state, base, config)
     tensors = {to_peft_key(name): t.contiguous() for name, t in state.items()}
     save_file(tensors, str(Path(directory) / PEFT_WEIGHTS), metadata={"format": "pt"})
-    write_json(Path(directory) / PEFT_CONFIG, peft_config(config, base_model_name_or_path))
+    write_json(Path(directory) / PEFT_CONFIG, peft_config(config, base_model_name_or_path, modules, ranks))
+
+
+def fuse_lora(state: dict[str, torch.Tensor], base: Config, config: LoRAConfig
+              ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, int]]:
+    """(tensors, target modules, rank of each fused module) for a family that fuses projections: the LoRAs of a
+    fused module's parts become one, A stacked (parts' ranks summed) and B block diagonal (zero rows for a part
+    without LoRA), so B A is exactly the parts' updates side by side."""
+    state, ranks = dict(state), {}
+    fused = FUSED[base.family]
+    for module, parts in fused.items():
+        sizes = split_sizes(base, module)
+        for layer in range(base.n_layers):
+            names = [f"layers.{layer}.{part}" for part in parts]
+            pairs = [(state.pop(f"{n}.lora_A"), state.pop(f"{n}.lora_B")) if f"{n}.lora_A" in state else None
+                     for n in names]
+            if not any(pairs):
+                continue
+            A = torch.cat([a for a, _ in filter(None, pairs)])
+            B = A.new_zeros(sum(sizes), A.shape[0])
+            row, col = 0, 0
+            for pair, size in zip(pairs, sizes):
+                if pair is not None:
+                    B[row : row + size, col : col + pair[1].shape[1]] = pair[1]
+                    col += pair[1].shape[1]
+                row += size
+            state[f"layers.{layer}.{module}.lora_A"], state[f"layers.{layer}.{module}.lora_B"] = A, B
+            ranks[module.rsplit(".", 1)[1]] = A.shape[0]
+    part_names = {part.rsplit(".", 1)[1] for parts in fused.values() for part in parts}
+    modules = [TARGETS[t] for t in config.targets if TARGETS[t] not in part_names] + sorted(ranks)
+    return state, modules, ranks
 
 
 # What a JSON file holds, in JSON's words, by the type json.loads gives
@@ -111,6 +153,9 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
         targets = TARGET_GROUPS["attention"] + TARGET_GROUPS["mlp"]
     elif isinstance(modules, list) and all(isinstance(m, str) and m in _MODULE_TO_TARGET for m in modules):
         targets = [_MODULE_TO_TARGET[m] for m in modules]
+    elif isinstance(modules, list) and any(m in ("qkv_proj", "gate_up_proj") for m in modules):
+        raise UserError(f"{path} adapts Phi 3's fused qkv_proj / gate_up_proj, which lit-lora cannot import yet "
+                        f"(it exports them); train the adapter with lit-lora, or merge it with PEFT first")
     else:
         raise UserError(f"{path}: unsupported target_modules {modules!r}; expected a list of "
                         f"{', '.join(_MODULE_TO_TARGET)}")

@@ -1,0 +1,188 @@
+"""Every family against transformers: a tiny random model built from the family's own config class with its
+peculiarities switched on, saved, converted, run; exported back; and a LoRA on it through PEFT.
+
+The sequences are longer than the sliding window (8), so local layers really drop keys; Phi 3's full forward
+(40 tokens) passes its LongRoPE original context (32), so its long factors are exercised too.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from adapter_helpers import randomize_lora
+from conftest import write_tiny_tokenizer
+
+from lit_lora.adapter import write_adapter_files
+from lit_lora.checkpoint import load_model
+from lit_lora.convert.hf import FAMILIES, convert_hf
+from lit_lora.export import export_hf, export_peft
+from lit_lora.fast_decode import prepare_for_generation
+from lit_lora.fileio import atomic_dir
+from lit_lora.generate import Sampling, generate_tokens
+from lit_lora.lora import LoRAConfig, apply_lora, lora_layers, merged_weight
+from lit_lora.model import LLaMA, Config
+from lit_lora.presets import PRESETS
+
+pytest.importorskip("transformers")
+
+VOCAB, WINDOW = 384, 8
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+LONGROPE = {"rope_type": "longrope", "rope_theta": 5000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.3, 1.7, 2.0], "long_factor": [1.5, 2.5, 4.0, 6.0],
+            "original_max_position_embeddings": 32}
+# family -> (transformers config class, what it switches on)
+FAMILY_SETTINGS = {
+    "llama": ("LlamaConfig", dict(rope_theta=5000.0)),
+    "mistral": ("MistralConfig", dict(sliding_window=WINDOW)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v bias, no o bias
+    "qwen3": ("Qwen3Config", dict(head_dim=24)),  # per-head q/k norms, explicit head size
+    "gemma2": ("Gemma2Config", dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=WINDOW,
+                                    attn_logit_softcapping=0.5, final_logit_softcapping=0.3,
+                                    tie_word_embeddings=True)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=WINDOW,
+                                             sliding_window_pattern=3, rope_theta=100000.0,
+                                             rope_local_base_freq=500.0,
+                                             rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "phi3": ("Phi3Config", dict(rope_parameters=LONGROPE, pad_token_id=0)),  # fused projections, partial rotary
+    "granite": ("GraniteConfig", dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                                      logits_scaling=2.5, attention_bias=True, mlp_bias=True)),
+}
+IDX = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def build_hf_model(family: str):
+    import transformers
+
+    class_name, settings = FAMILY_SETTINGS[family]
+    config = getattr(transformers, class_name)(**{**COMMON, **settings})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # the default init leaves norms at 1 (Gemma: 0) and biases at 0: a mix-up would not show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5) if family.startswith("gemma") else p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_SETTINGS))
+def family(request, tmp_path_factory):
+    """(family, transformers model, its HF directory, our converted checkpoint)."""
+    root = tmp_path_factory.mktemp(request.param)
+    hf = build_hf_model(request.param)
+    hf.save_pretrained(root / "hf")
+    write_tiny_tokenizer(root / "hf")
+    return request.param, hf, root / "hf", convert_hf(root / "hf", root / "ckpt")
+
+
+def test_config_reads_the_family(family):
+    name, _, _, checkpoint = family
+    config = load_model(checkpoint).config
+    assert config.family == name
+    expected = {  # the field each family's config.json must have switched on
+        "mistral": config.sliding_window == WINDOW and config.local_layers is None,
+        "qwen2": config.qkv_bias and not config.attention_bias,
+        "qwen3": config.qk_norm and config.head_dim == 24,
+        "gemma2": config.attn_softcap == 0.5 and config.final_softcap == 0.3 and config.local_layers == [0, 2],
+        "gemma3_text": config.qk_norm and config.rope_local_base == 500.0 and config.local_layers == [0, 1],
+        "phi3": config.rope_dim == 8 and config.rope_scaling["rope_type"] == "longrope",
+        "granite": config.residual_multiplier == 0.5 and config.logits_scaling == 2.5,
+    }
+    assert expected.get(name, config.sliding_window is None)
+
+
+def test_prefill_logits_match_transformers(family):
+    _, hf, _, checkpoint = family
+    with torch.no_grad():
+        assert (load_model(checkpoint).eval()(IDX) - hf(IDX).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["model", "prepared-for-generation"])
+def test_kv_cache_decoding_matches_transformers(family, fused):
+    """4 prompt tokens, then 16 one at a time: across the window boundary at 8."""
+    _, hf, _, checkpoint = family
+    model = load_model(checkpoint).eval()
+    model = prepare_for_generation(model) if fused else model
+    idx = IDX[:, :20]
+    model.set_kv_cache(2, 20)
+    with torch.no_grad():
+        steps = [model(idx[:, :4], torch.arange(4))]
+        steps += [model(idx[:, t : t + 1], torch.tensor([t])) for t in range(4, 20)]
+        assert (torch.cat(steps, 1) - hf(idx).logits).abs().max() < 1e-4
+
+
+def test_greedy_tokens_match_transformers(family):
+    _, hf, _, checkpoint = family
+    prompt = IDX[:1, :4]
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, 4:].tolist()
+    model = prepare_for_generation(load_model(checkpoint).eval())
+    ours = [int(t) for t in generate_tokens(model, [prompt[0].tolist()], Sampling(temperature=0, max_new_tokens=16))]
+    assert ours == theirs
+
+
+def test_export_hf_loads_as_the_family_class(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    name, hf, _, checkpoint = family
+    export_hf(checkpoint, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [FAMILIES[name]]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(again).__name__ == FAMILIES[name]
+    with torch.no_grad():
+        assert (again(IDX).logits - hf(IDX).logits).abs().max() < 1e-4
+
+
+def trained_adapter(checkpoint, out):
+    """LoRA on every projection, trained three steps (B moves off zero) on random tokens."""
+    model = apply_lora(load_model(checkpoint), LoRAConfig(r=4, alpha=8.0, dropout=0.0, targets=["attention", "mlp"]))
+    randomize_lora(model, seed=1, scale=0.05)
+    params = [p for layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        logits = model(IDX[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), IDX[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with atomic_dir(out) as tmp:
+        write_adapter_files(tmp, model, checkpoint, {"template": None})
+    return model.eval()
+
+
+def test_lora_through_peft_and_merged(family, tmp_path):
+    from peft import PeftModel
+
+    _, hf, _, checkpoint = family
+    model = trained_adapter(checkpoint, tmp_path / "adapter")
+    export_peft(tmp_path / "adapter", tmp_path / "peft")
+    with torch.no_grad():
+        ours = model(IDX)
+        base = load_model(checkpoint).eval()
+        assert (ours - base(IDX)).abs().max() > 1e-3  # the adapter changes the answer
+        theirs = PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(IDX).logits
+        assert (ours - theirs).abs().max() < 1e-4
+        state = dict(base.named_parameters())
+        for layer_name, layer in [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A")]:
+            state[f"{layer_name}.weight"].copy_(merged_weight(layer.weight, layer.lora_A, layer.lora_B, layer.scaling))
+        assert (base(IDX) - ours).abs().max() < 1e-4
+
+
+# Parameter counts the model cards state (in billions), for the presets' shapes.
+PUBLISHED_SIZES = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-3b": 3.09, "qwen2.5-7b": 7.61,
+                   "qwen3-0.6b": 0.6, "qwen3-1.7b": 1.7, "qwen3-4b": 4.0, "qwen3-8b": 8.2, "gemma-2-2b": 2.61,
+                   "gemma-3-1b": 1.0, "phi-3.5-mini": 3.82, "phi-4-mini": 3.84, "granite-3.0-2b": 2.53,
+                   "granite-3.0-8b": 8.17, "llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21, "llama-3.1-8b": 8.03,
+                   "mistral-7b-v0.1": 7.24}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
+def test_preset_has_the_published_size(name):
+    with torch.device("meta"):
+        model = LLaMA(Config.from_name(name))
+    n = sum(p.numel() for p in model.parameters()) / 1e9
+    assert abs(n - PUBLISHED_SIZES[name]) / PUBLISHED_SIZES[name] < 0.03, n
+    assert name in PRESETS
