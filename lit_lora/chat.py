@@ -22,7 +22,7 @@ import torch
 from lit_lora import llamacpp
 from lit_lora.adapter import load_checked_adapter
 from lit_lora.checkpoint import load_config, load_info
-from lit_lora.device import GENERATE_PRECISIONS, check_precision
+from lit_lora.device import GENERATE_PRECISIONS, check_precision, resolve_device
 from lit_lora.errors import UserError
 from lit_lora.generate import Sampling, TorchEngine, check_text
 from lit_lora.prompts.format import PromptFormat, prompt_format
@@ -136,6 +136,7 @@ def run_chat(
     checkpoint_dir: Path, lora_paths: list[Path] = (), template: str = "auto", system: str | None = None,
     sampling: Sampling = Sampling(), seed: int | None = None, precision: str = "auto", verify: bool = True,
     input: TextIO | None = None, out: TextIO | None = None, log: TextIO | None = None, engine: str = "auto",
+    device: str = "auto",
 ) -> ChatSession:
     """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input.
 
@@ -143,6 +144,7 @@ def run_chat(
     messages was answered ends in a UserError (exit code 2), so that a script notices."""
     input, out, log = input or sys.stdin, out or sys.stdout, log or sys.stderr
     check_precision(precision, GENERATE_PRECISIONS)
+    where = resolve_device(device)
     # Everything that can be refused (templates, adapters, the token budget) is checked before the model loads.
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     if sampling.max_new_tokens >= config.max_seq_len:
@@ -155,8 +157,8 @@ def run_chat(
         adapters.append(Adapter(str(path), path, (lora_config, state), prompt_format(template, meta, tokenizer, True)))
         metas.append((path, meta))
     # Seeded sampling starts again from the seed at each switch, so an adapter's answers can be reproduced.
-    if llamacpp.choose_engine(engine, checkpoint_dir, metas, log) == "torch":
-        answerer = TorchEngine.load(checkpoint_dir, precision, verify, False, seed)
+    if llamacpp.choose_engine(engine, checkpoint_dir, metas, log, where) == "torch":
+        answerer = TorchEngine.load(checkpoint_dir, precision, verify, False, seed, where)
     else:
         answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
         print(f"engine: llama.cpp ({answerer.model.name})", file=log)

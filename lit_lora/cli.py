@@ -129,6 +129,11 @@ def verify_option() -> Any:
                         "when it was written, while reading it (--no-verify skips the check).")
 
 
+def device_option(target: str, what: str) -> Any:
+    return option(target, "device", f"Where {what}: auto (the first CUDA GPU, else Apple's MPS, else the CPU), "
+                                    f"cpu, cuda, cuda:N or mps.")
+
+
 def dtype_option(target: str, help: str) -> Any:
     return option(target, "dtype", f"bf16, fp16 or fp32; default: {help}.")
 
@@ -175,7 +180,7 @@ SAMPLING = "lit_lora.generate:Sampling"
 
 def decoding_options(target: str) -> Callable:
     """Give a command the options generate and chat share: sampling (passed on as one `sampling`), seed,
-    precision, verify and engine, defaulting to `target`'s."""
+    precision, verify, engine and device, defaulting to `target`'s."""
     sampling = [
         keyword("max_new_tokens", int, option(SAMPLING, "max_new_tokens", "Most tokens to generate per answer.")),
         keyword("temperature", float, option(SAMPLING, "temperature", "Sampling temperature; 0 is greedy.")),
@@ -190,7 +195,8 @@ def decoding_options(target: str) -> Callable:
         keyword("verify", bool, verify_option()),
         keyword("engine", str, option(target, "engine", "torch; llama.cpp (the checkpoint and adapters exported to "
                                                         "GGUF once, cached; pip install 'lit-lora[llamacpp]'); or auto "
-                                                        "(llama.cpp where installed).")),
+                                                        "(llama.cpp where installed, on the CPU).")),
+        keyword("device", str, device_option(target, "the torch engine runs")),
     ]
 
     def decorate(command: Callable) -> Callable:
@@ -484,9 +490,12 @@ def merge_lora(
     dtype: Optional[str] = dtype_option(MERGE, "the base's dtype"),
     overwrite: bool = overwrite_option(MERGE),
     verify: bool = verify_option(),
+    device: str = device_option(MERGE, "the products B A are computed"),
 ) -> None:
     """Fold LoRA adapters into the base weights (W + alpha/r B A each) and write a standalone checkpoint."""
-    print(f"wrote {library(MERGE)(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify)}")
+    written = library(MERGE)(checkpoint_dir, lora_path, out, dtype=dtype, overwrite=overwrite, verify=verify,
+                             device=device)
+    print(f"wrote {written}")
 
 
 @subcommand("export-hf", "export-hf --checkpoint_dir checkpoints/smollm2-alpaca-merged --out hf/smollm2-alpaca")
@@ -528,10 +537,11 @@ def export_gguf(
                        f"{', '.join(library_names('lit_lora.convert.gguf', 'EXPORT_TYPES'))} (norms stay f32)."),
     overwrite: bool = option(EXPORT_GGUF, "overwrite", "Replace --out (and its Modelfile) if it is a GGUF file."),
     verify: bool = verify_option(),
+    device: str = device_option(EXPORT_GGUF, "an adapter is merged"),
 ) -> None:
     """Write a model, or an adapter alone, as GGUF for llama.cpp, Ollama and LM Studio."""
     written = library(EXPORT_GGUF)(out, checkpoint_dir=checkpoint_dir, lora_path=lora_path, type=type,
-                                   overwrite=overwrite, verify=verify)
+                                   overwrite=overwrite, verify=verify, device=device)
     modelfile = library("lit_lora.export:modelfile_path")(written)
     print(f"wrote {written} and {modelfile}")
 
@@ -557,6 +567,7 @@ def evaluate(
                                                             "shown first and not scored again (before/after)."),
     engine: str = option(EVALUATE, "engine", "What generates the answers for exact match: torch, llama.cpp or auto "
                                              "(llama.cpp where installed); losses are always torch's."),
+    device: str = device_option(EVALUATE, "the torch model runs"),
     verify: bool = verify_option(),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as one JSON object instead of a table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores and every prediction beside its "
@@ -570,7 +581,7 @@ def evaluate(
     result = library(EVALUATE)(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric,
                                limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
                                precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty(),
-                               out=out, engine=engine)
+                               out=out, engine=engine, device=device)
     summary = {k: v for k, v in result.items() if k != "predictions"}
     print(json.dumps(summary, indent=2) if json_output else format_table(result))
 

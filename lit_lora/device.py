@@ -55,6 +55,40 @@ def torch_dtype_name(name: str) -> str:
     return str(DTYPES[name]).removeprefix("torch.")
 
 
+# ---------------------------------------------------------------------------------------------- --device
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device `--device NAME` means; auto: the first CUDA device, else Apple's MPS, else the CPU. A device
+    this machine does not have is a UserError naming what PyTorch sees."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        return torch.device("mps") if _has_mps() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use {DEVICES}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name}: PyTorch sees no CUDA device here (torch {torch.__version__}, CUDA "
+                            f"build {torch.version.cuda or 'none'}); use --device cpu, or install a CUDA build of torch")
+        if (device.index or 0) >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", device.index or 0)
+    if device.type == "mps" and not _has_mps():
+        raise UserError(f"--device {name}: Apple's MPS backend is not available here; use --device cpu")
+    if device.type not in ("cpu", "mps"):
+        raise UserError(f"unknown --device {name!r}; use {DEVICES}")
+    return device
+
+
+def _has_mps() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def peak_memory_bytes(device: torch.device | str = "cpu") -> tuple[str, int]:
     """(what was measured, bytes): allocator peak on CUDA, the process's peak resident memory elsewhere."""
     device = torch.device(device)
@@ -118,6 +152,8 @@ def auto_precision(accelerator: str = "auto") -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16-mixed", "the GPU supports bf16"
         return "16-mixed", "the GPU does not support bf16"
+    if accelerator == "mps":
+        return "32-true", "MPS: fp32, whose kernels every macOS version has"
     bf16, fp32 = probe_gflops()
     choice = cpu_precision(bf16, fp32)
     close = f", bf16-mixed only when bf16 is {BF16_MARGIN}x faster" if choice == "32-true" and bf16 > fp32 else ""

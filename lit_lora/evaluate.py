@@ -33,7 +33,7 @@ from lit_lora.adapter import load_checked_adapter
 from lit_lora.checkpoint import load_config, load_info, load_model
 from lit_lora.data.dataset import PreparedDataset, check_tokenizer
 from lit_lora.data.readers import is_conversation, load_json_records
-from lit_lora.device import PRECISIONS, check_precision, resolve_precision
+from lit_lora.device import PRECISIONS, check_precision, resolve_device, resolve_precision
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation
 from lit_lora.fileio import check_file_destination, write_json
@@ -132,13 +132,14 @@ def evaluate(
     checkpoint_dir: Path, data: Path, lora_paths: list[Path] = (), split: str = "val", metric: str = "both",
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 64, template: str = "auto",
     precision: str = "auto", verify: bool = True, baseline: Path | None = None, progress: bool = True,
-    out: Path | None = None, engine: str = "torch",
+    out: Path | None = None, engine: str = "torch", device: str = "auto",
 ) -> dict[str, Any]:
     """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}.
 
     `baseline`: an earlier result (`--out`) on the same examples; its models are shown first and not scored again.
     `out`: a JSON file to write the result to, checked before the work and written at once when it is done.
     `engine`: what generates the answers for exact match (torch, llama.cpp or auto); losses are always torch's.
+    `device`: where the torch model runs (auto: the first GPU, else the CPU).
     """
     if metric not in METRICS:
         raise UserError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -146,6 +147,7 @@ def evaluate(
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     check_precision(precision)
+    where = resolve_device(device)
     if out is not None:
         check_file_destination(out, [checkpoint_dir, data, baseline, *lora_paths])
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
@@ -154,7 +156,7 @@ def evaluate(
     chosen = prompt_format(template, recorded, tokenizer)
     if metric != "loss":
         engine = llamacpp.choose_engine(engine, checkpoint_dir, [(Path(p), meta) for p, *_, meta in adapters],
-                                        sys.stderr)
+                                        sys.stderr, where)
 
     with open_data(data, split, checkpoint_dir, tokenizer, chosen) as dataset:
         n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -167,8 +169,8 @@ def evaluate(
                             f"--metric loss")
         digest = examples_hash(dataset, n)
         earlier = read_baseline(baseline, digest, n, metric) if baseline else None
-        precision = resolve_precision(precision)
-        model = load_model(checkpoint_dir, PRECISIONS[precision][0], verify=verify).eval()
+        precision = resolve_precision(precision, where.type)
+        model = load_model(checkpoint_dir, PRECISIONS[precision][0], where, verify=verify).eval()
         # (score, adapter or None for the base); a base the baseline already scored is not scored again
         models = [(Score("base", n), None)] + [(Score(name, n), (cfg, state, Path(name)))
                                                  for name, cfg, state, _ in adapters]
@@ -240,14 +242,18 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) 
     lora_dtype = PRECISIONS[precision][1]
     t = TrainSection()  # collated as a run with the default training settings collates its validation batches
 
-    def autocast():  # as Fabric's bf16-mixed on CPU
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    device = model.embed_tokens.weight.device
+    low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+    def autocast():  # as Fabric's mixed precision
+        return torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None)
     for score, adapter in models:
         start = time.perf_counter()
         with lora_applied(model, *adapter[:2], lora_dtype) if adapter else contextlib.nullcontext():
             total = torch.zeros(2)
             for batch in batches:
                 total += summed_loss(model, dataset, [batch], pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
+                                     to_device=lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()},
                                      autocast=autocast)
                 bar.update(1)
         score.loss = (total[0] / total[1].clamp(min=1)).item()

@@ -23,7 +23,7 @@ from lit_lora.convert.gguf import (EXPORT_TYPES, add_model_metadata, add_tokeniz
 from lit_lora.convert.hf import config_to_hf, to_hf_tensors
 from lit_lora.convert.ollama import modelfile
 from lit_lora.convert.peft import write_peft_adapter
-from lit_lora.device import torch_dtype_name
+from lit_lora.device import resolve_device, torch_dtype_name
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, atomic_file, atomic_write_bytes, check_file_destination, write_json
 from lit_lora.merge import merged_weights
@@ -67,11 +67,11 @@ def export_peft(lora_path: Path, out: Path, base_model_name_or_path: str | None 
 
 # ---------------------------------------------------------------------------------------------- GGUF
 def export_gguf(out: Path, checkpoint_dir: Path | None = None, lora_path: Path | None = None, type: str = "f16",
-                overwrite: bool = False, verify: bool = True, write_modelfile: bool = True) -> Path:
+                overwrite: bool = False, verify: bool = True, write_modelfile: bool = True, device: str = "auto") -> Path:
     """A checkpoint (with `lora_path`: base + adapter merged, no merged checkpoint written) as a LLaMA GGUF, or
     with `lora_path` alone the adapter as a llama.cpp LoRA adapter GGUF; `NAME.Modelfile` for Ollama beside it
     (`modelfile_path`). Tensors stream one at a time; both files are written under temporary names and renamed
-    when complete."""
+    when complete. `device` computes the merge (auto: the first GPU, else the CPU)."""
     if type not in EXPORT_TYPES:
         raise UserError(f"unknown --type {type!r}; use one of {', '.join(EXPORT_TYPES)}")
     if checkpoint_dir is None and lora_path is None:
@@ -86,9 +86,10 @@ def export_gguf(out: Path, checkpoint_dir: Path | None = None, lora_path: Path |
             raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
     if out.exists() and _magic(out) != GGUF_MAGIC:
         raise UserError(f"{out} exists and is not a GGUF file; lit-lora replaces only a GGUF, choose another --out")
+    where = resolve_device(device)
     export = _gguf_model if checkpoint_dir is not None else _gguf_adapter
     with atomic_file(out) as tmp:
-        model_text = export(tmp, out, checkpoint_dir, lora_path, type, verify)
+        model_text = export(tmp, out, checkpoint_dir, lora_path, type, verify, where)
     if write_modelfile:
         atomic_write_bytes(modelfile_path(out), model_text.encode())
     return out
@@ -103,9 +104,10 @@ def _magic(path: Path) -> bytes:
         return f.read(4)
 
 
-def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | None, type: str, verify: bool) -> str:
+def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | None, type: str, verify: bool,
+                device) -> str:
     if lora_path is not None:
-        config, prompt, tensors = merged_weights(checkpoint_dir, [lora_path], verify)
+        config, prompt, tensors = merged_weights(checkpoint_dir, [lora_path], verify, device=device)
     else:
         config, prompt = load_config(checkpoint_dir), recorded_prompt(load_info(checkpoint_dir))
         tensors = iter_weights(checkpoint_dir, verify=verify)
@@ -131,7 +133,7 @@ def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | No
     return modelfile(f"./{out.name}", None, template, stops, prompt.get("system"))
 
 
-def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, type: str, verify: bool) -> str:
+def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, type: str, verify: bool, device) -> str:
     lora_config, state, meta = load_adapter(lora_path, verify=verify)
     config = adapter_base_config(lora_path, meta)  # LoRA on a tied head cannot exist: apply_lora refuses it
     pairs = sorted(lora_pairs(state).items())

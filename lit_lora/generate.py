@@ -27,7 +27,8 @@ import torch
 
 from lit_lora.adapter import load_checked_adapter, merge_adapter, restore_weights
 from lit_lora.checkpoint import load_config, load_info, load_model
-from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS, check_precision, peak_memory_bytes, resolve_precision
+from lit_lora.device import (GENERATE_PRECISIONS, PRECISIONS, check_precision, peak_memory_bytes, resolve_device,
+                             resolve_precision)
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
 from lit_lora.model import LLaMA, additive_mask, causal_mask
@@ -150,10 +151,12 @@ def complete(
     return Completion([row.text for row in rows], n_generated, stopped)
 
 
-def load_for_generation(checkpoint_dir: Path, precision: str, verify: bool, pack: bool = True) -> LLaMA:
-    """The base model in eval mode, in `precision` (auto: the faster on this machine), prepared for decoding."""
-    dtype = PRECISIONS[resolve_precision(precision, training=False)][0]
-    return prepare_for_generation(load_model(checkpoint_dir, dtype, verify=verify).eval(), pack=pack)
+def load_for_generation(checkpoint_dir: Path, precision: str, verify: bool, pack: bool = True,
+                        device: torch.device = torch.device("cpu")) -> LLaMA:
+    """The base model in eval mode on `device` (the weights read straight onto it), in `precision` (auto: the
+    faster there), prepared for decoding."""
+    dtype = PRECISIONS[resolve_precision(precision, device.type, training=False)][0]
+    return prepare_for_generation(load_model(checkpoint_dir, dtype, device, verify=verify).eval(), pack=pack)
 
 
 def check_text(text: str, what: str) -> str:
@@ -188,18 +191,20 @@ def run_generate(
     lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
     num_samples: int = 1, stream: bool = True, precision: str = "auto", compile: bool = False,
     out: TextIO | None = None, log: TextIO | None = None, verify: bool = True, system: str | None = None,
-    engine: str = "auto",
+    engine: str = "auto", device: str = "auto",
 ) -> list[str]:
     """Answer the prompts with the base (or with each adapter in turn); texts to `out`, timings to `log`.
 
     With more than one answer (adapters x samples, or a prompts file) each is headed by a `### ...` line.
     Only a single prompt streams; a batch prints its answers when the batch is done. `engine`: torch, llama.cpp
-    (the checkpoint and adapters exported to GGUF once, see llamacpp.py) or auto (llama.cpp where installed).
+    (the checkpoint and adapters exported to GGUF once, see llamacpp.py) or auto (llama.cpp where installed, on
+    the CPU). `device`: auto (the first GPU, else the CPU), cpu, cuda[:N] or mps.
     """
     from lit_lora import llamacpp
 
     out, log = out or sys.stdout, log or sys.stderr
     check_precision(precision, GENERATE_PRECISIONS)
+    where = resolve_device(device)
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     texts = read_prompts(prompt, prompts_file)
@@ -217,8 +222,8 @@ def run_generate(
     longest = max(len(p) for *_, prompts in jobs for p in prompts)
     if longest >= config.max_seq_len:
         raise UserError(f"the prompt is {longest} tokens, the model's context is {config.max_seq_len}; shorten it")
-    if llamacpp.choose_engine(engine, checkpoint_dir, [(p, meta) for p, *_, meta in adapters], log) == "torch":
-        answerer = TorchEngine.load(checkpoint_dir, precision, verify, compile, seed)
+    if llamacpp.choose_engine(engine, checkpoint_dir, [(p, meta) for p, *_, meta in adapters], log, where) == "torch":
+        answerer = TorchEngine.load(checkpoint_dir, precision, verify, compile, seed, where)
     else:
         if compile:
             print("note: --compile is for the torch engine; llama.cpp ignores it", file=log)
@@ -245,7 +250,7 @@ def run_generate(
                 answers.extend(results)
                 print(f"Time for inference: {elapsed:.02f} sec total, {n_generated / elapsed:.02f} tokens/sec",
                       file=log)
-    print(f"Memory used: {peak_memory_bytes()[1] / 1024**3:.02f} GB", file=log)
+    print(f"Memory used: {peak_memory_bytes(where)[1] / 1024**3:.02f} GB", file=log)
     return answers
 
 
@@ -256,8 +261,9 @@ class TorchEngine:
         self.model, self.seed, self.forward = model, seed, forward
 
     @classmethod
-    def load(cls, checkpoint_dir: Path, precision: str, verify: bool, compile: bool, seed: int | None) -> TorchEngine:
-        model = load_for_generation(checkpoint_dir, precision, verify, pack=not compile)
+    def load(cls, checkpoint_dir: Path, precision: str, verify: bool, compile: bool, seed: int | None,
+             device: torch.device = torch.device("cpu")) -> TorchEngine:
+        model = load_for_generation(checkpoint_dir, precision, verify, not compile, device)
         return cls(model, seed, torch.compile(next_logits, dynamic=True) if compile else next_logits)
 
     @contextlib.contextmanager
@@ -265,7 +271,8 @@ class TorchEngine:
         originals = merge_adapter(self.model, lora_config, state) if lora_config else {}
         repack(self.model)
         # One generator per adapter, so each adapter's output matches a run of its own with the same seed.
-        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        device = self.model.embed_tokens.weight.device  # sampling draws where the logits are
+        generator = torch.Generator(device).manual_seed(self.seed) if self.seed is not None else None
         try:
             yield lambda tokenizer, prompts, stops, sampling, live: complete(
                 self.model, tokenizer, prompts, stops, sampling, generator, live, self.forward)

@@ -39,15 +39,19 @@ def available() -> bool:
     return True
 
 
-def choose_engine(engine: str, checkpoint_dir: Path, adapters: list[tuple[Path, dict[str, Any]]], log: TextIO) -> str:
+def choose_engine(engine: str, checkpoint_dir: Path, adapters: list[tuple[Path, dict[str, Any]]], log: TextIO,
+                  device: Any = None) -> str:
     """torch or llama.cpp, decided before anything loads. `auto`: llama.cpp where it is installed and can take the
     checkpoint and every adapter ((path, its recorded config), as the caller loaded them), else torch (said once,
-    with the reason)."""
+    with the reason). llama.cpp runs on the CPU: a GPU `device` (a torch.device) means torch."""
     if engine not in ENGINES:
         raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "torch":
         return engine
-    if engine == "auto" and _has_cuda():  # the torch engine is the GPU path
+    on_gpu = device is not None and device.type != "cpu"
+    if on_gpu and engine == "llama.cpp":
+        raise UserError(f"--engine llama.cpp decodes on the CPU, not on {device}; pass --device cpu or --engine torch")
+    if engine == "auto" and on_gpu:  # the torch engine is the GPU path
         return "torch"
     if not available():
         if engine == "auto":
@@ -62,12 +66,6 @@ def choose_engine(engine: str, checkpoint_dir: Path, adapters: list[tuple[Path, 
         print(f"engine: torch ({problem})", file=log)
         return "torch"
     return "llama.cpp"
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _unhashed(checkpoint_dir: Path) -> str | None:

@@ -13,7 +13,7 @@ import torch
 
 from lit_lora.adapter import load_checked_adapter, lora_pairs
 from lit_lora.checkpoint import ShardWriter, finish_checkpoint, iter_weights, load_config
-from lit_lora.device import parse_dtype
+from lit_lora.device import parse_dtype, resolve_device
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, atomic_write_bytes
 from lit_lora.lora import merged_weight
@@ -23,18 +23,19 @@ from lit_lora.prompts.format import recorded_prompt
 
 
 def merge_checkpoint(checkpoint_dir: Path, lora_paths: Path | list[Path], out: Path, dtype: str | None = None,
-                     overwrite: bool = False, verify: bool = True) -> Path:
+                     overwrite: bool = False, verify: bool = True, device: str = "auto") -> Path:
     """Write base + adapters (one path or several, merged in order) as a standalone checkpoint, one tensor at a
     time (peak memory ~ one shard).
 
     Each adapter is checked against the base, and those that record a prompt format must record the same one: the
     merged checkpoint records it. `dtype` (bf16, fp16, fp32) converts the output; by default every tensor keeps the
     base's dtype. `verify` checks the base's weights files and the adapters' against their recorded sha256 as they
-    are read.
+    are read. `device` computes the products B A (auto: the first GPU, else the CPU); the files are written from
+    the CPU.
     """
     lora_paths = [lora_paths] if isinstance(lora_paths, (str, Path)) else list(lora_paths)
-    dtype = parse_dtype(dtype)
-    config, prompt, tensors = merged_weights(checkpoint_dir, lora_paths, verify, dtype)
+    dtype, where = parse_dtype(dtype), resolve_device(device)
+    config, prompt, tensors = merged_weights(checkpoint_dir, lora_paths, verify, dtype, where)
     out_dtype = None
     with atomic_dir(out, overwrite, inputs=[checkpoint_dir, *lora_paths]) as tmp:
         writer = ShardWriter(tmp)
@@ -49,7 +50,8 @@ def merge_checkpoint(checkpoint_dir: Path, lora_paths: Path | list[Path], out: P
     return Path(out)
 
 
-def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = True, dtype: torch.dtype | None = None
+def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = True, dtype: torch.dtype | None = None,
+                   device: torch.device = torch.device("cpu"),
                    ) -> tuple[Config, dict[str, Any], Iterator[tuple[str, torch.Tensor]]]:
     """(the base's config, the prompt format the adapters share, and (name, tensor) of base + adapters one tensor at
     a time). Every adapter is checked against the base before the first tensor is read."""
@@ -62,7 +64,7 @@ def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = 
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in iter_weights(checkpoint_dir, verify=verify):
-            yield name, merged(tensor, [(*pairs.pop(name), s) for pairs, s in updates if name in pairs], dtype)
+            yield name, merged(tensor, [(*pairs.pop(name), s) for pairs, s in updates if name in pairs], dtype, device)
         missing = sorted(name for pairs, _ in updates for name in pairs)
         if missing:  # check_adapter_fits saw these layers in the config, so the checkpoint lacks them
             raise UserError(f"{checkpoint_dir} has no tensors {missing[:2]} that the adapters update; "
@@ -72,15 +74,15 @@ def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = 
 
 
 def merged(weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]],
-           dtype: torch.dtype | None) -> torch.Tensor:
-    """W + s1 B1 A1 + s2 B2 A2 ... for updates (A, B, s), summed in fp32 and rounded once, to `dtype` or W's own.
-    One update is exactly `merged_weight`, which is what generate merges."""
+           dtype: torch.dtype | None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """W + s1 B1 A1 + s2 B2 A2 ... for updates (A, B, s), summed in fp32 on `device` and rounded once, to `dtype`
+    or W's own, back on W's device. One update on the CPU is exactly `merged_weight`, which is what generate merges."""
     if not updates:
         return weight.to(dtype) if dtype is not None and weight.is_floating_point() else weight
-    total = weight.float()
+    total = weight.to(device).float()
     for A, B, scaling in updates:
-        total = merged_weight(total, A, B, scaling)  # fp32 in, fp32 out
-    return total.to(dtype or weight.dtype)
+        total = merged_weight(total, A.to(device), B.to(device), scaling)  # fp32 in, fp32 out
+    return total.to(dtype or weight.dtype).to(weight.device)
 
 
 def shared_prompt(lora_paths: list[Path], metas: list[dict[str, Any]]) -> dict[str, Any]:

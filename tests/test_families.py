@@ -186,3 +186,25 @@ def test_preset_has_the_published_size(name):
     n = sum(p.numel() for p in model.parameters()) / 1e9
     assert abs(n - PUBLISHED_SIZES[name]) / PUBLISHED_SIZES[name] < 0.03, n
     assert name in PRESETS
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"vision_config": {"model_type": "siglip_vision_model"}}, ["'vision_config'", "a vision tower"]),
+    ({"num_local_experts": 8}, ["'num_local_experts'", "a mixture of experts"]),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["unsupported rope_type 'yarn'"]),
+    ({"hidden_act": "relu"}, ["unsupported hidden_act 'relu'"]),
+    ({"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}, ["unsupported architecture"]),
+])
+def test_what_the_model_cannot_compute_is_refused_by_name(monkeypatch, capsys, tmp_path, change, words):
+    from conftest import run_cli
+    from test_integrity import assert_error
+
+    hf = build_hf_model("qwen2")
+    hf.save_pretrained(tmp_path / "hf")
+    write_tiny_tokenizer(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
+    capsys.readouterr()  # transformers' progress bar
+    code, _, err = run_cli(monkeypatch, capsys, "convert-hf", tmp_path / "hf", "--out", tmp_path / "ckpt")
+    assert_error(code, err, *words)
+    assert not (tmp_path / "ckpt").exists()
