@@ -52,11 +52,11 @@ FAMILY_SETTINGS = {
 IDX = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
 
 
-def build_hf_model(family: str):
+def build_hf_model(family: str, **overrides):
     import transformers
 
     class_name, settings = FAMILY_SETTINGS[family]
-    config = getattr(transformers, class_name)(**{**COMMON, **settings})
+    config = getattr(transformers, class_name)(**{**COMMON, **settings, **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # the default init leaves norms at 1 (Gemma: 0) and biases at 0: a mix-up would not show
