@@ -129,7 +129,7 @@ def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | No
         add_model_metadata(writer, config, config.name or Path(checkpoint_dir).name, file_type)
         add_tokenizer_metadata(writer, tokenizer, config.vocab_size, template)
 
-    write_gguf(tmp, metadata, infos, arrays(), requested)
+    write_gguf(tmp, config, metadata, infos, arrays(), requested)
     return modelfile(f"./{out.name}", None, template, stops, prompt.get("system"))
 
 
@@ -150,7 +150,8 @@ def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, t
         # (alpha / r, or alpha / sqrt(r) for rsLoRA, whose flag llama.cpp never reads).
         writer.add_float32("adapter.lora.alpha", lora_config.scaling * lora_config.r)
 
-    write_gguf(tmp, metadata, infos, (to_gguf_layout(n, t, config) for n, t in arrays), EXPORT_TYPES[type][0])
+    check_exportable(config)
+    write_gguf(tmp, config, metadata, infos, (to_gguf_layout(n, t, config) for n, t in arrays), EXPORT_TYPES[type][0])
     base = meta.get("base_checkpoint")  # its tokenizer finds the template's end markers, where it is still there
     tokenizer = Tokenizer(base) if base and Path(base).is_dir() else None
     prompt = recorded_prompt(meta)

@@ -399,3 +399,55 @@ def test_auto_decodes_with_llama_cpp_where_it_is_installed(tiny_checkpoint, tmp_
     assert code == 0 and "engine: llama.cpp" in err, err
     code, torch_answer, err = run_cli(monkeypatch, capsys, "generate", *args, "--engine", "torch")
     assert code == 0 and "engine:" not in err and torch_answer == auto
+
+
+# ---------------------------------------------------------------------------------------------- other families
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "granite", "mistral"])
+def family_checkpoint(request, tmp_path_factory):
+    """A tiny random model of the family from transformers' config class (test_families'), converted; Granite and
+    Mistral without what llama.cpp does not compute (biases, a window shorter than the test's text)."""
+    from test_families import build_hf_model
+    from conftest import write_tiny_tokenizer
+    from lit_lora.convert.hf import convert_hf
+
+    root = tmp_path_factory.mktemp(request.param)
+    extra = {"granite": dict(attention_bias=False, mlp_bias=False), "mistral": dict(sliding_window=None)}
+    build_hf_model(request.param, vocab_size=512, **extra.get(request.param, {})).save_pretrained(root / "hf")
+    write_tiny_tokenizer(root / "hf")
+    return convert_hf(root / "hf", root / "ckpt")
+
+
+def test_family_export_matches_ours_in_llama_cpp(family_checkpoint, tmp_path):
+    path = export_gguf(tmp_path / "model.gguf", family_checkpoint, type="f32")
+    ids = Tokenizer(family_checkpoint).encode(TEXT)
+    llm = llama(path)
+    assert np.abs(llama_logits(llm, ids) - our_logits(family_checkpoint, ids)).max() < 1e-3
+    assert llama_greedy(llm, ids, 16) == our_greedy(family_checkpoint, ids, 16)
+
+
+def test_family_adapter_gguf_and_round_trip(family_checkpoint, tmp_path):
+    adapter = make_adapter(family_checkpoint, tmp_path / "adapter", targets=EVERY_LINEAR, r=4, alpha=8.0, scale=0.3)
+    base = export_gguf(tmp_path / "base.gguf", family_checkpoint, type="f32")
+    lora = export_gguf(tmp_path / "adapter.gguf", lora_path=adapter, type="f32")
+    merged = merge_checkpoint(family_checkpoint, adapter, tmp_path / "merged")
+    ids = Tokenizer(family_checkpoint).encode(TEXT)
+    assert np.abs(llama_logits(llama(base, lora_path=str(lora)), ids) - our_logits(merged, ids)).max() < 1e-3
+    back = convert_gguf(base, tmp_path / "back")
+    assert load_model(back).config.family == load_model(family_checkpoint).config.family.replace("mistral", "llama")
+    assert np.abs(our_logits(back, ids) - our_logits(family_checkpoint, ids)).max() < 1e-4
+
+
+@pytest.mark.parametrize("family,words", [("gemma2", "not gemma2 yet"), ("phi3", "not phi3 yet")])
+def test_families_llama_cpp_reads_otherwise_are_refused(monkeypatch, capsys, tmp_path, family, words):
+    from test_families import build_hf_model
+    from conftest import write_tiny_tokenizer
+    from test_integrity import assert_error
+    from lit_lora.convert.hf import convert_hf
+
+    build_hf_model(family, vocab_size=512).save_pretrained(tmp_path / "hf")
+    write_tiny_tokenizer(tmp_path / "hf")
+    checkpoint = convert_hf(tmp_path / "hf", tmp_path / "ckpt")
+    capsys.readouterr()
+    code, _, err = run_cli(monkeypatch, capsys, "export-gguf", "--checkpoint_dir", checkpoint, "--out", tmp_path / "m.gguf")
+    assert_error(code, err, words, "export-hf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -1,9 +1,11 @@
-"""Import a LLaMA-architecture GGUF file (llama.cpp's format) into our checkpoint format.
+"""GGUF (llama.cpp's format), both ways, for the architectures llama.cpp and lit-lora share: llama (Llama,
+Mistral, SmolLM), qwen2, qwen3 and granite.
 
 Three things differ from a Hugging Face directory:
 - weights may be quantised: `gguf.quants.dequantize` turns every block format back into float32;
-- llama.cpp permutes the rows of the q and k projections per head (it rotates interleaved pairs, HF rotates
-  halves), so we undo that permutation to use the rotate-half RoPE of model.py;
+- for llama and granite, llama.cpp permutes the rows of the q and k projections per head (it rotates interleaved
+  pairs, HF rotates halves), so we undo that permutation to use the rotate-half RoPE of model.py (Qwen's GGUFs
+  keep HF's order: llama.cpp rotates halves for them);
 - the tokenizer is embedded as metadata (tokens, merges, token types), so we rebuild `tokenizer.json`.
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ from lit_lora.fileio import atomic_dir, write_json
 from lit_lora.model import Config, rope_inv_freq
 from lit_lora.presets import LLAMA3_ROPE
 
+# Our family -> llama.cpp's general.architecture, for the families both read.
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "granite": "granite"}
+ROW_PERMUTED = ("llama", "granite")  # architectures whose q/k rows llama.cpp reorders (see the docstring)
 # GGUF tensor name -> our name; per-layer names sit under blk.N. / layers.N.
 GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
                 "output.weight": "lm_head.weight"}
@@ -36,8 +41,16 @@ LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",  # Qwen 2
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen 3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 # general.file_type of unquantised files -> the dtype we keep by default; quantised files become fp32.
+# Granite's multipliers: our Config field -> its GGUF key (under granite.).
+GRANITE_SCALES = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+                  "attention_scale": "attention.scale", "logits_scaling": "logit_scale"}
 UNQUANTISED_FILE_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}
 
 
@@ -85,16 +98,18 @@ def _f32(value: float) -> float:
 
 def config_from_metadata(meta: dict[str, Any], reader, name: str = "") -> Config:
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"unsupported GGUF architecture {arch!r}: lit-lora imports general.architecture = 'llama' only")
+    if arch not in set(GGUF_ARCHITECTURES.values()):
+        raise UserError(f"unsupported GGUF architecture {arch!r}: lit-lora imports general.architecture "
+                        f"{', '.join(sorted(set(GGUF_ARCHITECTURES.values())))}")
 
     def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise UserError(f"GGUF metadata lacks llama.{key}; the file is not a complete llama.cpp model")
+            raise UserError(f"GGUF metadata lacks {arch}.{key}; the file is not a complete llama.cpp model")
         return value
 
     names = {t.name for t in reader.tensors}
+    granite = {f: _f32(get(key)) for f, key in GRANITE_SCALES.items()} if arch == "granite" else {}
     n_heads, dim = int(get("attention.head_count")), int(get("embedding_length"))
     config = Config(
         vocab_size=int(get("vocab_size", len(meta.get("tokenizer.ggml.tokens") or []) or None)),
@@ -109,6 +124,10 @@ def config_from_metadata(meta: dict[str, Any], reader, name: str = "") -> Config
         max_seq_len=int(get("context_length")),
         tie_embeddings="output.weight" not in names,
         name=name,
+        family=arch,
+        qkv_bias=True if "blk.0.attn_q.bias" in names else None,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        **granite,
     )
     config.rope_scaling = rope_scaling_from_gguf(meta, reader, config)
     return config
@@ -117,7 +136,7 @@ def config_from_metadata(meta: dict[str, Any], reader, name: str = "") -> Config
 def rope_scaling_from_gguf(meta: dict[str, Any], reader, config: Config) -> dict[str, float] | None:
     """llama.cpp stores Llama 3 scaling as a `rope_freqs.weight` tensor of per-frequency divisors, not as
     parameters; we recover the parameters by matching that tensor against the standard Llama 3 recipe."""
-    kind = meta.get("llama.rope.scaling.type", "none")
+    kind = meta.get(f"{meta['general.architecture']}.rope.scaling.type", "none")
     if kind not in ("none", "llama3"):
         raise UserError(f"unsupported RoPE scaling {kind!r} in GGUF: lit-lora supports plain and Llama 3 RoPE")
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
@@ -136,7 +155,7 @@ def rope_scaling_from_gguf(meta: dict[str, Any], reader, config: Config) -> dict
 def rope_heads(name: str, config: Config) -> int | None:
     """The heads whose rows llama.cpp orders its own way in tensor `name` (ours): q's and k's weights, and a LoRA B
     of them (its rows are the weight's; a LoRA A's are the rank's). None for every other tensor."""
-    if name.endswith("lora_A"):
+    if name.endswith("lora_A") or GGUF_ARCHITECTURES.get(config.family) not in ROW_PERMUTED:
         return None
     return config.n_heads if ".q_proj." in name else config.n_kv_heads if ".k_proj." in name else None
 
@@ -159,7 +178,7 @@ def our_name(gguf_name: str) -> str | None:
         return f"layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
     if gguf_name == "rope_freqs.weight":
         return None
-    raise UserError(f"unexpected tensor {gguf_name!r} in GGUF: not part of a plain LLaMA model")
+    raise UserError(f"unexpected tensor {gguf_name!r} in GGUF: not part of a model lit-lora computes")
 
 
 def iter_gguf_tensors(reader, config: Config) -> Iterator[tuple[str, torch.Tensor]]:
@@ -188,6 +207,9 @@ def iter_gguf_tensors(reader, config: Config) -> Iterator[tuple[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------- tokenizer
 # llama.cpp's pre-tokenizer names -> the pre-tokenizer steps HF's tokenizer.json used for them.
 DIGIT_SPLITTING_PRE = ("smollm", "starcoder", "refact", "codeshell")
+# Qwen 2's: Llama 3's with single digits.
+QWEN2_PRE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_PRE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -200,12 +222,13 @@ def _pre_tokenizer(pre: str):
         return byte_level
     if pre in DIGIT_SPLITTING_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in ("llama-bpe", "llama3"):
+    if pre in ("llama-bpe", "llama3", "qwen2"):
+        regex = QWEN2_PRE_REGEX if pre == "qwen2" else LLAMA3_PRE_REGEX
         return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PRE_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-    raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, gpt-2, llama-bpe, llama3, "
+    raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, gpt-2, llama-bpe, llama3, qwen2, "
                     f"{', '.join(DIGIT_SPLITTING_PRE)})")
 
 
@@ -254,7 +277,7 @@ EXPORT_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16":
 GGUF_NAMES = {ours: theirs for theirs, ours in GLOBAL_NAMES.items()}
 GGUF_LAYER_NAMES = {ours: theirs for theirs, ours in LAYER_NAMES.items()}
 # Pre-tokenizer names llama.cpp knows, in the order an export looks for the checkpoint's own (see _pre_tokenizer).
-EXPORT_PRE_TOKENIZERS = ("gpt-2", "smollm", "llama-bpe")
+EXPORT_PRE_TOKENIZERS = ("gpt-2", "smollm", "llama-bpe", "qwen2")
 
 
 def gguf_name(name: str) -> str:
@@ -313,13 +336,14 @@ def encoded_nbytes(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], Any,
     return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
-def write_gguf(path: Path, arch_metadata: Callable[[Any], None], tensors: list[tuple[str, tuple[int, ...]]],
-               arrays: Iterator[np.ndarray], requested: str) -> None:
-    """Stream a GGUF file: `arch_metadata(writer)` adds the key-values, `tensors` lists (GGUF name, numpy shape)
-    in order, and `arrays` yields their float32 data in that order, one at a time (peak memory ~ one tensor)."""
+def write_gguf(path: Path, config: Config, arch_metadata: Callable[[Any], None],
+               tensors: list[tuple[str, tuple[int, ...]]], arrays: Iterator[np.ndarray], requested: str) -> None:
+    """Stream a GGUF file of `config`'s architecture: `arch_metadata(writer)` adds the key-values, `tensors` lists
+    (GGUF name, numpy shape) in order, and `arrays` yields their float32 data in that order, one at a time (peak
+    memory ~ one tensor)."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCHITECTURES[config.family])
     try:
         arch_metadata(writer)
         types = [ggml_type(shape, requested) for _, shape in tensors]
@@ -353,6 +377,9 @@ def add_model_metadata(writer, config: Config, name: str, file_type: str) -> Non
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_base)
     writer.add_layer_norm_rms_eps(config.norm_eps)  # Llama 3 RoPE scaling is the rope_freqs tensor, no key
+    if config.family == "granite":
+        for field, key in GRANITE_SCALES.items():
+            writer.add_float32(f"granite.{key}", getattr(config, field))
 
 
 def rope_freqs(config: Config) -> np.ndarray | None:
@@ -364,9 +391,21 @@ def rope_freqs(config: Config) -> np.ndarray | None:
 
 
 def check_exportable(config: Config) -> None:
+    """Refuse what lit-lora cannot write as a GGUF that llama.cpp computes the same way, naming it."""
+    fix = "export it with export-hf and convert that with llama.cpp's convert_hf_to_gguf.py"
+    if config.family not in GGUF_ARCHITECTURES:
+        raise UserError(f"export-gguf writes {', '.join(GGUF_ARCHITECTURES)} models, not {config.family} yet; {fix}")
     if config.attention_bias or config.mlp_bias:
-        raise UserError("a model with attention or MLP biases cannot be exported to GGUF yet; export it with "
-                        "export-hf and convert that with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(f"a model with attention or MLP biases cannot be exported to GGUF yet; {fix}")
+    if config.qkv_bias and config.family != "qwen2":
+        raise UserError(f"q/k/v biases on a {config.family} model cannot be exported to GGUF; {fix}")
+    if config.sliding_window is not None and config.family != "mistral":  # llama.cpp runs Mistral v0.1 unwindowed
+        raise UserError(f"llama.cpp's {config.family} attends the whole context, this model a sliding window of "
+                        f"{config.sliding_window}; it cannot be exported to GGUF")
+    kind = (config.rope_scaling or {}).get("rope_type", "llama3")
+    if config.rope_dim != config.head_dim or kind != "llama3":
+        what = "partial rotary" if config.rope_dim != config.head_dim else f"{kind} RoPE"
+        raise UserError(f"this model's {what} cannot be exported to GGUF yet; {fix}")
 
 
 def _pre_tokenizer_name(tokenizer: Any, spec: dict[str, Any]) -> str:
