@@ -188,18 +188,23 @@ def test_preset_has_the_published_size(name):
     assert name in PRESETS
 
 
-@pytest.mark.parametrize("change,words", [
-    ({"vision_config": {"model_type": "siglip_vision_model"}}, ["'vision_config'", "a vision tower"]),
-    ({"num_local_experts": 8}, ["'num_local_experts'", "a mixture of experts"]),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["unsupported rope_type 'yarn'"]),
-    ({"hidden_act": "relu"}, ["unsupported hidden_act 'relu'"]),
-    ({"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}, ["unsupported architecture"]),
+# family -> a change to its config.json -> words of the one-line refusal. Sizes that do not fit the weights made a
+# checkpoint that crashed when it loaded (or, Phi 3's fused rows, crashed the import).
+@pytest.mark.parametrize("family,change,words", [
+    ("qwen2", {"vision_config": {"model_type": "siglip_vision_model"}}, ["'vision_config'", "a vision tower"]),
+    ("qwen2", {"num_local_experts": 8}, ["'num_local_experts'", "a mixture of experts"]),
+    ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["unsupported rope_type 'yarn'"]),
+    ("qwen2", {"hidden_act": "relu"}, ["unsupported hidden_act 'relu'"]),
+    ("qwen2", {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}, ["unsupported architecture"]),
+    ("qwen2", {"vocab_size": 100}, ["model.embed_tokens.weight is [384, 64]", "makes it [100, 64]", "vocab_size"]),
+    ("qwen3", {"head_dim": 16}, ["makes it [16]", "head_dim"]),
+    ("phi3", {"num_key_value_heads": 1}, ["qkv_proj.weight has 128 rows", "64 + 16 + 16", "num_key_value_heads"]),
 ])
-def test_what_the_model_cannot_compute_is_refused_by_name(monkeypatch, capsys, tmp_path, change, words):
+def test_what_the_model_cannot_compute_is_refused_by_name(monkeypatch, capsys, tmp_path, family, change, words):
     from conftest import run_cli
     from test_integrity import assert_error
 
-    hf = build_hf_model("qwen2")
+    hf = build_hf_model(family)
     hf.save_pretrained(tmp_path / "hf")
     write_tiny_tokenizer(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

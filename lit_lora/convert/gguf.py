@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lit_lora.checkpoint import ShardWriter, finish_checkpoint, stored_names
+from lit_lora.checkpoint import ShardWriter, check_shape, finish_checkpoint, stored_shapes
 from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, write_json
@@ -185,23 +185,25 @@ def iter_gguf_tensors(reader, config: Config) -> Iterator[tuple[str, torch.Tenso
     """(our name, float32 tensor in PyTorch's (out, in) layout), one tensor at a time."""
     from gguf.quants import dequantize
 
-    seen = set()
+    expected, seen = stored_shapes(config), set()
     for t in reader.tensors:
         name = our_name(t.name)
         if name is None:
             continue
+        if name not in expected:
+            raise UserError(f"GGUF tensor {t.name!r} does not belong to the model its metadata describes")
         # GGUF lists dimensions innermost first: (in, out) for a weight matrix.
         array = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
         tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: F32 data is a read-only mmap
+        check_shape(t.name, tensor.shape, expected[name], "its GGUF metadata",
+                    "the file is not a consistent llama.cpp model")
         if heads := rope_heads(name, config):
             tensor = unpermute_rope_rows(tensor, heads)
         seen.add(name)
         yield name, tensor
-    expected = stored_names(config)
-    missing = sorted(expected - seen)
-    if missing or seen - expected:
-        raise UserError(f"GGUF tensors do not match its metadata: missing {missing[:3]}, "
-                        f"unexpected {sorted(seen - expected)[:3]}")
+    missing = sorted(expected.keys() - seen)
+    if missing:
+        raise UserError(f"GGUF tensors do not match its metadata: missing {missing[:3]}")
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

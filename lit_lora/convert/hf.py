@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from lit_lora.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, finish_checkpoint, stored_names
+from lit_lora.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, check_shape, finish_checkpoint, stored_shapes
 from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors
@@ -38,6 +38,9 @@ ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's name ->
 UNSUPPORTED_KEYS = {"vision_config": "a vision tower", "audio_config": "an audio tower",
                     "num_experts": "a mixture of experts", "num_local_experts": "a mixture of experts",
                     "n_routed_experts": "a mixture of experts"}
+# What to do when the weights' shapes are not the ones config.json's sizes make.
+SIZES_FIX = ("correct config.json's sizes to the weights' (hidden_size, intermediate_size, num_attention_heads, "
+             "num_key_value_heads, head_dim, vocab_size)")
 
 
 def to_hf_name(name: str) -> str:
@@ -71,7 +74,11 @@ def from_hf_tensors(config: Config, tensors: Iterable[tuple[str, torch.Tensor]])
         if module not in fused:
             yield name, tensor
             continue
-        for part, piece in zip(fused[module], tensor.split(split_sizes(config, module))):
+        sizes = split_sizes(config, module)
+        if tensor.shape[0] != sum(sizes):
+            raise UserError(f"tensor {hf_name} has {tensor.shape[0]} rows, but config.json makes "
+                            f"{' + '.join(map(str, sizes))} ({', '.join(fused[module])}); {SIZES_FIX}")
+        for part, piece in zip(fused[module], tensor.split(sizes)):
             yield f"{layer}.{part}.{kind}", piece
 
 
@@ -107,7 +114,7 @@ def convert_hf(
     if not ((src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file()):
         raise UserError(f"no tokenizer in {src}: expected tokenizer.json or tokenizer.model next to config.json")
     target = parse_dtype(dtype)
-    expected = stored_names(config)
+    expected = stored_shapes(config)
     written: set[str] = set()
     saved_dtype = target
     with atomic_dir(out, overwrite, inputs=[src]) as tmp:
@@ -120,11 +127,12 @@ def convert_hf(
                 if name not in expected:
                     raise UserError(f"unexpected tensor {hf_name!r} in {path.name}: it does not belong to the "
                                     f"{config.family} model that {src / 'config.json'} describes")
+                check_shape(hf_name, tensor.shape, expected[name], str(src / "config.json"), SIZES_FIX)
                 if name == "embed_tokens.weight":
                     saved_dtype = saved_dtype or tensor.dtype
                 writer.add(name, tensor.contiguous())
                 written.add(name)
-        missing = sorted(expected - written)
+        missing = sorted(expected.keys() - written)
         if missing:
             raise UserError(f"{src} lacks {len(missing)} tensors the config needs (e.g. {missing[:3]}); "
                             f"is a weights shard missing?")
