@@ -188,16 +188,27 @@ def test_preset_has_the_published_size(name):
     assert name in PRESETS
 
 
-# family -> a change to its config.json -> words of the one-line refusal. Sizes that do not fit the weights made a
-# checkpoint that crashed when it loaded (or, Phi 3's fused rows, crashed the import).
+# family -> a change to its config.json -> words of the one-line refusal. Before each was refused, a value of the
+# wrong type or size crashed the import with a traceback, or made a checkpoint that was silently wrong (a string
+# "false" tied the head to the embedding; unknown layer types were full attention) or crashed only when it ran.
 @pytest.mark.parametrize("family,change,words", [
     ("qwen2", {"vision_config": {"model_type": "siglip_vision_model"}}, ["'vision_config'", "a vision tower"]),
     ("qwen2", {"num_local_experts": 8}, ["'num_local_experts'", "a mixture of experts"]),
     ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["unsupported rope_type 'yarn'"]),
     ("qwen2", {"hidden_act": "relu"}, ["unsupported hidden_act 'relu'"]),
     ("qwen2", {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}, ["unsupported architecture"]),
+    ("qwen2", {"model_type": None, "architectures": None}, ["neither model_type nor architectures"]),
+    ("qwen2", {"num_attention_heads": "4"}, ["num_attention_heads in config.json", "a whole number >= 1", "'4'"]),
+    ("qwen2", {"tie_word_embeddings": "false"}, ["tie_word_embeddings", "true or false"]),
+    ("qwen2", {"rope_parameters": [10000.0]}, ["rope_parameters in config.json", "an object"]),
     ("qwen2", {"vocab_size": 100}, ["model.embed_tokens.weight is [384, 64]", "makes it [100, 64]", "vocab_size"]),
+    ("mistral", {"sliding_window": 0}, ["sliding_window in config.json", "a whole number >= 1, not 0"]),
+    ("gemma2", {"layer_types": ["sliding_attention"]}, ["layer_types", "one type per layer (3", "a list of 1"]),
+    ("gemma2", {"layer_types": ["local", "global", "local"]}, ["layer_types holds 'local'", "full_attention"]),
+    ("gemma2", {"query_pre_attn_scalar": 0}, ["query_pre_attn_scalar in config.json", "a number > 0"]),
     ("qwen3", {"head_dim": 16}, ["makes it [16]", "head_dim"]),
+    ("phi3", {"rope_parameters": {**LONGROPE, "partial_rotary_factor": 0}}, ["partial_rotary_factor", "(0, 1]"]),
+    ("phi3", {"rope_parameters": {**LONGROPE, "short_factor": [1.0, 2.0]}}, ["short_factor has 2 entries", "need 4"]),
     ("phi3", {"num_key_value_heads": 1}, ["qkv_proj.weight has 128 rows", "64 + 16 + 16", "num_key_value_heads"]),
 ])
 def test_what_the_model_cannot_compute_is_refused_by_name(monkeypatch, capsys, tmp_path, family, change, words):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lit_lora.convert.hf import FUSED, from_hf_name, split_sizes, to_hf_name
+from lit_lora.convert.hf import FUSED, from_hf_name, is_number, split_sizes, to_hf_name
 from lit_lora.errors import UserError
 from lit_lora.fileio import iter_safetensors, write_json
 from lit_lora.lora import TARGET_GROUPS, TARGETS, LoRAConfig
@@ -116,16 +116,12 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
                type(None): "null"}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_numbers(cfg: dict[str, Any], path: Path) -> None:
     """r, lora_alpha and lora_dropout as PEFT writes them, or a UserError naming the field."""
     r, dropout = cfg.get("r"), cfg.get("lora_dropout") or 0.0
     for key, ok, must in (("r", type(r) is int and r >= 1, "a whole number >= 1"),
-                          ("lora_alpha", _is_number(cfg.get("lora_alpha")), "a number"),
-                          ("lora_dropout", _is_number(dropout) and 0 <= dropout < 1, "a number in [0, 1)")):
+                          ("lora_alpha", is_number(cfg.get("lora_alpha")), "a number"),
+                          ("lora_dropout", is_number(dropout) and 0 <= dropout < 1, "a number in [0, 1)")):
         if not ok:
             got = repr(cfg[key]) if key in cfg else "nothing"
             raise UserError(f"{path} is not a PEFT adapter config: {key} must be {must}, got {got}")
