@@ -244,7 +244,10 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str
                         f"('gpt2') tokenizers only; convert the original Hugging Face directory with convert-hf")
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    except Exception as e:  # the tokenizers library raises plain Exceptions, e.g. for a merge of unlisted tokens
+        raise UserError(f"the GGUF's tokenizer cannot be rebuilt ({e}): its merges do not fit its tokens") from None
     tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
     tokenizer.decoder = decoders.ByteLevel()
     # Control tokens (type 3) must be added tokens, or "<|im_start|>" would be split into byte pieces.
@@ -451,6 +454,9 @@ def check_tokenizer(tokenizer: Any, vocab_size: int) -> tuple[str, list[Any]] | 
         if model.get("type") != "BPE" or not model.get("merges"):
             raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} is {model.get('type')}, not byte-level "
                             f"BPE with merges; it cannot be expressed in GGUF by lit-lora")
+        if len(model["vocab"]) > vocab_size:  # GGUF lists one token per row: merges would make unlisted ones
+            raise UserError(f"{tokenizer.path} has {len(model['vocab'])} tokens for {vocab_size} embedding rows: it is "
+                            f"not this model's tokenizer; put the model's own tokenizer in the checkpoint")
         return _pre_tokenizer_name(tokenizer, spec), model["merges"]
     if tokenizer.processor.vocab_size() != vocab_size:
         raise UserError(f"{tokenizer.path} has {tokenizer.processor.vocab_size()} pieces for {vocab_size} embedding "
