@@ -134,6 +134,12 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
     if cfg.get("peft_type") != "LORA":
         raise UserError(f"{path} is a PEFT {cfg.get('peft_type')} adapter; only LORA adapters are supported")
     _check_numbers(cfg, path)
+    modules = cfg.get("target_modules")
+    # Before the options: our own Phi 3 export sets rank_pattern for these, and the fused modules are the reason.
+    if isinstance(modules, list) and any(m in ("qkv_proj", "gate_up_proj") for m in modules):
+        raise UserError(f"{path} adapts Phi 3's fused qkv_proj / gate_up_proj, which lit-lora cannot import yet "
+                        f"(it only exports them); use the lit-lora adapter it was exported from, or merge it with "
+                        f"PEFT first")
     unsupported = {
         "use_dora": cfg.get("use_dora"), "bias": cfg.get("bias", "none") != "none",
         "fan_in_fan_out": cfg.get("fan_in_fan_out"), "rank_pattern": cfg.get("rank_pattern"),
@@ -144,14 +150,10 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
     if used:
         raise UserError(f"{path} uses PEFT options lit-lora does not support ({', '.join(used)}); "
                         f"only plain LoRA on linear layers can be imported")
-    modules = cfg.get("target_modules")
     if modules == "all-linear":  # PEFT's shorthand excludes the output head
         targets = TARGET_GROUPS["attention"] + TARGET_GROUPS["mlp"]
     elif isinstance(modules, list) and all(isinstance(m, str) and m in _MODULE_TO_TARGET for m in modules):
         targets = [_MODULE_TO_TARGET[m] for m in modules]
-    elif isinstance(modules, list) and any(m in ("qkv_proj", "gate_up_proj") for m in modules):
-        raise UserError(f"{path} adapts Phi 3's fused qkv_proj / gate_up_proj, which lit-lora cannot import yet "
-                        f"(it exports them); train the adapter with lit-lora, or merge it with PEFT first")
     else:
         raise UserError(f"{path}: unsupported target_modules {modules!r}; expected a list of "
                         f"{', '.join(_MODULE_TO_TARGET)}")
