@@ -39,12 +39,20 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3  # a shard is held in memory (and copied once 
 _SKIP_VERIFY = "--no-verify, or verify: false in a training config, skips this check"
 
 
-def stored_names(config: Config) -> set[str]:
-    """The tensor names a checkpoint of `config` holds: the model's parameters, a tied head stored once (as
-    the embedding). Imports check against this, loading fills the model from it."""
+def stored_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of `config` holds, by name, with their shapes: the model's parameters, a tied head
+    stored once (as the embedding). Imports check against this, loading fills the model from it."""
     with torch.device("meta"):
-        names = set(LLaMA(config).state_dict())
-    return names - {"lm_head.weight"} if config.tie_embeddings else names
+        state = LLaMA(config).state_dict()
+    return {name: tuple(t.shape) for name, t in state.items()
+            if not (config.tie_embeddings and name == "lm_head.weight")}
+
+
+def check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...], config: str, fix: str) -> None:
+    """Refuse tensor `name` unless its `shape` is the one its model config (`config`: where that is) makes it: a
+    size there that does not fit the weights (a typo, a hand edit) would otherwise fail later, inside torch."""
+    if tuple(shape) != expected:
+        raise UserError(f"tensor {name} is {list(shape)}, but {config} makes it {list(expected)}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -137,7 +145,7 @@ def save_checkpoint(
 
 def model_state_for_saving(model: LLaMA) -> dict[str, torch.Tensor]:
     """The base weights: LoRA tensors left out, and a tied head stored once (as the embedding)."""
-    names = stored_names(model.config)
+    names = stored_shapes(model.config)
     return {k: v.detach() for k, v in model.state_dict().items() if k in names}
 
 
@@ -211,14 +219,20 @@ def iter_weights(checkpoint_dir: Path, dtype: torch.dtype | None = None, device:
                  verify: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) over every weights file, one tensor at a time. With `verify`, each file is hashed while it
     is read and checked against the sha256 that checkpoint.json records (a damaged file is a UserError naming
-    it, raised before its last tensor comes out); files of a checkpoint that records no hashes are not checked."""
+    it, raised before its last tensor comes out); files of a checkpoint that records no hashes are not checked.
+    Each tensor's shape is checked against model_config.yaml (`check_shape`)."""
     hashes = (load_info(checkpoint_dir).get("weights_sha256") or {}) if verify else {}
+    expected, config = stored_shapes(load_config(checkpoint_dir)), str(Path(checkpoint_dir) / MODEL_CONFIG)
     for path in weight_files(checkpoint_dir):
         if hashes and path.name not in hashes:
             raise UserError(f"{path} is not among the weights files {CHECKPOINT_INFO} records: the checkpoint was "
                             f"changed after it was written; convert it again ({_SKIP_VERIFY})")
-        yield from iter_safetensors(path, dtype, str(device), sha256=hashes.get(path.name),
-                                    hint=f"; convert or download the checkpoint again ({_SKIP_VERIFY})")
+        for name, tensor in iter_safetensors(path, dtype, str(device), sha256=hashes.get(path.name),
+                                             hint=f"; convert or download the checkpoint again ({_SKIP_VERIFY})"):
+            if name in expected:
+                check_shape(name, tensor.shape, expected[name], config, "convert the checkpoint again (or restore "
+                            "that file)")
+            yield name, tensor
 
 
 def load_model(
@@ -233,8 +247,8 @@ def load_model(
     state = dict(iter_weights(checkpoint_dir, dtype, device, verify))
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    expected = stored_names(config)
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = stored_shapes(config)
+    missing, unexpected = sorted(expected.keys() - set(state)), sorted(set(state) - expected.keys())
     if missing or unexpected:
         raise UserError(f"checkpoint {checkpoint_dir} does not match its model_config.yaml: "
                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -75,6 +75,19 @@ class Config:
             raise UserError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.mlp_activation not in ACTIVATIONS:
             raise UserError(f"unknown mlp_activation {self.mlp_activation!r}; use one of {', '.join(ACTIVATIONS)}")
+        self._check_rope()
+
+    def _check_rope(self) -> None:
+        """Rotate-half RoPE pairs a head's rotated dims up in halves, and LongRoPE has one factor per pair: sizes
+        that do not fit would fail (or rotate nothing) only once the model runs."""
+        if self.rope_dim % 2 or not 2 <= self.rope_dim <= self.head_dim:
+            raise UserError(f"rope_dim ({self.rope_dim}) must be an even number from 2 to head_dim ({self.head_dim}); "
+                            f"check head_dim and partial_rotary_factor")
+        s = self.rope_scaling or {}
+        for key in ("short_factor", "long_factor") if s.get("rope_type") == "longrope" else ():
+            if len(s[key]) != self.rope_dim // 2:
+                raise UserError(f"LongRoPE's {key} has {len(s[key])} entries; the {self.rope_dim} rotated dims of a "
+                                f"head (rope_dim) need {self.rope_dim // 2}, one per pair")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":

@@ -332,6 +332,18 @@ def test_cli_convert_gguf_unsupported(monkeypatch, capsys, tmp_path, arch, kind,
     assert_clean_failure(*run_cli_err(monkeypatch, capsys, "convert-gguf", tmp_path / "m.gguf", "--out", out), out, expected)
 
 
+def test_cli_convert_gguf_sizes_that_do_not_fit_the_tensors(monkeypatch, capsys, tmp_path):
+    """Metadata whose sizes are not the tensors' was written into a checkpoint that crashed when it loaded."""
+    import dataclasses
+
+    model = tiny_source_model(tmp_path / "tok", n_layers=1)
+    model.config = dataclasses.replace(model.config, hidden_dim=96)  # the metadata says 96, the tensors hold 128
+    write_tiny_gguf(tmp_path / "m.gguf", model, tmp_path / "tok")
+    out = tmp_path / "ckpt"
+    assert_clean_failure(*run_cli_err(monkeypatch, capsys, "convert-gguf", tmp_path / "m.gguf", "--out", out), out,
+                         "its GGUF metadata makes it")
+
+
 def test_cli_convert_gguf_not_gguf(monkeypatch, capsys, tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 truncated")
     out = tmp_path / "ckpt"

@@ -225,15 +225,27 @@ def test_an_existing_gguf_is_replaced_only_with_overwrite(monkeypatch, capsys, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.Modelfile", "model.gguf"]  # no temporary left
 
 
-def test_a_tokenizer_gguf_cannot_express_is_refused(monkeypatch, capsys, tiny_checkpoint, tmp_path):
+def _lowercase(spec: dict) -> None:
+    spec["normalizer"] = {"type": "Lowercase"}
+
+
+def _more_tokens_than_rows(spec: dict) -> None:
+    """Another model's tokenizer: GGUF lists one token per embedding row, so the merges made unlisted tokens and the
+    file could not be read back (convert-gguf crashed on it; llama.cpp cannot tokenise with it)."""
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"extra{i}": len(vocab) + i for i in range(8)})
+
+
+@pytest.mark.parametrize("change,words", [(_lowercase, ["normalises", "GGUF"]),
+                                          (_more_tokens_than_rows, ["tokens for", "embedding rows", "own tokenizer"])])
+def test_a_tokenizer_gguf_cannot_express_is_refused(monkeypatch, capsys, tiny_checkpoint, tmp_path, change, words):
     import shutil
 
     odd = shutil.copytree(tiny_checkpoint, tmp_path / "odd")
     spec = json.loads((odd / "tokenizer.json").read_text())
-    spec["normalizer"] = {"type": "Lowercase"}
+    change(spec)
     (odd / "tokenizer.json").write_text(json.dumps(spec))
-    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", odd, "--out", tmp_path / "odd.gguf",
-             words=["normalises", "GGUF"])
+    _refused(monkeypatch, capsys, tmp_path, "--checkpoint_dir", odd, "--out", tmp_path / "odd.gguf", words=words)
 
 
 def test_an_adapter_on_an_untied_head_applies_in_llama_cpp(tmp_path):

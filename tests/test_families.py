@@ -153,10 +153,12 @@ def trained_adapter(checkpoint, out):
     return model.eval()
 
 
-def test_lora_through_peft_and_merged(family, tmp_path):
+def test_lora_through_peft_and_merged(monkeypatch, capsys, family, tmp_path):
+    from conftest import run_cli
     from peft import PeftModel
+    from test_integrity import assert_error
 
-    _, hf, _, checkpoint = family
+    name, hf, _, checkpoint = family
     model = trained_adapter(checkpoint, tmp_path / "adapter")
     export_peft(tmp_path / "adapter", tmp_path / "peft")
     with torch.no_grad():
@@ -169,6 +171,10 @@ def test_lora_through_peft_and_merged(family, tmp_path):
         for layer_name, layer in [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A")]:
             state[f"{layer_name}.weight"].copy_(merged_weight(layer.weight, layer.lora_A, layer.lora_B, layer.scaling))
         assert (base(IDX) - ours).abs().max() < 1e-4
+    if name == "phi3":  # read back, the fused modules are named (it was refused for the rank_pattern they need)
+        code, _, err = run_cli(monkeypatch, capsys, "generate", "--checkpoint_dir", checkpoint, "--lora_path",
+                               tmp_path / "peft", "--prompt", "hi", "--max_new_tokens", 2, "--precision", "32-true")
+        assert_error(code, err, "fused qkv_proj / gate_up_proj", "the lit-lora adapter it was exported from")
 
 
 # Parameter counts the model cards state (in billions), for the presets' shapes.
@@ -188,18 +194,34 @@ def test_preset_has_the_published_size(name):
     assert name in PRESETS
 
 
-@pytest.mark.parametrize("change,words", [
-    ({"vision_config": {"model_type": "siglip_vision_model"}}, ["'vision_config'", "a vision tower"]),
-    ({"num_local_experts": 8}, ["'num_local_experts'", "a mixture of experts"]),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["unsupported rope_type 'yarn'"]),
-    ({"hidden_act": "relu"}, ["unsupported hidden_act 'relu'"]),
-    ({"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}, ["unsupported architecture"]),
+# family -> a change to its config.json -> words of the one-line refusal. Before each was refused, a value of the
+# wrong type or size crashed the import with a traceback, or made a checkpoint that was silently wrong (a string
+# "false" tied the head to the embedding; unknown layer types were full attention) or crashed only when it ran.
+@pytest.mark.parametrize("family,change,words", [
+    ("qwen2", {"vision_config": {"model_type": "siglip_vision_model"}}, ["'vision_config'", "a vision tower"]),
+    ("qwen2", {"num_local_experts": 8}, ["'num_local_experts'", "a mixture of experts"]),
+    ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["unsupported rope_type 'yarn'"]),
+    ("qwen2", {"hidden_act": "relu"}, ["unsupported hidden_act 'relu'"]),
+    ("qwen2", {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}, ["unsupported architecture"]),
+    ("qwen2", {"model_type": None, "architectures": None}, ["neither model_type nor architectures"]),
+    ("qwen2", {"num_attention_heads": "4"}, ["num_attention_heads in config.json", "a whole number >= 1", "'4'"]),
+    ("qwen2", {"tie_word_embeddings": "false"}, ["tie_word_embeddings", "true or false"]),
+    ("qwen2", {"rope_parameters": [10000.0]}, ["rope_parameters in config.json", "an object"]),
+    ("qwen2", {"vocab_size": 100}, ["model.embed_tokens.weight is [384, 64]", "makes it [100, 64]", "vocab_size"]),
+    ("mistral", {"sliding_window": 0}, ["sliding_window in config.json", "a whole number >= 1, not 0"]),
+    ("gemma2", {"layer_types": ["sliding_attention"]}, ["layer_types", "one type per layer (3", "a list of 1"]),
+    ("gemma2", {"layer_types": ["local", "global", "local"]}, ["layer_types holds 'local'", "full_attention"]),
+    ("gemma2", {"query_pre_attn_scalar": 0}, ["query_pre_attn_scalar in config.json", "a number > 0"]),
+    ("qwen3", {"head_dim": 16}, ["makes it [16]", "head_dim"]),
+    ("phi3", {"rope_parameters": {**LONGROPE, "partial_rotary_factor": 0}}, ["partial_rotary_factor", "(0, 1]"]),
+    ("phi3", {"rope_parameters": {**LONGROPE, "short_factor": [1.0, 2.0]}}, ["short_factor has 2 entries", "need 4"]),
+    ("phi3", {"num_key_value_heads": 1}, ["qkv_proj.weight has 128 rows", "64 + 16 + 16", "num_key_value_heads"]),
 ])
-def test_what_the_model_cannot_compute_is_refused_by_name(monkeypatch, capsys, tmp_path, change, words):
+def test_what_the_model_cannot_compute_is_refused_by_name(monkeypatch, capsys, tmp_path, family, change, words):
     from conftest import run_cli
     from test_integrity import assert_error
 
-    hf = build_hf_model("qwen2")
+    hf = build_hf_model(family)
     hf.save_pretrained(tmp_path / "hf")
     write_tiny_tokenizer(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

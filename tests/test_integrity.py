@@ -119,6 +119,23 @@ def test_intact_checkpoint_passes_and_a_damaged_checkpoint_json_is_one_line(monk
     assert snapshot(ckpt) == before
 
 
+@pytest.mark.parametrize("key,value", [("vocab_size", 100), ("hidden_dim", 96)])
+def test_a_config_that_does_not_fit_the_weights_is_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint, key,
+                                                            value):
+    """A model_config.yaml whose sizes are not the weights' (edited, or converted before convert-hf compared them):
+    loading crashed in torch, and export-hf wrote a directory transformers cannot load."""
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    config = yaml.safe_load((ckpt / "model_config.yaml").read_text())
+    (ckpt / "model_config.yaml").write_text(yaml.safe_dump({**config, key: value}))
+    before = snapshot(ckpt)
+    for args in (generate_args(ckpt), ["export-hf", "--checkpoint_dir", ckpt, "--out", tmp_path / "hf"]):
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        assert_error(code, err, "model_config.yaml makes it", "convert the checkpoint again")
+        assert out == ""
+    assert_not_written(tmp_path / "hf")
+    assert snapshot(ckpt) == before
+
+
 def test_finetune_refuses_a_damaged_base(monkeypatch, capsys, tmp_path, damaged_checkpoint, prepared):
     before = snapshot(damaged_checkpoint, prepared)
     out_dir = tmp_path / "run"

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lit_lora.checkpoint import ShardWriter, finish_checkpoint, stored_names
+from lit_lora.checkpoint import ShardWriter, check_shape, finish_checkpoint, stored_shapes
 from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, write_json
@@ -185,23 +185,25 @@ def iter_gguf_tensors(reader, config: Config) -> Iterator[tuple[str, torch.Tenso
     """(our name, float32 tensor in PyTorch's (out, in) layout), one tensor at a time."""
     from gguf.quants import dequantize
 
-    seen = set()
+    expected, seen = stored_shapes(config), set()
     for t in reader.tensors:
         name = our_name(t.name)
         if name is None:
             continue
+        if name not in expected:
+            raise UserError(f"GGUF tensor {t.name!r} does not belong to the model its metadata describes")
         # GGUF lists dimensions innermost first: (in, out) for a weight matrix.
         array = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
         tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: F32 data is a read-only mmap
+        check_shape(t.name, tensor.shape, expected[name], "its GGUF metadata",
+                    "the file is not a consistent llama.cpp model")
         if heads := rope_heads(name, config):
             tensor = unpermute_rope_rows(tensor, heads)
         seen.add(name)
         yield name, tensor
-    expected = stored_names(config)
-    missing = sorted(expected - seen)
-    if missing or seen - expected:
-        raise UserError(f"GGUF tensors do not match its metadata: missing {missing[:3]}, "
-                        f"unexpected {sorted(seen - expected)[:3]}")
+    missing = sorted(expected.keys() - seen)
+    if missing:
+        raise UserError(f"GGUF tensors do not match its metadata: missing {missing[:3]}")
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -242,7 +244,10 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str
                         f"('gpt2') tokenizers only; convert the original Hugging Face directory with convert-hf")
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    except Exception as e:  # the tokenizers library raises plain Exceptions, e.g. for a merge of unlisted tokens
+        raise UserError(f"the GGUF's tokenizer cannot be rebuilt ({e}): its merges do not fit its tokens") from None
     tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
     tokenizer.decoder = decoders.ByteLevel()
     # Control tokens (type 3) must be added tokens, or "<|im_start|>" would be split into byte pieces.
@@ -449,6 +454,9 @@ def check_tokenizer(tokenizer: Any, vocab_size: int) -> tuple[str, list[Any]] | 
         if model.get("type") != "BPE" or not model.get("merges"):
             raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} is {model.get('type')}, not byte-level "
                             f"BPE with merges; it cannot be expressed in GGUF by lit-lora")
+        if len(model["vocab"]) > vocab_size:  # GGUF lists one token per row: merges would make unlisted ones
+            raise UserError(f"{tokenizer.path} has {len(model['vocab'])} tokens for {vocab_size} embedding rows: it is "
+                            f"not this model's tokenizer; put the model's own tokenizer in the checkpoint")
         return _pre_tokenizer_name(tokenizer, spec), model["merges"]
     if tokenizer.processor.vocab_size() != vocab_size:
         raise UserError(f"{tokenizer.path} has {tokenizer.processor.vocab_size()} pieces for {vocab_size} embedding "

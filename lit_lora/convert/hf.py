@@ -14,11 +14,11 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from lit_lora.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, finish_checkpoint, stored_names
+from lit_lora.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, check_shape, finish_checkpoint, stored_shapes
 from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors
@@ -38,6 +38,44 @@ ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's name ->
 UNSUPPORTED_KEYS = {"vision_config": "a vision tower", "audio_config": "an audio tower",
                     "num_experts": "a mixture of experts", "num_local_experts": "a mixture of experts",
                     "n_routed_experts": "a mixture of experts"}
+# What to do when the weights' shapes are not the ones config.json's sizes make.
+SIZES_FIX = ("correct config.json's sizes to the weights' (hidden_size, intermediate_size, num_attention_heads, "
+             "num_key_value_heads, head_dim, vocab_size)")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # layer_types' values, as transformers names them
+
+
+def is_number(value: Any) -> bool:
+    """A finite JSON number (true and false are not numbers, though Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: type(v) is int and v >= low), f"a whole number >= {low}"
+
+
+_POSITIVE = (lambda v: is_number(v) and v > 0, "a number > 0")
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_FLAG = (lambda v: type(v) is bool, "true or false")
+_OBJECT = (lambda v: isinstance(v, dict), "an object")
+_NUMBERS = (lambda v: isinstance(v, list) and all(map(is_number, v)), "a list of numbers")
+# What each config.json key lit-lora reads must hold (at the top level or in the RoPE settings; null: not set), so
+# that a wrong value is refused by name instead of crashing the import or becoming a silently wrong model.
+CONFIG_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                     "sliding_window_pattern", "original_max_position_embeddings"), _whole(1)),
+    "max_window_layers": _whole(0),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+                     "attn_logit_softcapping", "final_logit_softcapping", "embedding_multiplier",
+                     "residual_multiplier", "attention_multiplier", "logits_scaling", "factor", "low_freq_factor",
+                     "high_freq_factor", "attention_factor"), _POSITIVE),
+    "partial_rotary_factor": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"), _FLAG),
+    **dict.fromkeys(("model_type", "hidden_act", "hidden_activation"), _TEXT),
+    "architectures": (lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of class names"),
+    **dict.fromkeys(("rope_scaling", "rope_parameters", "full_attention", "sliding_attention"), _OBJECT),
+    **dict.fromkeys(("short_factor", "long_factor"), _NUMBERS),
+}
 
 
 def to_hf_name(name: str) -> str:
@@ -71,7 +109,11 @@ def from_hf_tensors(config: Config, tensors: Iterable[tuple[str, torch.Tensor]])
         if module not in fused:
             yield name, tensor
             continue
-        for part, piece in zip(fused[module], tensor.split(split_sizes(config, module))):
+        sizes = split_sizes(config, module)
+        if tensor.shape[0] != sum(sizes):
+            raise UserError(f"tensor {hf_name} has {tensor.shape[0]} rows, but config.json makes "
+                            f"{' + '.join(map(str, sizes))} ({', '.join(fused[module])}); {SIZES_FIX}")
+        for part, piece in zip(fused[module], tensor.split(sizes)):
             yield f"{layer}.{part}.{kind}", piece
 
 
@@ -107,7 +149,7 @@ def convert_hf(
     if not ((src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file()):
         raise UserError(f"no tokenizer in {src}: expected tokenizer.json or tokenizer.model next to config.json")
     target = parse_dtype(dtype)
-    expected = stored_names(config)
+    expected = stored_shapes(config)
     written: set[str] = set()
     saved_dtype = target
     with atomic_dir(out, overwrite, inputs=[src]) as tmp:
@@ -120,11 +162,12 @@ def convert_hf(
                 if name not in expected:
                     raise UserError(f"unexpected tensor {hf_name!r} in {path.name}: it does not belong to the "
                                     f"{config.family} model that {src / 'config.json'} describes")
+                check_shape(hf_name, tensor.shape, expected[name], str(src / "config.json"), SIZES_FIX)
                 if name == "embed_tokens.weight":
                     saved_dtype = saved_dtype or tensor.dtype
                 writer.add(name, tensor.contiguous())
                 written.add(name)
-        missing = sorted(expected - written)
+        missing = sorted(expected.keys() - written)
         if missing:
             raise UserError(f"{src} lacks {len(missing)} tensors the config needs (e.g. {missing[:3]}); "
                             f"is a weights shard missing?")
@@ -140,6 +183,8 @@ def read_hf_config(src: Path) -> Config:
         raise UserError(f"{src} has no config.json; point convert-hf at a Hugging Face model directory")
     try:
         hf = json.loads(path.read_text())
+        if not isinstance(hf, dict):
+            raise UserError(f"{path} is not a model config: it is not a JSON object; download the model's own")
         return config_from_hf(hf, name=src.resolve().name)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
@@ -181,6 +226,18 @@ def iter_weights(path: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, t
 
 
 # ---------------------------------------------------------------------------------------------- config.json
+def _set(values: dict[str, Any]) -> dict[str, Any]:
+    """The keys of config.json (or of its RoPE settings) that are set: null means not set, as in transformers."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _check_values(values: dict[str, Any], where: str = "config.json") -> None:
+    """Refuse, naming the key, a value in `values` (config.json or its RoPE settings) that CONFIG_VALUES rules out."""
+    for key, (ok, must) in CONFIG_VALUES.items():
+        if values.get(key) is not None and not ok(values[key]):
+            raise UserError(f"{key} in {where} must be {must}, not {values[key]!r}; correct it")
+
+
 def _check_family(hf: dict[str, Any]) -> str:
     """The model_type of a config.json this decoder computes, or a UserError naming what it is not."""
     archs, model_type = hf.get("architectures") or [], hf.get("model_type")
@@ -188,6 +245,9 @@ def _check_family(hf: dict[str, Any]) -> str:
         if hf.get(key):
             raise UserError(f"config.json has {key!r}: the model holds {what}, which lit-lora does not compute "
                             f"(it reads the text decoders of {', '.join(FAMILIES)})")
+    if not archs and not model_type:
+        raise UserError(f"config.json names neither model_type nor architectures, so its family is unknown; add "
+                        f"the model_type it has on the Hub (lit-lora reads {', '.join(FAMILIES)})")
     if model_type not in FAMILIES and not any(a in FAMILIES.values() for a in archs):
         raise UserError(f"unsupported architecture {archs or model_type!r}: lit-lora reads "
                         f"{', '.join(FAMILIES.values())}")
@@ -202,10 +262,15 @@ def _check_family(hf: dict[str, Any]) -> str:
 def _rope(hf: dict[str, Any], family: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(global, local) RoPE parameters: transformers 5's rope_parameters (per layer type for Gemma 3), or the
     older rope_theta / rope_scaling / rope_local_base_freq keys."""
-    params = dict(hf.get("rope_parameters") or {})
+    params = _set(hf.get("rope_parameters") or {})
+    _check_values(params, "config.json's rope_parameters")
     if "full_attention" in params:
-        return dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
-    rope = {**params, **(hf.get("rope_scaling") or {})}
+        rope, local = _set(params["full_attention"]), _set(params.get("sliding_attention") or {})
+        _check_values(rope, "config.json's rope_parameters.full_attention")
+        _check_values(local, "config.json's rope_parameters.sliding_attention")
+        return rope, local
+    rope = {**params, **_set(hf.get("rope_scaling") or {})}
+    _check_values(rope, "config.json's rope settings")
     rope.setdefault("rope_theta", hf.get("rope_theta", 1e6 if family == "gemma3_text" else 10000.0))
     return rope, {"rope_theta": hf["rope_local_base_freq"]} if "rope_local_base_freq" in hf else {}
 
@@ -240,7 +305,7 @@ def _local_layers(hf: dict[str, Any], family: str, n_layers: int) -> tuple[int |
     if window is None or family in ("llama", "granite", "gemma"):
         return None, None
     if hf.get("layer_types"):
-        local = [i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention"]
+        local = [i for i, t in enumerate(_layer_types(hf["layer_types"], n_layers)) if t == "sliding_attention"]
     elif family == "gemma2":
         local = [i for i in range(n_layers) if (i + 1) % 2]
     elif family == "gemma3_text":
@@ -252,8 +317,23 @@ def _local_layers(hf: dict[str, Any], family: str, n_layers: int) -> tuple[int |
     return (int(window), None if len(local) == n_layers else local) if local else (None, None)
 
 
+def _layer_types(types: Any, n_layers: int) -> list[str]:
+    """config.json's layer_types, or a UserError: one of LAYER_TYPES per layer."""
+    if not isinstance(types, list) or len(types) != n_layers:
+        got = f"a list of {len(types)}" if isinstance(types, list) else repr(types)
+        raise UserError(f"config.json's layer_types must list one type per layer ({n_layers}, num_hidden_layers), "
+                        f"not {got}; correct it")
+    unknown = [t for t in types if t not in LAYER_TYPES]
+    if unknown:
+        raise UserError(f"config.json's layer_types holds {unknown[0]!r}; each entry must be one of "
+                        f"{', '.join(LAYER_TYPES)}")
+    return types
+
+
 def config_from_hf(hf: dict[str, Any], name: str = "") -> Config:
     """Our Config from a Hugging Face `config.json` of one of FAMILIES."""
+    hf = _set(hf)
+    _check_values(hf)
     family = _check_family(hf)
     gemma, granite = family.startswith("gemma"), family == "granite"
     act = hf.get("hidden_activation") or hf.get("hidden_act", "silu") if gemma else hf.get("hidden_act", "silu")

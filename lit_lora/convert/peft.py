@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lit_lora.convert.hf import FUSED, from_hf_name, split_sizes, to_hf_name
+from lit_lora.convert.hf import FUSED, from_hf_name, is_number, split_sizes, to_hf_name
 from lit_lora.errors import UserError
 from lit_lora.fileio import iter_safetensors, write_json
 from lit_lora.lora import TARGET_GROUPS, TARGETS, LoRAConfig
@@ -116,16 +116,12 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
                type(None): "null"}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_numbers(cfg: dict[str, Any], path: Path) -> None:
     """r, lora_alpha and lora_dropout as PEFT writes them, or a UserError naming the field."""
     r, dropout = cfg.get("r"), cfg.get("lora_dropout") or 0.0
     for key, ok, must in (("r", type(r) is int and r >= 1, "a whole number >= 1"),
-                          ("lora_alpha", _is_number(cfg.get("lora_alpha")), "a number"),
-                          ("lora_dropout", _is_number(dropout) and 0 <= dropout < 1, "a number in [0, 1)")):
+                          ("lora_alpha", is_number(cfg.get("lora_alpha")), "a number"),
+                          ("lora_dropout", is_number(dropout) and 0 <= dropout < 1, "a number in [0, 1)")):
         if not ok:
             got = repr(cfg[key]) if key in cfg else "nothing"
             raise UserError(f"{path} is not a PEFT adapter config: {key} must be {must}, got {got}")
@@ -138,6 +134,12 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
     if cfg.get("peft_type") != "LORA":
         raise UserError(f"{path} is a PEFT {cfg.get('peft_type')} adapter; only LORA adapters are supported")
     _check_numbers(cfg, path)
+    modules = cfg.get("target_modules")
+    # Before the options: our own Phi 3 export sets rank_pattern for these, and the fused modules are the reason.
+    if isinstance(modules, list) and any(m in ("qkv_proj", "gate_up_proj") for m in modules):
+        raise UserError(f"{path} adapts Phi 3's fused qkv_proj / gate_up_proj, which lit-lora cannot import yet "
+                        f"(it only exports them); use the lit-lora adapter it was exported from, or merge it with "
+                        f"PEFT first")
     unsupported = {
         "use_dora": cfg.get("use_dora"), "bias": cfg.get("bias", "none") != "none",
         "fan_in_fan_out": cfg.get("fan_in_fan_out"), "rank_pattern": cfg.get("rank_pattern"),
@@ -148,14 +150,10 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
     if used:
         raise UserError(f"{path} uses PEFT options lit-lora does not support ({', '.join(used)}); "
                         f"only plain LoRA on linear layers can be imported")
-    modules = cfg.get("target_modules")
     if modules == "all-linear":  # PEFT's shorthand excludes the output head
         targets = TARGET_GROUPS["attention"] + TARGET_GROUPS["mlp"]
     elif isinstance(modules, list) and all(isinstance(m, str) and m in _MODULE_TO_TARGET for m in modules):
         targets = [_MODULE_TO_TARGET[m] for m in modules]
-    elif isinstance(modules, list) and any(m in ("qkv_proj", "gate_up_proj") for m in modules):
-        raise UserError(f"{path} adapts Phi 3's fused qkv_proj / gate_up_proj, which lit-lora cannot import yet "
-                        f"(it exports them); train the adapter with lit-lora, or merge it with PEFT first")
     else:
         raise UserError(f"{path}: unsupported target_modules {modules!r}; expected a list of "
                         f"{', '.join(_MODULE_TO_TARGET)}")
