@@ -16,7 +16,7 @@ from lit_lora.errors import UserError
 from lit_lora.model import LLaMA, rope_inv_freq
 from lit_lora.tokenizer import Tokenizer
 
-VOCAB = 384
+VOCAB = 512
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 

@@ -26,7 +26,7 @@ from lit_lora.presets import PRESETS
 
 pytest.importorskip("transformers")
 
-VOCAB, WINDOW = 384, 8
+VOCAB, WINDOW = 512, 8
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
 LONGROPE = {"rope_type": "longrope", "rope_theta": 5000.0, "partial_rotary_factor": 0.5,
@@ -207,7 +207,8 @@ def test_preset_has_the_published_size(name):
     ("qwen2", {"num_attention_heads": "4"}, ["num_attention_heads in config.json", "a whole number >= 1", "'4'"]),
     ("qwen2", {"tie_word_embeddings": "false"}, ["tie_word_embeddings", "true or false"]),
     ("qwen2", {"rope_parameters": [10000.0]}, ["rope_parameters in config.json", "an object"]),
-    ("qwen2", {"vocab_size": 100}, ["model.embed_tokens.weight is [384, 64]", "makes it [100, 64]", "vocab_size"]),
+    ("qwen2", {"vocab_size": 600}, ["model.embed_tokens.weight is [512, 64]", "makes it [600, 64]", "vocab_size"]),
+    ("qwen2", {"vocab_size": 100}, ["tokens, the model 100 embedding rows", "not this model's tokenizer"]),
     ("mistral", {"sliding_window": 0}, ["sliding_window in config.json", "a whole number >= 1, not 0"]),
     ("gemma2", {"layer_types": ["sliding_attention"]}, ["layer_types", "one type per layer (3", "a list of 1"]),
     ("gemma2", {"layer_types": ["local", "global", "local"]}, ["layer_types holds 'local'", "full_attention"]),

@@ -23,6 +23,7 @@ from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors
 from lit_lora.model import Config
+from lit_lora.tokenizer import Tokenizer
 
 # model_type -> the transformers class that loads it (what export-hf writes as "architectures").
 FAMILIES = {
@@ -148,6 +149,10 @@ def convert_hf(
     sources = weight_sources(src)
     if not ((src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file()):
         raise UserError(f"no tokenizer in {src}: expected tokenizer.json or tokenizer.model next to config.json")
+    tokens = Tokenizer(src).vocab_size
+    if tokens > config.vocab_size:  # its higher ids would index past the embedding the first time a prompt used one
+        raise UserError(f"the tokenizer in {src} has {tokens} tokens, the model {config.vocab_size} embedding rows "
+                        f"(vocab_size): it is not this model's tokenizer; put the model's own beside config.json")
     target = parse_dtype(dtype)
     expected = stored_shapes(config)
     written: set[str] = set()
