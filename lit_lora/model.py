@@ -289,12 +289,15 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos):
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        m = self.residual_multiplier
         if hasattr(self, "pre_feedforward_layernorm"):
-            x = x + self.post_attention_layernorm(h) * m
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))) * m
-        x = x + h * m
-        return x + self.mlp(self.post_attention_layernorm(x)) * m
+            x = x + self.scaled(self.post_attention_layernorm(h))
+            return x + self.scaled(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
+        x = x + self.scaled(h)
+        return x + self.scaled(self.mlp(self.post_attention_layernorm(x)))
+
+    def scaled(self, h: torch.Tensor) -> torch.Tensor:
+        # Skipped at 1.0: a multiply by one still costs a pass over the activations in every block.
+        return h if self.residual_multiplier == 1.0 else h * self.residual_multiplier
 
 
 class LLaMA(nn.Module):
