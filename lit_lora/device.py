@@ -74,7 +74,8 @@ def resolve_device(name: str) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise UserError(f"--device {name}: PyTorch sees no CUDA device here (torch {torch.__version__}, CUDA "
-                            f"build {torch.version.cuda or 'none'}); use --device cpu, or install a CUDA build of torch")
+                            f"build {torch.version.cuda or 'none'}); use --device cpu, or install a CUDA build of "
+                            f"torch")
         if (device.index or 0) >= count:
             raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return torch.device("cuda", device.index or 0)

@@ -244,21 +244,25 @@ def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) 
 
     device = model.embed_tokens.weight.device
     low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    on = low is not None and (device.type != "cpu" or low == torch.bfloat16)  # CPU autocast: bf16 only, as before
 
     def autocast():  # as Fabric's mixed precision
-        return torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None)
+        return torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=on)
     for score, adapter in models:
         start = time.perf_counter()
         with lora_applied(model, *adapter[:2], lora_dtype) if adapter else contextlib.nullcontext():
             total = torch.zeros(2)
             for batch in batches:
                 total += summed_loss(model, dataset, [batch], pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
-                                     to_device=lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()},
-                                     autocast=autocast)
+                                     to_device=lambda b: to_device(b, device), autocast=autocast)
                 bar.update(1)
         score.loss = (total[0] / total[1].clamp(min=1)).item()
         score.perplexity = math.exp(min(score.loss, 50))
         score.seconds += time.perf_counter() - start
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def score_answers(engine, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar) -> None:

@@ -67,7 +67,8 @@ def export_peft(lora_path: Path, out: Path, base_model_name_or_path: str | None 
 
 # ---------------------------------------------------------------------------------------------- GGUF
 def export_gguf(out: Path, checkpoint_dir: Path | None = None, lora_path: Path | None = None, type: str = "f16",
-                overwrite: bool = False, verify: bool = True, write_modelfile: bool = True, device: str = "auto") -> Path:
+                overwrite: bool = False, verify: bool = True, write_modelfile: bool = True,
+                device: str = "auto") -> Path:
     """A checkpoint (with `lora_path`: base + adapter merged, no merged checkpoint written) as a LLaMA GGUF, or
     with `lora_path` alone the adapter as a llama.cpp LoRA adapter GGUF; `NAME.Modelfile` for Ollama beside it
     (`modelfile_path`). Tensors stream one at a time; both files are written under temporary names and renamed

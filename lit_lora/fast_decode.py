@@ -44,7 +44,7 @@ class FusedAttention(Attention):
         for name, module in attn.named_children():  # the projections, and q_norm / k_norm where the family has them
             setattr(self, name, module)
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        self.plain_decode = True
+        self.plain_decode = attn.o_proj.weight.device.type == "cpu"  # SDPA's fixed cost is the CPU kernel's
 
     def qkv(self, x):
         B, T, _ = x.shape

@@ -81,6 +81,13 @@ def next_logits(model: LLaMA, idx: torch.Tensor, input_pos: torch.Tensor, mask: 
     return model.logits(model.hidden_states(idx, input_pos, mask)[:, -1])
 
 
+def longrope_restart(config) -> int | None:
+    """The position from which LongRoPE rotates with its long factors: transformers prefills the whole sequence
+    again there, so that the cached keys are rotated as the new ones are, and so do we."""
+    s = config.rope_scaling or {}
+    return s["original_max_position_embeddings"] if s.get("rope_type") == "longrope" else None
+
+
 def generate_tokens(
     model: LLaMA, prompts: list[list[int]], sampling: Sampling, pad_id: int = 0,
     generator: torch.Generator | None = None, forward: Callable = next_logits,
@@ -107,18 +114,24 @@ def generate_tokens(
     key_bias = additive_mask(key_valid, model.embed_tokens.weight.dtype)
     positions = torch.arange(total, device=device)
 
+    def prefill(n: int) -> torch.Tensor:
+        # A pad query attends to itself only, so no row of the mask is empty (that would be NaN).
+        eye = torch.eye(n, dtype=torch.bool, device=device)
+        mask = (causal_mask(positions[:n], n) & key_valid[..., :n]) | eye  # (B, 1, n, n)
+        return forward(model, tokens[:, :n], positions[:n], mask)
+
     model.set_kv_cache(B, total)
     try:
         with torch.inference_mode():
-            # Prefill. A pad query attends to itself only, so no row of the mask is empty (that would be NaN).
-            eye = torch.eye(T0, dtype=torch.bool, device=device)
-            mask = (causal_mask(positions[:T0], T0) & key_valid[..., :T0]) | eye  # (B, 1, T0, T0)
-            token = sample(forward(model, tokens[:, :T0], positions[:T0], mask), sampling, generator)
+            token = sample(prefill(T0), sampling, generator)
             for t in range(T0, total):
                 tokens[:, t] = token
                 yield token
                 if t + 1 < total:
-                    logits = forward(model, tokens[:, t : t + 1], positions[t : t + 1], key_bias[..., : t + 1])
+                    if t == longrope_restart(model.config):  # every cached key again, with the long factors
+                        logits = prefill(t + 1)
+                    else:
+                        logits = forward(model, tokens[:, t : t + 1], positions[t : t + 1], key_bias[..., : t + 1])
                     token = sample(logits, sampling, generator)
     finally:
         model.set_kv_cache(0)

@@ -115,7 +115,7 @@ class LlamaCppEngine:
         self.checkpoint_dir, self.verify, self.seed = checkpoint_dir, verify, seed
         # The KV cache llama.cpp allocates: the model's context unless the caller needs less.
         self.n_ctx = min(n_ctx or 1 << 62, load_config(checkpoint_dir).max_seq_len)
-        self.model = base_gguf(checkpoint_dir, GGUF_TYPE[resolve_precision(precision, training=False)], verify)
+        self.model = base_gguf(checkpoint_dir, GGUF_TYPE[resolve_precision(precision, "cpu", training=False)], verify)
         self.llm: Any = None
         self.loras: dict[Path, Any] = {}  # adapter path -> its llama.cpp adapter, freed with the model
 

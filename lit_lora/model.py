@@ -371,7 +371,7 @@ class LLaMA(nn.Module):
         if self.cache_len and mask is None:
             mask = causal_mask(input_pos, int(input_pos[-1]) + 1)
         x = self.embed_tokens(idx)
-        if c.embedding_multiplier != 1.0:  # Gemma rounds the multiplier to the activations' dtype first
+        if c.embedding_multiplier != 1.0:  # rounded to the activations' dtype first, as Gemma does (Granite's 12 too)
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
         rope = {False: self.rope(input_pos, x.dtype, local=False)}
         masks = {False: mask}

@@ -34,8 +34,10 @@ _GRANITE = dict(family="granite", vocab_size=49155, n_layers=40, n_heads=32, n_k
 PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(_SMOLLM2, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, rope_base=100000.0),
     "smollm2-360m": dict(_SMOLLM2, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, rope_base=100000.0),
-    "smollm2-1.7b": dict(_SMOLLM2, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, rope_base=130000.0),
-    "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048),
+    "smollm2-1.7b": dict(_SMOLLM2, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192,
+                         rope_base=130000.0),
+    "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
+                           max_seq_len=2048),
     "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
     "llama-2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=4096),
     "llama-3.2-1b": dict(_LLAMA3, dim=2048, n_layers=16, n_heads=32, hidden_dim=8192,

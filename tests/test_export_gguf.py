@@ -463,3 +463,24 @@ def test_families_llama_cpp_reads_otherwise_are_refused(monkeypatch, capsys, tmp
     code, _, err = run_cli(monkeypatch, capsys, "export-gguf", "--checkpoint_dir", checkpoint, "--out", tmp_path / "m.gguf")
     assert_error(code, err, words, "export-hf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_qwen_tokenizer_normalising_to_nfc_exports_and_comes_back(tiny_checkpoint, tmp_path):
+    """Qwen's tokenizer.json normalises to NFC before its own pre-tokenizer: GGUF names it qwen2, and convert-gguf
+    puts the NFC step back, so a decomposed "é" still tokenises as the composed one."""
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer, normalizers
+
+    from lit_lora.convert.gguf import _pre_tokenizer
+
+    qwen = shutil.copytree(tiny_checkpoint, tmp_path / "qwen")
+    tok = HFTokenizer.from_file(str(qwen / "tokenizer.json"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.NFC(), _pre_tokenizer("qwen2")
+    tok.save(str(qwen / "tokenizer.json"))
+    path = export_gguf(tmp_path / "qwen.gguf", qwen, type="f32")
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    back = Tokenizer(convert_gguf(path, tmp_path / "back"))
+    for text in (MULTILINGUAL, "Cafe\u0301 12345"):
+        assert back.encode(text) == Tokenizer(qwen).encode(text)
+    assert back.encode("Cafe\u0301") == back.encode("Caf\u00e9")

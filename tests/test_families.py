@@ -19,7 +19,7 @@ from lit_lora.convert.hf import FAMILIES, convert_hf
 from lit_lora.export import export_hf, export_peft
 from lit_lora.fast_decode import prepare_for_generation
 from lit_lora.fileio import atomic_dir
-from lit_lora.generate import Sampling, generate_tokens
+from lit_lora.generate import Sampling, generate_tokens, next_logits
 from lit_lora.lora import LoRAConfig, apply_lora, lora_layers, merged_weight
 from lit_lora.model import LLaMA, Config
 from lit_lora.presets import PRESETS
@@ -37,6 +37,7 @@ FAMILY_SETTINGS = {
     "llama": ("LlamaConfig", dict(rope_theta=5000.0)),
     "mistral": ("MistralConfig", dict(sliding_window=WINDOW)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v bias, no o bias
+    "gemma": ("GemmaConfig", dict(head_dim=24, hidden_activation="gelu_pytorch_tanh")),  # (1 + w), sqrt(width)
     "qwen3": ("Qwen3Config", dict(head_dim=24)),  # per-head q/k norms, explicit head size
     "gemma2": ("Gemma2Config", dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=WINDOW,
                                     attn_logit_softcapping=0.5, final_logit_softcapping=0.3,
@@ -45,7 +46,8 @@ FAMILY_SETTINGS = {
                                              sliding_window_pattern=3, rope_theta=100000.0,
                                              rope_local_base_freq=500.0,
                                              rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "phi3": ("Phi3Config", dict(rope_parameters=LONGROPE, pad_token_id=0)),  # fused projections, partial rotary
+    # fused projections, partial rotary; transformers takes LongRoPE's original context from the top-level key
+    "phi3": ("Phi3Config", dict(rope_parameters=LONGROPE, original_max_position_embeddings=32, pad_token_id=0)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
                                       logits_scaling=2.5, attention_bias=True, mlp_bias=True)),
 }
@@ -88,7 +90,8 @@ def test_config_reads_the_family(family):
         "qwen3": config.qk_norm and config.head_dim == 24,
         "gemma2": config.attn_softcap == 0.5 and config.final_softcap == 0.3 and config.local_layers == [0, 2],
         "gemma3_text": config.qk_norm and config.rope_local_base == 500.0 and config.local_layers == [0, 1],
-        "phi3": config.rope_dim == 8 and config.rope_scaling["rope_type"] == "longrope",
+        "phi3": config.rope_dim == 8 and config.rope_scaling["original_max_position_embeddings"] == 32
+        and config.rope_scaling["attention_factor"] > 1,
         "granite": config.residual_multiplier == 0.5 and config.logits_scaling == 2.5,
     }
     assert expected.get(name, config.sliding_window is None)
@@ -122,6 +125,28 @@ def test_greedy_tokens_match_transformers(family):
     model = prepare_for_generation(load_model(checkpoint).eval())
     ours = [int(t) for t in generate_tokens(model, [prompt[0].tolist()], Sampling(temperature=0, max_new_tokens=16))]
     assert ours == theirs
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_longrope_decoding_across_the_original_context_matches_transformers(family):
+    """Phi 3: 28 prompt tokens, 12 generated, across LongRoPE's original context (32), where transformers drops its
+    cache and prefills again with the long factors; logits of every step and the tokens."""
+    _, hf, _, checkpoint = family
+    prompt = IDX[:1, :28]
+    with torch.no_grad():
+        out = hf.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+    scores = []
+
+    def forward(model, idx, input_pos, mask):
+        scores.append(next_logits(model, idx, input_pos, mask))
+        return scores[-1]
+
+    model = prepare_for_generation(load_model(checkpoint).eval())
+    ours = [int(t) for t in generate_tokens(model, [prompt[0].tolist()], Sampling(temperature=0, max_new_tokens=12),
+                                            forward=forward)]
+    assert ours == out.sequences[0, 28:].tolist()
+    assert (torch.cat(scores) - torch.cat(out.scores)).abs().max() < 1e-4
 
 
 def test_export_hf_loads_as_the_family_class(family, tmp_path):
@@ -231,3 +256,25 @@ def test_what_the_model_cannot_compute_is_refused_by_name(monkeypatch, capsys, t
     code, _, err = run_cli(monkeypatch, capsys, "convert-hf", tmp_path / "hf", "--out", tmp_path / "ckpt")
     assert_error(code, err, *words)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_keys_a_config_leaves_out_mean_what_transformers_assumes():
+    import transformers
+
+    from lit_lora.convert.hf import config_from_hf, config_to_hf
+
+    base = {k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}
+    gemma2 = config_from_hf({**base, "model_type": "gemma2"})  # no soft-caps, window or query_pre_attn_scalar
+    hf = transformers.Gemma2Config(**base)
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.sliding_window) == \
+        (hf.attn_logit_softcapping, hf.final_logit_softcapping, hf.sliding_window)
+    assert gemma2.attention_scale == hf.query_pre_attn_scalar ** -0.5
+    gemma3 = config_from_hf({**base, "model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6}}})  # no local RoPE settings
+    assert gemma3.rope_local_base == 10000.0
+    # Qwen with every layer windowed: transformers reads the export as that, not by its max_window_layers default.
+    qwen = config_from_hf({**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
+                           "max_window_layers": 0})
+    assert qwen.sliding_window == 8 and qwen.local_layers is None
+    again = transformers.Qwen2Config(**{k: v for k, v in config_to_hf(qwen).items() if k != "architectures"})
+    assert again.layer_types == ["sliding_attention"] * COMMON["num_hidden_layers"]

@@ -230,13 +230,13 @@ def _pre_tokenizer(pre: str):
             pre_tokenizers.Split(Regex(regex), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-    raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, gpt-2, llama-bpe, llama3, qwen2, "
-                    f"{', '.join(DIGIT_SPLITTING_PRE)})")
+    raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, gpt-2, llama-bpe, "
+                    f"llama3, qwen2, {', '.join(DIGIT_SPLITTING_PRE)})")
 
 
 def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """tokenizer.json (as a `tokenizers.Tokenizer`), tokenizer_config.json and generation_config.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
@@ -248,7 +248,10 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str
         tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     except Exception as e:  # the tokenizers library raises plain Exceptions, e.g. for a merge of unlisted tokens
         raise UserError(f"the GGUF's tokenizer cannot be rebuilt ({e}): its merges do not fit its tokens") from None
-    tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    tokenizer.pre_tokenizer = _pre_tokenizer(pre)
+    if pre == NFC_PRE[0]:
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.decoder = decoders.ByteLevel()
     # Control tokens (type 3) must be added tokens, or "<|im_start|>" would be split into byte pieces.
     types = meta.get("tokenizer.ggml.token_type") or []
@@ -283,6 +286,9 @@ GGUF_NAMES = {ours: theirs for theirs, ours in GLOBAL_NAMES.items()}
 GGUF_LAYER_NAMES = {ours: theirs for theirs, ours in LAYER_NAMES.items()}
 # Pre-tokenizer names llama.cpp knows, in the order an export looks for the checkpoint's own (see _pre_tokenizer).
 EXPORT_PRE_TOKENIZERS = ("gpt-2", "smollm", "llama-bpe", "qwen2")
+# Qwen's tokenizers normalise to NFC first; llama.cpp's qwen2 pre-tokenizer stands for them (its own tokenizer skips
+# the NFC step, which changes only text not already in NFC; lit-lora's engine passes ids it tokenised itself).
+NFC_PRE = ("qwen2", {"type": "NFC"})
 
 
 def gguf_name(name: str) -> str:
@@ -424,14 +430,14 @@ def _pre_tokenizer_name(tokenizer: Any, spec: dict[str, Any]) -> str:
         probe.pre_tokenizer = pre
         return _without_key(json.loads(probe.to_str())["pre_tokenizer"], "trim_offsets")
 
-    if spec.get("normalizer"):
-        raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} normalises text "
-                        f"({spec['normalizer'].get('type')}), which llama.cpp's BPE tokenizers do not; it cannot be "
-                        f"expressed in GGUF")
+    normalizer = spec.get("normalizer")
     ours = _without_key(spec.get("pre_tokenizer"), "trim_offsets")
     for name in EXPORT_PRE_TOKENIZERS:
-        if steps(_pre_tokenizer(name)) == ours:
+        if steps(_pre_tokenizer(name)) == ours and (not normalizer or (name, normalizer) == NFC_PRE):
             return name
+    if normalizer:
+        raise UserError(f"the tokenizer in {Path(tokenizer.path).parent} normalises text ({normalizer.get('type')}), "
+                        f"which llama.cpp's BPE tokenizers do not; it cannot be expressed in GGUF")
     raise UserError(f"the pre-tokenizer of {tokenizer.path} matches none llama.cpp knows that lit-lora can name "
                     f"({', '.join(EXPORT_PRE_TOKENIZERS)}), so it cannot be expressed in GGUF; use llama.cpp's "
                     f"convert_hf_to_gguf.py on an export-hf directory")

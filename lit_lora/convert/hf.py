@@ -23,6 +23,7 @@ from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors
 from lit_lora.model import Config
+from lit_lora.presets import every_but
 from lit_lora.tokenizer import Tokenizer
 
 # model_type -> the transformers class that loads it (what export-hf writes as "architectures").
@@ -34,7 +35,15 @@ FAMILIES = {
 # Phi 3 stores these projections side by side in one matrix (rows in this order); we keep them apart.
 FUSED = {"phi3": {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                   "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}}
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's name -> ours
+HF_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's name -> ours (model.ACTIVATIONS)
+# What transformers assumes where a family's config.json leaves a key out (its config class's defaults), where that
+# is not what the Llama reading below would assume.
+MISSING_KEYS = {
+    "gemma2": {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "sliding_window": 4096},
+    "gemma3_text": {"query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_local_base_freq": 10000.0},
+    "qwen2": {"max_window_layers": 28}, "qwen3": {"max_window_layers": 28},
+}
 # Keys that mean a model this decoder cannot compute, with what they are.
 UNSUPPORTED_KEYS = {"vision_config": "a vision tower", "audio_config": "an audio tower",
                     "num_experts": "a mixture of experts", "num_local_experts": "a mixture of experts",
@@ -291,7 +300,8 @@ def _rope_scaling(rope: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any] | 
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(rope["factor"])}
     if kind == "longrope":
-        original = rope.get("original_max_position_embeddings") or hf["original_max_position_embeddings"]
+        # transformers takes the top-level key over the rope settings' own (standardize_rope_params)
+        original = hf.get("original_max_position_embeddings") or rope["original_max_position_embeddings"]
         factor = rope.get("factor") or hf["max_position_embeddings"] / original
         attention = rope.get("attention_factor") or (
             math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
@@ -312,9 +322,9 @@ def _local_layers(hf: dict[str, Any], family: str, n_layers: int) -> tuple[int |
     if hf.get("layer_types"):
         local = [i for i, t in enumerate(_layer_types(hf["layer_types"], n_layers)) if t == "sliding_attention"]
     elif family == "gemma2":
-        local = [i for i in range(n_layers) if (i + 1) % 2]
+        local = every_but(n_layers, 2)
     elif family == "gemma3_text":
-        local = [i for i in range(n_layers) if (i + 1) % hf.get("sliding_window_pattern", 6)]
+        local = every_but(n_layers, hf.get("sliding_window_pattern", 6))
     elif family in ("qwen2", "qwen3"):
         local = [i for i in range(n_layers) if i >= hf.get("max_window_layers", n_layers)]
     else:  # Mistral, Phi 3: every layer
@@ -337,20 +347,20 @@ def _layer_types(types: Any, n_layers: int) -> list[str]:
 
 def config_from_hf(hf: dict[str, Any], name: str = "") -> Config:
     """Our Config from a Hugging Face `config.json` of one of FAMILIES."""
-    hf = _set(hf)
+    hf = _set({**MISSING_KEYS.get(hf.get("model_type"), {}), **hf})  # an explicit null stays null (unset)
     _check_values(hf)
     family = _check_family(hf)
     gemma, granite = family.startswith("gemma"), family == "granite"
     act = hf.get("hidden_activation") or hf.get("hidden_act", "silu") if gemma else hf.get("hidden_act", "silu")
-    if act not in ACTIVATIONS:
+    if act not in HF_ACTIVATIONS:
         raise UserError(f"unsupported hidden_act {act!r} in config.json: lit-lora's MLP gates with "
-                        f"{', '.join(ACTIVATIONS)}")
+                        f"{', '.join(HF_ACTIVATIONS)}")
     rope, local_rope = _rope(hf, family)
     n_heads, dim, n_layers = hf["num_attention_heads"], hf["hidden_size"], hf["num_hidden_layers"]
     head_dim = hf.get("head_dim") or dim // n_heads
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     window, local = _local_layers(hf, family, n_layers)
-    local_base = local_rope.get("rope_theta") if family == "gemma3_text" else None
+    local_base = local_rope.get("rope_theta") or hf.get("rope_local_base_freq") if family == "gemma3_text" else None
     return Config(
         vocab_size=hf["vocab_size"], dim=dim, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
@@ -363,13 +373,13 @@ def config_from_hf(hf: dict[str, Any], name: str = "") -> Config:
         qkv_bias=True if family == "qwen2" else None,
         qk_norm=family in ("qwen3", "gemma3_text"),
         rope_dim=int(head_dim * partial) if partial != 1.0 else None,
-        norm_unit_offset=gemma, mlp_activation=ACTIVATIONS[act],
+        norm_unit_offset=gemma, mlp_activation=HF_ACTIVATIONS[act],
         embedding_multiplier=float(dim**0.5 if gemma else hf.get("embedding_multiplier", 1.0)),
         sandwich_norms=family in ("gemma2", "gemma3_text"),
         attention_scale=(float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5 if gemma
                          else float(hf["attention_multiplier"]) if granite else None),
-        attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
-        final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
+        attn_softcap=hf.get("attn_logit_softcapping") if gemma else None,
+        final_softcap=hf.get("final_logit_softcapping") if gemma else None,
         sliding_window=window, local_layers=local, rope_local_base=float(local_base) if local_base else None,
         residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
         logits_scaling=float(hf.get("logits_scaling", 1.0)),
@@ -385,7 +395,7 @@ def config_to_hf(c: Config) -> dict[str, Any]:
         "architectures": [FAMILIES[c.family]], "model_type": c.family, "vocab_size": c.vocab_size,
         "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
         "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.hidden_dim,
-        "hidden_act": next(hf for hf, ours in ACTIVATIONS.items() if ours == c.mlp_activation),
+        "hidden_act": next(theirs for theirs, ours in HF_ACTIVATIONS.items() if ours == c.mlp_activation),
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_base, "rope_scaling": rope or None,
         "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias,
@@ -407,6 +417,6 @@ def config_to_hf(c: Config) -> dict[str, Any]:
     hf["sliding_window"] = c.sliding_window
     if c.sliding_window is not None and c.family in ("qwen2", "qwen3"):
         hf["use_sliding_window"] = True
-    if c.sliding_window is not None and c.local_layers is not None:
+    if c.sliding_window is not None and (c.local_layers is not None or c.family in ("qwen2", "qwen3")):
         hf["layer_types"] = ["sliding_attention" if c.is_local(i) else "full_attention" for i in range(c.n_layers)]
     return hf
