@@ -117,7 +117,7 @@ def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | No
     template, stops = gguf_chat_format(prompt, tokenizer)
     requested, file_type = EXPORT_TYPES[type]
     freqs = rope_freqs(config)
-    infos = [(gguf_name(name), shape) for name, shape in weight_shapes(checkpoint_dir)]
+    infos = [(gguf_name(name, config), shape) for name, shape in weight_shapes(checkpoint_dir)]
     infos += [("rope_freqs.weight", freqs.shape)] if freqs is not None else []
 
     def arrays() -> Iterator[np.ndarray]:
@@ -140,7 +140,7 @@ def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, t
     pairs = sorted(lora_pairs(state).items())
     infos, arrays = [], []
     for name, (A, B) in pairs:
-        base = gguf_name(name)
+        base = gguf_name(name, config)
         infos += [(f"{base}.lora_a", tuple(A.shape)), (f"{base}.lora_b", tuple(B.shape))]
         arrays += [(f"{name[:-len('weight')]}lora_A", A), (f"{name[:-len('weight')]}lora_B", B)]
 

@@ -23,10 +23,16 @@ from lit_lora.device import parse_dtype
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, write_json
 from lit_lora.model import Config, rope_inv_freq
-from lit_lora.presets import LLAMA3_ROPE
+from lit_lora.presets import LLAMA3_ROPE, every_but
 
 # Our family -> llama.cpp's general.architecture, for the families both read.
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "granite": "granite"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "granite": "granite",
+                      "gemma2": "gemma2", "gemma3_text": "gemma3"}
+IMPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "granite")  # convert-gguf reads these (Gemma's are export-only)
+# What llama.cpp's Gemma graphs fix rather than read: the query scale 1/sqrt(head size) (the 27B models aside), the
+# local:global layer pattern, and Gemma 3's local RoPE base. export-gguf writes a Gemma model only where they hold.
+GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+GEMMA3_LOCAL_BASE = 10000.0
 ROW_PERMUTED = ("llama", "granite")  # architectures whose q/k rows llama.cpp reorders (see the docstring)
 # GGUF tensor name -> our name; per-layer names sit under blk.N. / layers.N.
 GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
@@ -98,9 +104,9 @@ def _f32(value: float) -> float:
 
 def config_from_metadata(meta: dict[str, Any], reader, name: str = "") -> Config:
     arch = meta.get("general.architecture")
-    if arch not in set(GGUF_ARCHITECTURES.values()):
+    if arch not in IMPORT_ARCHITECTURES:
         raise UserError(f"unsupported GGUF architecture {arch!r}: lit-lora imports general.architecture "
-                        f"{', '.join(sorted(set(GGUF_ARCHITECTURES.values())))}")
+                        f"{', '.join(IMPORT_ARCHITECTURES)}")
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -284,6 +290,10 @@ EXPORT_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16":
                 "q8_0": ("Q8_0", "MOSTLY_Q8_0")}  # (gguf.GGMLQuantizationType, gguf.LlamaFileType) names
 GGUF_NAMES = {ours: theirs for theirs, ours in GLOBAL_NAMES.items()}
 GGUF_LAYER_NAMES = {ours: theirs for theirs, ours in LAYER_NAMES.items()}
+# Gemma 2/3's four norms: HF's post_attention_layernorm norms the attention output there, not the MLP input.
+SANDWICH_NAMES = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                  "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                  "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
 # Pre-tokenizer names llama.cpp knows, in the order an export looks for the checkpoint's own (see _pre_tokenizer).
 EXPORT_PRE_TOKENIZERS = ("gpt-2", "smollm", "llama-bpe", "qwen2")
 # Qwen's tokenizers normalise to NFC first; llama.cpp's qwen2 pre-tokenizer stands for them (its own tokenizer skips
@@ -291,12 +301,13 @@ EXPORT_PRE_TOKENIZERS = ("gpt-2", "smollm", "llama-bpe", "qwen2")
 NFC_PRE = ("qwen2", {"type": "NFC"})
 
 
-def gguf_name(name: str) -> str:
+def gguf_name(name: str, config: Config) -> str:
     """The GGUF tensor name of one of our parameter names (layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
     if name in GGUF_NAMES:
         return GGUF_NAMES[name]
     layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
-    return f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
+    names = {**GGUF_LAYER_NAMES, **SANDWICH_NAMES} if config.sandwich_norms else GGUF_LAYER_NAMES
+    return f"blk.{layer}.{names[rest]}"
 
 
 def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -310,6 +321,8 @@ def to_gguf_layout(name: str, tensor: torch.Tensor, config: Config) -> np.ndarra
     tensor = tensor.detach().float()
     if (heads := rope_heads(name, config)) and tensor.dim() == 2:
         tensor = permute_rope_rows(tensor, heads)
+    if config.norm_unit_offset and name.endswith("norm.weight"):  # llama.cpp scales by the weight itself
+        tensor = tensor + 1
     return tensor.contiguous().numpy()
 
 
@@ -391,11 +404,22 @@ def add_model_metadata(writer, config: Config, name: str, file_type: str) -> Non
     if config.family == "granite":
         for field, key in GRANITE_SCALES.items():
             writer.add_float32(f"granite.{key}", getattr(config, field))
+    if config.sliding_window is not None and config.family in GEMMA_PATTERN:
+        writer.add_sliding_window(config.sliding_window)
+    for add, cap in ((writer.add_attn_logit_softcapping, config.attn_softcap),
+                     (writer.add_final_logit_softcapping, config.final_softcap)):
+        if cap is not None:
+            add(cap)
+    if (config.rope_scaling or {}).get("rope_type") == "linear":
+        from gguf import RopeScalingType
+
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
 
 
 def rope_freqs(config: Config) -> np.ndarray | None:
     """Llama 3 scaling as llama.cpp takes it: per-frequency divisors (plain / scaled inverse frequencies)."""
-    if not config.rope_scaling:
+    if not config.rope_scaling or config.rope_scaling.get("rope_type", "llama3") != "llama3":  # linear: two keys
         return None
     plain = rope_inv_freq(Config(**{**config.to_dict(), "rope_scaling": None}))
     return (plain / rope_inv_freq(config)).float().numpy()
@@ -410,13 +434,30 @@ def check_exportable(config: Config) -> None:
         raise UserError(f"a model with attention or MLP biases cannot be exported to GGUF yet; {fix}")
     if config.qkv_bias and config.family != "qwen2":
         raise UserError(f"q/k/v biases on a {config.family} model cannot be exported to GGUF; {fix}")
-    if config.sliding_window is not None and config.family != "mistral":  # llama.cpp runs Mistral v0.1 unwindowed
+    if config.family in GEMMA_PATTERN:
+        _check_gemma(config)
+    elif config.sliding_window is not None and config.family != "mistral":  # llama.cpp runs Mistral v0.1 unwindowed
         raise UserError(f"llama.cpp's {config.family} attends the whole context, this model a sliding window of "
                         f"{config.sliding_window}; it cannot be exported to GGUF")
     kind = (config.rope_scaling or {}).get("rope_type", "llama3")
-    if config.rope_dim != config.head_dim or kind != "llama3":
+    scalings = ("llama3", "linear") if config.family == "gemma3_text" else ("llama3",)
+    if config.rope_dim != config.head_dim or kind not in scalings:
         what = "partial rotary" if config.rope_dim != config.head_dim else f"{kind} RoPE"
         raise UserError(f"this model's {what} cannot be exported to GGUF yet; {fix}")
+
+
+def _check_gemma(config: Config) -> None:
+    """Refuse a Gemma model that differs from what llama.cpp's Gemma graph fixes (GEMMA_PATTERN's comment)."""
+    pattern = GEMMA_PATTERN[config.family]
+    differs = {"the query scale (query_pre_attn_scalar)": abs(config.attention_scale - config.head_dim ** -0.5) > 1e-9,
+               f"the local layers (every layer but each {pattern}th)": config.local_layers != every_but(
+                   config.n_layers, pattern) or config.sliding_window is None,
+               f"the local RoPE base ({GEMMA3_LOCAL_BASE:g})": config.family == "gemma3_text"
+               and config.rope_local_base != GEMMA3_LOCAL_BASE}
+    for what, different in differs.items():
+        if different:
+            raise UserError(f"this {config.family} model differs from llama.cpp's in {what}, which llama.cpp does "
+                            f"not read from a GGUF; it cannot be exported to GGUF")
 
 
 def _pre_tokenizer_name(tokenizer: Any, spec: dict[str, Any]) -> str:
