@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import save_file
 
 from lit_lora.checkpoint import load_info
-from lit_lora.convert.peft import is_peft_adapter, load_peft_adapter
+from lit_lora.convert.peft import is_peft_adapter, load_peft_adapter, split_fused_lora
 from lit_lora.errors import UserError
 from lit_lora.fileio import iter_safetensors, sha256_file, write_yaml
 from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merged_weight
@@ -116,6 +116,8 @@ def load_checked_adapter(lora_path: Path, checkpoint_dir: Path, config: Config, 
     """load_adapter + the base checks: (LoRA config, tensors, metadata) that are known to fit the base."""
     lora_config, state, meta = load_adapter(lora_path, verify)
     check_adapter_base(meta, checkpoint_dir, config)
+    if meta.get("format") == "peft":  # Phi 3's fused modules, split now that the base's sizes are known
+        state = split_fused_lora(state, config)
     check_adapter_fits(config, lora_config, state)
     return lora_config, state, meta
 

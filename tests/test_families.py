@@ -202,6 +202,30 @@ def test_lora_through_peft_and_merged(monkeypatch, capsys, family, tmp_path):
         assert_error(code, err, "fused qkv_proj / gate_up_proj", "the lit-lora adapter it was exported from")
 
 
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_a_peft_adapter_on_phi3s_fused_projections_imports_exactly(family, tmp_path):
+    """A LoRA PEFT trained on Phi 3's fused qkv_proj / gate_up_proj: each part keeps A and takes its rows of B."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from lit_lora.adapter import load_checked_adapter
+    from lit_lora.checkpoint import load_config
+    from lit_lora.lora import lora_applied
+
+    _, hf, _, checkpoint = family
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                               init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    lora_config, state, _ = load_checked_adapter(tmp_path / "peft", checkpoint, load_config(checkpoint))
+    assert sorted(lora_config.targets) == sorted(["query", "key", "value", "output", "gate", "up", "down"])
+    with torch.no_grad(), lora_applied(load_model(checkpoint).eval(), lora_config, state) as model:
+        ours, base = model(IDX), hf(IDX).logits
+        theirs = peft_model(IDX).logits
+    assert (theirs - base).abs().max() > 1e-3 and (ours - theirs).abs().max() < 1e-4
+
+
 # Parameter counts the model cards state (in billions), for the presets' shapes.
 PUBLISHED_SIZES = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-3b": 3.09, "qwen2.5-7b": 7.61,
                    "qwen3-0.6b": 0.6, "qwen3-1.7b": 1.7, "qwen3-4b": 4.0, "qwen3-8b": 8.2, "gemma-2-2b": 2.61,

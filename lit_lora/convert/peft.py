@@ -29,6 +29,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PeftModel wraps LlamaForCausalLM, which holds the decoder as `.model`
 _MODULE_TO_TARGET = {module: target for target, module in TARGETS.items()}
+# A fused module's name in PEFT's target_modules -> (the family, the module's path, our targets for its parts).
+_FUSED_MODULES = {module.rsplit(".", 1)[1]: (family, module, [_MODULE_TO_TARGET[p.rsplit(".", 1)[1]] for p in parts])
+                  for family, modules in FUSED.items() for module, parts in modules.items()}
 
 
 def is_peft_adapter(directory: Path) -> bool:
@@ -135,11 +138,11 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
         raise UserError(f"{path} is a PEFT {cfg.get('peft_type')} adapter; only LORA adapters are supported")
     _check_numbers(cfg, path)
     modules = cfg.get("target_modules")
-    # Before the options: our own Phi 3 export sets rank_pattern for these, and the fused modules are the reason.
-    if isinstance(modules, list) and any(m in ("qkv_proj", "gate_up_proj") for m in modules):
-        raise UserError(f"{path} adapts Phi 3's fused qkv_proj / gate_up_proj, which lit-lora cannot import yet "
-                        f"(it only exports them); use the lit-lora adapter it was exported from, or merge it with "
-                        f"PEFT first")
+    # Before the options: our own Phi 3 export gives its fused modules their summed ranks (rank_pattern).
+    fused = isinstance(modules, list) and any(isinstance(m, str) and m in _FUSED_MODULES for m in modules)
+    if fused and (cfg.get("rank_pattern") or cfg.get("alpha_pattern")):
+        raise UserError(f"{path} adapts Phi 3's fused qkv_proj / gate_up_proj with ranks of their own "
+                        f"(rank_pattern), which lit-lora cannot import; use the lit-lora adapter it was exported from")
     unsupported = {
         "use_dora": cfg.get("use_dora"), "bias": cfg.get("bias", "none") != "none",
         "fan_in_fan_out": cfg.get("fan_in_fan_out"), "rank_pattern": cfg.get("rank_pattern"),
@@ -152,13 +155,33 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
                         f"only plain LoRA on linear layers can be imported")
     if modules == "all-linear":  # PEFT's shorthand excludes the output head
         targets = TARGET_GROUPS["attention"] + TARGET_GROUPS["mlp"]
-    elif isinstance(modules, list) and all(isinstance(m, str) and m in _MODULE_TO_TARGET for m in modules):
-        targets = [_MODULE_TO_TARGET[m] for m in modules]
+    elif isinstance(modules, list) and all(isinstance(m, str) and m in {**_MODULE_TO_TARGET, **_FUSED_MODULES}
+                                           for m in modules):
+        targets = [t for m in modules
+                   for t in (_FUSED_MODULES[m][2] if m in _FUSED_MODULES else [_MODULE_TO_TARGET[m]])]
     else:
         raise UserError(f"{path}: unsupported target_modules {modules!r}; expected a list of "
                         f"{', '.join(_MODULE_TO_TARGET)}")
     return LoRAConfig(r=cfg["r"], alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
                       targets=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+
+
+def split_fused_lora(state: dict[str, torch.Tensor], base: Config) -> dict[str, torch.Tensor]:
+    """A PEFT adapter's LoRA of a fused projection (Phi 3's qkv_proj) as one LoRA per part: each part keeps A
+    and takes its rows of B, so each part's update is exactly its rows of the fused B A. Needs the base's sizes."""
+    out = {}
+    for name, tensor in state.items():
+        layer, _, rest = name.partition(".self_attn.") if ".self_attn." in name else name.partition(".mlp.")
+        module = rest.rsplit(".", 1)[0] if rest else ""
+        if module not in _FUSED_MODULES or _FUSED_MODULES[module][0] != base.family:
+            out[name] = tensor
+            continue
+        _, path, _ = _FUSED_MODULES[module]
+        parts = FUSED[base.family][path]
+        pieces = tensor.split(split_sizes(base, path)) if name.endswith("lora_B") else [tensor] * len(parts)
+        for part, piece in zip(parts, pieces):
+            out[f"{layer}.{part}.{name.rsplit('.', 1)[1]}"] = piece.contiguous()
+    return out
 
 
 def load_peft_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
