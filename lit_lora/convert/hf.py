@@ -105,26 +105,33 @@ def split_sizes(config: Config, fused: str) -> list[int]:
 
 
 def _layer_module(name: str) -> tuple[str, str, str]:
-    """`layers.3.self_attn.q_proj.weight` -> ("layers.3", "self_attn.q_proj", "weight"); ("", "", "") elsewhere."""
-    m = re.fullmatch(r"(layers\.\d+)\.(.+)\.(weight|bias)", name)
+    """`layers.3.self_attn.q_proj.weight` -> ("layers.3", "self_attn.q_proj", "weight") (or "bias", "lora_A",
+    "lora_B"); ("", "", "") elsewhere."""
+    m = re.fullmatch(r"(layers\.\d+)\.(.+)\.(weight|bias|lora_A|lora_B)", name)
     return m.groups() if m else ("", "", "")
+
+
+def split_fused(config: Config, name: str, tensor: torch.Tensor, where: str, fix: str
+                ) -> list[tuple[str, torch.Tensor]]:
+    """[(name, tensor)] as ours: a fused projection's tensor (ours-style `name`) split into its parts (views),
+    anything else as it is. A LoRA A serves every part; every other tensor (a LoRA B too) splits by rows."""
+    layer, module, kind = _layer_module(name)
+    parts = FUSED.get(config.family, {}).get(module)
+    if parts is None:
+        return [(name, tensor)]
+    if kind == "lora_A":
+        return [(f"{layer}.{part}.{kind}", tensor) for part in parts]
+    sizes = split_sizes(config, module)
+    if tensor.shape[0] != sum(sizes):
+        raise UserError(f"tensor {name} has {tensor.shape[0]} rows, but {where} makes {' + '.join(map(str, sizes))} "
+                        f"({', '.join(parts)}); {fix}")
+    return [(f"{layer}.{part}.{kind}", piece) for part, piece in zip(parts, tensor.split(sizes))]
 
 
 def from_hf_tensors(config: Config, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs as ours: renamed, fused projections split (views, no copies)."""
-    fused = FUSED.get(config.family, {})
     for hf_name, tensor in tensors:
-        name = from_hf_name(hf_name)
-        layer, module, kind = _layer_module(name)
-        if module not in fused:
-            yield name, tensor
-            continue
-        sizes = split_sizes(config, module)
-        if tensor.shape[0] != sum(sizes):
-            raise UserError(f"tensor {hf_name} has {tensor.shape[0]} rows, but config.json makes "
-                            f"{' + '.join(map(str, sizes))} ({', '.join(fused[module])}); {SIZES_FIX}")
-        for part, piece in zip(fused[module], tensor.split(sizes)):
-            yield f"{layer}.{part}.{kind}", piece
+        yield from split_fused(config, from_hf_name(hf_name), tensor, "config.json", SIZES_FIX)
 
 
 def to_hf_tensors(config: Config, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lit_lora.convert.hf import FUSED, from_hf_name, is_number, split_sizes, to_hf_name
+from lit_lora.convert.hf import FUSED, from_hf_name, is_number, split_fused, split_sizes, to_hf_name
 from lit_lora.errors import UserError
 from lit_lora.fileio import iter_safetensors, write_json
 from lit_lora.lora import TARGET_GROUPS, TARGETS, LoRAConfig
@@ -29,9 +29,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PeftModel wraps LlamaForCausalLM, which holds the decoder as `.model`
 _MODULE_TO_TARGET = {module: target for target, module in TARGETS.items()}
-# A fused module's name in PEFT's target_modules -> (the family, the module's path, our targets for its parts).
-_FUSED_MODULES = {module.rsplit(".", 1)[1]: (family, module, [_MODULE_TO_TARGET[p.rsplit(".", 1)[1]] for p in parts])
-                  for family, modules in FUSED.items() for module, parts in modules.items()}
+# A fused module's name in PEFT's target_modules -> our targets for its parts.
+_FUSED_MODULES = {module.rsplit(".", 1)[1]: [_MODULE_TO_TARGET[p.rsplit(".", 1)[1]] for p in parts]
+                  for modules in FUSED.values() for module, parts in modules.items()}
 
 
 def is_peft_adapter(directory: Path) -> bool:
@@ -158,7 +158,7 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
     elif isinstance(modules, list) and all(isinstance(m, str) and m in {**_MODULE_TO_TARGET, **_FUSED_MODULES}
                                            for m in modules):
         targets = [t for m in modules
-                   for t in (_FUSED_MODULES[m][2] if m in _FUSED_MODULES else [_MODULE_TO_TARGET[m]])]
+                   for t in _FUSED_MODULES.get(m, [_MODULE_TO_TARGET.get(m)])]
     else:
         raise UserError(f"{path}: unsupported target_modules {modules!r}; expected a list of "
                         f"{', '.join(_MODULE_TO_TARGET)}")
@@ -169,19 +169,9 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
 def split_fused_lora(state: dict[str, torch.Tensor], base: Config) -> dict[str, torch.Tensor]:
     """A PEFT adapter's LoRA of a fused projection (Phi 3's qkv_proj) as one LoRA per part: each part keeps A
     and takes its rows of B, so each part's update is exactly its rows of the fused B A. Needs the base's sizes."""
-    out = {}
-    for name, tensor in state.items():
-        layer, _, rest = name.partition(".self_attn.") if ".self_attn." in name else name.partition(".mlp.")
-        module = rest.rsplit(".", 1)[0] if rest else ""
-        if module not in _FUSED_MODULES or _FUSED_MODULES[module][0] != base.family:
-            out[name] = tensor
-            continue
-        _, path, _ = _FUSED_MODULES[module]
-        parts = FUSED[base.family][path]
-        pieces = tensor.split(split_sizes(base, path)) if name.endswith("lora_B") else [tensor] * len(parts)
-        for part, piece in zip(parts, pieces):
-            out[f"{layer}.{part}.{name.rsplit('.', 1)[1]}"] = piece.contiguous()
-    return out
+    return {part: piece.contiguous() for name, tensor in state.items()
+            for part, piece in split_fused(base, name, tensor, "the base model's config",
+                                           "use the base model the adapter was trained on")}
 
 
 def load_peft_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
