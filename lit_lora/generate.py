@@ -120,6 +120,7 @@ def generate_tokens(
         mask = (causal_mask(positions[:n], n) & key_valid[..., :n]) | eye  # (B, 1, n, n)
         return forward(model, tokens[:, :n], positions[:n], mask)
 
+    restart = longrope_restart(model.config)
     model.set_kv_cache(B, total)
     try:
         with torch.inference_mode():
@@ -128,7 +129,7 @@ def generate_tokens(
                 tokens[:, t] = token
                 yield token
                 if t + 1 < total:
-                    if t == longrope_restart(model.config):  # every cached key again, with the long factors
+                    if t == restart:  # every cached key again, with the long factors
                         logits = prefill(t + 1)
                     else:
                         logits = forward(model, tokens[:, t : t + 1], positions[t : t + 1], key_bias[..., : t + 1])
