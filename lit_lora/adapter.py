@@ -26,6 +26,7 @@ from lit_lora.fileio import iter_safetensors, sha256_file, write_yaml
 from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merged_weight
 from lit_lora.model import LLaMA, Config
 from lit_lora.prompts.format import recorded_prompt
+from lit_lora.quantize import quantization
 
 ADAPTER_WEIGHTS = "lora.safetensors"
 ADAPTER_CONFIG = "adapter_config.yaml"
@@ -55,6 +56,7 @@ def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path
         "base_checkpoint": str(base_checkpoint_dir) if base_checkpoint_dir else None,
         "base_content_hash": base_info.get("content_hash"),
         "base_model": model.config.to_dict(),
+        "base_quantize": quantization(model),  # generate, evaluate and merge-lora use the same base by default
         **recorded_prompt(prompt),
         "weights_sha256": sha256_file(Path(directory) / ADAPTER_WEIGHTS),
     }

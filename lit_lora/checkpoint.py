@@ -27,6 +27,7 @@ from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors, read_safetensors_header, sha256_file, write_json, write_yaml
 from lit_lora.model import LLaMA, Config
 from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE
+from lit_lora.quantize import quantize_weight
 
 MODEL_CONFIG = "model_config.yaml"
 CHECKPOINT_INFO = "checkpoint.json"
@@ -236,15 +237,19 @@ def iter_weights(checkpoint_dir: Path, dtype: torch.dtype | None = None, device:
 
 
 def load_model(
-    checkpoint_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True
+    checkpoint_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True,
+    quantize: str = "none",
 ) -> LLaMA:
     """Build the model on the meta device and fill it from the checkpoint: no random init, no second copy.
 
-    `verify` checks each weights file against the sha256 in checkpoint.json as it is read (`iter_weights`)."""
+    `verify` checks each weights file against the sha256 in checkpoint.json as it is read (`iter_weights`).
+    `quantize` nf4 quantises the blocks' linear weights as each is read, so the full-precision model is never
+    held (quantize.py)."""
     config = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = LLaMA(config)
-    state = dict(iter_weights(checkpoint_dir, dtype, device, verify))
+    state = {name: quantize_weight(name, tensor, quantize)
+             for name, tensor in iter_weights(checkpoint_dir, dtype, device, verify)}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     expected = stored_shapes(config)

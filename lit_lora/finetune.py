@@ -43,6 +43,7 @@ from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA, Block
 from lit_lora.prompts.format import prompt_format, recorded_prompt
+from lit_lora.quantize import torchao_nf4
 from lit_lora.stop import StopRequest
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import TrainConfig, check_hardware
@@ -68,6 +69,8 @@ def check_inputs(config: TrainConfig, train_data, world_size: int) -> None:
         raise UserError(f"the training split has {len(train_data)} examples, fewer than one global batch "
                         f"({t.global_batch_size}); lower train.global_batch_size")
     check_tokenizer(train_data, Tokenizer(check_checkpoint_dir(config.checkpoint_dir)), config.checkpoint_dir)
+    if config.quantize == "nf4":
+        torchao_nf4()  # installed, or the line saying how
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -109,7 +112,7 @@ def build_model(config: TrainConfig) -> LLaMA:
     base_dtype, lora_dtype = PRECISIONS[config.precision]
     if config.strategy == "fsdp":
         base_dtype = lora_dtype  # an FSDP unit holds one dtype; FSDP's mixed precision casts for compute
-    model = load_model(config.checkpoint_dir, dtype=base_dtype, verify=config.verify)
+    model = load_model(config.checkpoint_dir, dtype=base_dtype, verify=config.verify, quantize=config.quantize)
     apply_lora(model, config.lora, dtype=lora_dtype)
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = config.train.gradient_checkpointing

@@ -23,6 +23,7 @@ from lit_lora.device import check_precision
 from lit_lora.errors import UserError
 from lit_lora.fileio import read_yaml
 from lit_lora.lora import LoRAConfig
+from lit_lora.quantize import TRAIN_QUANTIZATIONS, check_quantize
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -67,6 +68,7 @@ class TrainConfig:
     devices: int = 1  # processes per node
     num_nodes: int = 1
     strategy: str = "auto"
+    quantize: str = "none"  # nf4: QLoRA, the frozen base's linear weights in 4-bit NormalFloat (needs torchao)
     seed: int = 1337
     verify: bool = True  # check the checkpoint's weights files against checkpoint.json's sha256 while loading them
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapter's own config, one definition
@@ -75,6 +77,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision, what="precision")
+        check_quantize(self.quantize, TRAIN_QUANTIZATIONS, what="quantize")
         if self.strategy not in STRATEGIES:
             raise UserError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         t = self.train

@@ -251,6 +251,9 @@ def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: di
     ours = config.lora.to_dict()
     changed += [f"lora.{k} {point.adapter_config[k]} -> {ours[k]}" for k in _LORA_KEYS
                 if k in point.adapter_config and point.adapter_config[k] != ours[k]]
+    saved_quantize = point.adapter_config.get("base_quantize", "none")
+    if saved_quantize != config.quantize:
+        changed.append(f"quantize {saved_quantize} -> {config.quantize}")
     saved_base = point.adapter_config.get("base_content_hash")
     base = load_info(Path(config.checkpoint_dir)).get("content_hash")
     if saved_base and base and saved_base != base:

@@ -1,0 +1,165 @@
+"""Quantised base weights: NF4 for QLoRA training and decoding (through torchao), int8 for decoding.
+
+Only the frozen linear weights of the transformer blocks are quantised (q/k/v/o and the MLP's projections:
+all but a few percent of a 7B model's bytes); the embeddings, norms and the head keep the base dtype.
+
+- **nf4** (QLoRA): 4-bit NormalFloat codes in blocks of 64 weights, each block's absmax scale itself quantised
+  to int8 in groups (double quantisation): about 0.26x the bf16 bytes. torchao's NF4Tensor holds them and
+  dequantises on the fly inside `F.linear`, in the forward and the backward pass, so the model code and
+  LoRALinear do not change; it also implements FSDP2's all-gather hooks. Quantised while loading, one tensor
+  at a time (`quantize_weight`), so a run never holds the full-precision model.
+- **int8** (decoding only): per-output-channel symmetric int8, multiplied by PyTorch's weight-only int8 kernel
+  as gpt-fast does. `Int8Linear` keeps the layer's own weight beside the int8 copy so that adapters can be
+  merged and restored and the copy rebuilt (`repack`), like fast_decode.PackedLinear.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lit_lora.errors import UserError
+
+QUANTIZATIONS = ("none", "nf4", "int8")
+TRAIN_QUANTIZATIONS = ("none", "nf4")  # int8 here is a decoding format: nothing trains over it
+INSTALL_TORCHAO = "pip install 'lit-lora[qlora]' (or pip install torchao)"
+NF4_BLOCK = 64  # weights per absmax scale (the QLoRA paper's and torchao's default)
+NF4_SCALER_BLOCK = 256  # absmax scales per double-quantisation group, fewer where the count does not divide
+NF4_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what torchao's NF4 dequantises into
+# The frozen linear weights of the blocks, by parameter name: what is quantised.
+_QUANTIZED = re.compile(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
+
+
+def check_quantize(name: str | None, choices: tuple[str, ...] = QUANTIZATIONS, what: str = "--quantize") -> str:
+    """`name` if it is one of `choices` (None reads as none), else the one-line refusal."""
+    name = "none" if name is None else name
+    if name not in choices:
+        hint = " (int8 is for decoding; train over nf4)" if name in QUANTIZATIONS else ""
+        raise UserError(f"unknown {what} {name!r}{hint}; use one of {', '.join(choices)}")
+    return name
+
+
+def is_quantized_weight(name: str) -> bool:
+    return _QUANTIZED.fullmatch(name) is not None
+
+
+# ---------------------------------------------------------------------------------------------- nf4
+def torchao_nf4() -> Any:
+    """torchao's `to_nf4`, or the line saying how to install it. torchao logs at import about its CUDA-only
+    kernels failing to load on a CPU build of torch: harmless, and hidden here."""
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    try:
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        from torchao.quantization import to_nf4
+    except ImportError:
+        raise UserError(f"quantize nf4 needs torchao, which is not installed: {INSTALL_TORCHAO}") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    return to_nf4
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "NF4Tensor"  # by name: checking needs no torchao import
+
+
+def scaler_block(n_blocks: int) -> int:
+    """The double-quantisation group: NF4_SCALER_BLOCK scales, or the largest count below it that divides the
+    number of blocks (SmolLM2's 576 x 576 weights have 5184 blocks, which 256 does not divide)."""
+    return next(s for s in range(min(NF4_SCALER_BLOCK, n_blocks), 0, -1) if n_blocks % s == 0)
+
+
+def to_nf4(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as an NF4 tensor that dequantises into its own dtype; one line for what NF4 cannot hold."""
+    if weight.dtype not in NF4_DTYPES:
+        raise UserError(f"quantize nf4: {name} is {weight.dtype}, and NF4 dequantises only into bf16, fp16 or "
+                        f"fp32; load the base in one of those (precision)")
+    if weight.numel() % NF4_BLOCK:
+        raise UserError(f"quantize nf4: {name} has {weight.numel()} weights, not a multiple of the NF4 block of "
+                        f"{NF4_BLOCK}; this model cannot be quantised to nf4, train it without quantize")
+    n_blocks = weight.numel() // NF4_BLOCK
+    return torchao_nf4()(weight.contiguous(), NF4_BLOCK, scaler_block(n_blocks))
+
+
+def quantize_weight(name: str, tensor: torch.Tensor, quantize: str) -> torch.Tensor:
+    """The tensor a model loaded with `quantize` holds for checkpoint tensor `name`: NF4 for the blocks' linear
+    weights under nf4, else the tensor itself (int8 is applied after the decoding transforms, `to_int8`)."""
+    return to_nf4(name, tensor) if quantize == "nf4" and is_quantized_weight(name) else tensor
+
+
+def quantization(model: nn.Module) -> str:
+    """nf4 when the model's base weights are NF4 (under FSDP2, a DTensor's local shard is), else none."""
+    return "nf4" if any(is_nf4(getattr(p, "_local_tensor", p)) for p in model.parameters()) else "none"
+
+
+def dequantized(t: torch.Tensor) -> torch.Tensor:
+    """The full-precision weight a (possibly NF4) tensor computes with."""
+    return t.get_original_weight() if is_nf4(t) else t
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, NF4's codes, scales and table included."""
+    if is_nf4(t):
+        parts = (t.quantized_data, t.quantized_scalers, t.quantization_factor, t.scaler_mean, t.nf4)
+        return sum(p.numel() * p.element_size() for p in parts)
+    return t.numel() * t.element_size()
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of an NF4 tensor of `numel` weights (the plan's arithmetic, matching `stored_bytes`): half a byte
+    per weight, one int8 scale per block, an fp32 factor per scale group, an fp32 mean and the 16-entry table."""
+    n_blocks = numel // NF4_BLOCK
+    return numel // 2 + n_blocks + 4 * (n_blocks // scaler_block(n_blocks)) + 4 + 64
+
+
+# ---------------------------------------------------------------------------------------------- int8
+def int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, per-output-channel scale): symmetric, w ~ q * scale, with |q| <= 127."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(nn.Linear):
+    """An nn.Linear (its own weight and bias, shared) that multiplies with an int8 copy of the weight and
+    per-channel scales, through PyTorch's weight-only int8 kernel: a one-token step streams a quarter of the
+    fp32 bytes. Call `repack` after the weight changes (an adapter merged or restored)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # shared, not copied
+        self.repack()
+
+    def repack(self) -> None:
+        # Plain attributes, not buffers: never in a state dict, rebuilt rather than converted.
+        self.int8, scale = int8_weight(self.weight)
+        self.scale = scale.to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.int8, self.scale).view(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def to_int8(model: nn.Module) -> nn.Module:
+    """Every linear layer of the blocks as an Int8Linear (after fast_decode has fused them), in place."""
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and child.weight.is_floating_point():
+                    setattr(parent, name, Int8Linear(child))
+    return model
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's weights by kind (nf4, and each dtype name), for the plan and the benchmarks."""
+    sizes: dict[str, int] = {}
+    for p in model.parameters():
+        kind = "nf4" if is_nf4(p) else str(p.dtype).removeprefix("torch.")
+        sizes[kind] = sizes.get(kind, 0) + stored_bytes(p)
+    return sizes

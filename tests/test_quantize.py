@@ -1,0 +1,89 @@
+"""QLoRA (NF4 base) and int8 decoding: what quantize.py promises, checked on the CPU (torchao's own tests mostly
+skip without an accelerator)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from lit_lora.checkpoint import load_model
+from lit_lora.errors import UserError
+from lit_lora.quantize import (Int8Linear, is_nf4, nf4_bytes, quantization, scaler_block, stored_bytes, to_int8,
+                               to_nf4)
+from test_finetune import TINY, prepared, run  # noqa: F401  (prepared is a fixture)
+
+pytest.importorskip("torchao", reason="QLoRA needs torchao (the qlora extra)")
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (192, 576), (1536, 576), (64, 64)])
+def test_nf4_holds_a_quarter_of_bf16_and_its_bytes_are_planned_exactly(shape):
+    w = torch.randn(*shape)
+    q = to_nf4("w", w)
+    assert stored_bytes(q) == nf4_bytes(w.numel())
+    assert stored_bytes(q) <= 0.3 * w.numel() * 2
+    # 4-bit NormalFloat of a unit Gaussian: the mean error is a few percent of the weights' scale
+    assert (q.get_original_weight() - w).abs().mean() < 0.1
+
+
+def test_scaler_block_divides_the_block_count():
+    assert scaler_block(5184) == 216 and scaler_block(4096) == 256 and scaler_block(7) == 7
+
+
+def test_nf4_refuses_what_it_cannot_hold():
+    with pytest.raises(UserError, match="not a multiple of the NF4 block"):
+        to_nf4("layers.0.mlp.up_proj.weight", torch.randn(10, 10))
+    with pytest.raises(UserError, match="dequantises only into bf16, fp16 or fp32"):
+        to_nf4("layers.0.mlp.up_proj.weight", torch.randn(64, 64).double())
+
+
+def test_loading_nf4_quantises_only_the_blocks_linear_weights(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, quantize="nf4")
+    kinds = {name: is_nf4(p) for name, p in model.named_parameters()}
+    assert kinds["layers.0.self_attn.q_proj.weight"] and kinds["layers.1.mlp.down_proj.weight"]
+    assert not kinds["embed_tokens.weight"] and not kinds["norm.weight"] and not kinds["layers.0.input_layernorm.weight"]
+    assert quantization(model) == "nf4" and quantization(load_model(tiny_checkpoint)) == "none"
+    full = load_model(tiny_checkpoint)
+    x = torch.randint(0, full.config.vocab_size, (1, 16))
+    assert (model(x) - full(x)).abs().max() < 0.5 * full(x).abs().max()
+
+
+def test_qlora_trains_records_nf4_and_resumes_exactly(tiny_checkpoint, prepared, tmp_path):  # noqa: F811
+    common = ("--quantize=nf4", "--train.max_steps=4", "--train.save_interval=2")
+    summary = run(tiny_checkpoint, prepared, tmp_path / "straight", *common)
+    assert summary["last_train_loss"] < summary["first_train_loss"]
+    meta = yaml.safe_load((tmp_path / "straight/final/adapter_config.yaml").read_text())
+    assert meta["base_quantize"] == "nf4"
+    run(tiny_checkpoint, prepared, tmp_path / "resumed", *common, "--train.max_steps=2")
+    run(tiny_checkpoint, prepared, tmp_path / "resumed", *common, resume="auto")
+    from test_finetune import assert_same_adapter
+
+    assert_same_adapter(tmp_path / "straight/final", tmp_path / "resumed/final", rtol=0, atol=0)
+    with pytest.raises(UserError, match="quantize nf4 -> none"):
+        run(tiny_checkpoint, prepared, tmp_path / "resumed", "--train.max_steps=6", resume="auto")
+
+
+def test_qlora_differs_from_lora_but_not_by_much(tiny_checkpoint, prepared, tmp_path):  # noqa: F811
+    lora = run(tiny_checkpoint, prepared, tmp_path / "lora", "--train.max_steps=4")
+    qlora = run(tiny_checkpoint, prepared, tmp_path / "qlora", "--train.max_steps=4", "--quantize=nf4")
+    assert qlora["val_loss_last"] != lora["val_loss_last"]
+    assert abs(qlora["val_loss_last"] - lora["val_loss_last"]) < 0.1 * lora["val_loss_last"]
+
+
+def test_int8_linear_is_close_to_the_float_layer_and_follows_its_weight():
+    lin = torch.nn.Linear(128, 96)
+    q = Int8Linear(lin)
+    x = torch.randn(3, 5, 128)
+    assert (q(x) - lin(x)).abs().max() < 0.02 * lin(x).abs().max()
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    q.repack()
+    assert (q(x) - lin(x)).abs().max() < 0.02 * lin(x).abs().max()
+    assert q.int8.dtype == torch.int8 and "int8" not in dict(q.named_buffers())
+
+
+def test_to_int8_swaps_every_block_linear(tiny_checkpoint):
+    from lit_lora.fast_decode import prepare_for_generation
+
+    model = to_int8(prepare_for_generation(load_model(tiny_checkpoint).eval(), pack=False))
+    kinds = {type(m).__name__ for b in model.layers for m in (b.self_attn.qkv_proj, b.mlp.down_proj)}
+    assert kinds == {"Int8Linear"}
