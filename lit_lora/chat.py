@@ -25,6 +25,7 @@ from lit_lora.checkpoint import load_config, load_info
 from lit_lora.device import GENERATE_PRECISIONS, check_precision, resolve_device
 from lit_lora.errors import UserError
 from lit_lora.generate import Sampling, TorchEngine, check_text
+from lit_lora.quantize import decoding_quantize
 from lit_lora.prompts.format import PromptFormat, prompt_format
 from lit_lora.tokenizer import Tokenizer
 
@@ -136,7 +137,7 @@ def run_chat(
     checkpoint_dir: Path, lora_paths: list[Path] = (), template: str = "auto", system: str | None = None,
     sampling: Sampling = Sampling(), seed: int | None = None, precision: str = "auto", verify: bool = True,
     input: TextIO | None = None, out: TextIO | None = None, log: TextIO | None = None, engine: str = "auto",
-    device: str = "auto",
+    device: str = "auto", quantize: str | None = None,
 ) -> ChatSession:
     """Read messages from `input` (a terminal or a pipe), one per line, until /exit or the end of the input.
 
@@ -157,8 +158,9 @@ def run_chat(
         adapters.append(Adapter(str(path), path, (lora_config, state), prompt_format(template, meta, tokenizer, True)))
         metas.append((path, meta))
     # Seeded sampling starts again from the seed at each switch, so an adapter's answers can be reproduced.
-    if llamacpp.choose_engine(engine, checkpoint_dir, metas, log, where) == "torch":
-        answerer = TorchEngine.load(checkpoint_dir, precision, verify, False, seed, where)
+    quantize = decoding_quantize(quantize, [meta for _, meta in metas], log)
+    if llamacpp.choose_engine(engine, checkpoint_dir, metas, log, where, quantize) == "torch":
+        answerer = TorchEngine.load(checkpoint_dir, precision, verify, False, seed, where, quantize)
     else:
         answerer = llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, seed)
         print(f"engine: llama.cpp ({answerer.model.name})", file=log)

@@ -197,6 +197,7 @@ def decoding_options(target: str) -> Callable:
                                                         "GGUF once, cached; pip install 'lit-lora[llamacpp]'); or auto "
                                                         "(llama.cpp where installed, on the CPU).")),
         keyword("device", str, device_option(target, "the torch engine runs")),
+        keyword("quantize", Optional[str], quantize_option(target)),
     ]
 
     def decorate(command: Callable) -> Callable:
@@ -211,6 +212,12 @@ def decoding_options(target: str) -> Callable:
         return with_options
 
     return decorate
+
+
+def quantize_option(target: str) -> Any:
+    return option(target, "quantize", "The torch engine's base weights: none; int8 (weight-only, per channel: faster "
+                                      "decoding); nf4 (4-bit, as QLoRA trains). Default: nf4 for an adapter trained "
+                                      "over it, else none.")
 
 
 def library(target: str) -> Callable:
@@ -568,6 +575,7 @@ def evaluate(
     engine: str = option(EVALUATE, "engine", "What generates the answers for exact match: torch, llama.cpp or auto "
                                              "(llama.cpp where installed); losses are always torch's."),
     device: str = device_option(EVALUATE, "the torch model runs"),
+    quantize: Optional[str] = quantize_option(EVALUATE),
     verify: bool = verify_option(),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as one JSON object instead of a table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores and every prediction beside its "
@@ -581,7 +589,7 @@ def evaluate(
     result = library(EVALUATE)(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric,
                                limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
                                precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty(),
-                               out=out, engine=engine, device=device)
+                               out=out, engine=engine, device=device, quantize=quantize)
     summary = {k: v for k, v in result.items() if k != "predictions"}
     print(json.dumps(summary, indent=2) if json_output else format_table(result))
 

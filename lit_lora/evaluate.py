@@ -35,13 +35,13 @@ from lit_lora.data.dataset import PreparedDataset, check_tokenizer
 from lit_lora.data.readers import is_conversation, load_json_records
 from lit_lora.device import PRECISIONS, check_precision, resolve_device, resolve_precision
 from lit_lora.errors import UserError
-from lit_lora.fast_decode import prepare_for_generation
 from lit_lora.fileio import check_file_destination, write_json
-from lit_lora.generate import Sampling, TorchEngine
+from lit_lora.generate import Sampling, TorchEngine, decoding_model
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
 from lit_lora.prompts.chat_template import ChatTemplate
 from lit_lora.prompts.format import PromptFormat, prompt_format, recorded_prompt
+from lit_lora.quantize import decoding_quantize
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import TrainSection
 
@@ -132,14 +132,16 @@ def evaluate(
     checkpoint_dir: Path, data: Path, lora_paths: list[Path] = (), split: str = "val", metric: str = "both",
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 64, template: str = "auto",
     precision: str = "auto", verify: bool = True, baseline: Path | None = None, progress: bool = True,
-    out: Path | None = None, engine: str = "torch", device: str = "auto",
+    out: Path | None = None, engine: str = "torch", device: str = "auto", quantize: str | None = None,
 ) -> dict[str, Any]:
     """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}.
 
     `baseline`: an earlier result (`--out`) on the same examples; its models are shown first and not scored again.
     `out`: a JSON file to write the result to, checked before the work and written at once when it is done.
     `engine`: what generates the answers for exact match (torch, llama.cpp or auto); losses are always torch's.
-    `device`: where the torch model runs (auto: the first GPU, else the CPU).
+    `device`: where the torch model runs (auto: the first GPU, else the CPU). `quantize`: the base's weights, none,
+    nf4 (losses and answers) or int8 (answers; losses over the full-precision weights); None: nf4 for adapters
+    trained over it, else none.
     """
     if metric not in METRICS:
         raise UserError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -154,9 +156,10 @@ def evaluate(
     adapters = [(str(p), *load_checked_adapter(p, checkpoint_dir, config, verify=verify)) for p in lora_paths]
     recorded = next((meta for *_, meta in adapters if any(recorded_prompt(meta).values())), load_info(checkpoint_dir))
     chosen = prompt_format(template, recorded, tokenizer)
+    quantize = decoding_quantize(quantize, [meta for *_, meta in adapters], sys.stderr)
     if metric != "loss":
         engine = llamacpp.choose_engine(engine, checkpoint_dir, [(Path(p), meta) for p, *_, meta in adapters],
-                                        sys.stderr, where)
+                                        sys.stderr, where, quantize)
 
     with open_data(data, split, checkpoint_dir, tokenizer, chosen) as dataset:
         n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -170,7 +173,7 @@ def evaluate(
         digest = examples_hash(dataset, n)
         earlier = read_baseline(baseline, digest, n, metric) if baseline else None
         precision = resolve_precision(precision, where.type)
-        model = load_model(checkpoint_dir, PRECISIONS[precision][0], where, verify=verify).eval()
+        model = load_model(checkpoint_dir, PRECISIONS[precision][0], where, verify=verify, quantize=quantize).eval()
         # (score, adapter or None for the base); a base the baseline already scored is not scored again
         models = [(Score("base", n), None)] + [(Score(name, n), (cfg, state, Path(name)))
                                                  for name, cfg, state, _ in adapters]
@@ -184,7 +187,7 @@ def evaluate(
             if metric != "loss":
                 pairs = examples(dataset, n, tokenizer.eos_id)
                 stop_strings = prompt_format("auto", dataset.meta, tokenizer).stop_strings
-                answerer = TorchEngine(prepare_for_generation(model)) if engine == "torch" else \
+                answerer = TorchEngine(decoding_model(model, quantize)) if engine == "torch" else \
                     llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, None)
                 score_answers(answerer, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar)
                 references = [tokenizer.decode(ref) for _, ref in pairs]
@@ -195,7 +198,7 @@ def evaluate(
             s.exact_match_normalized = sum(normalize(a) == normalize(r) for a, r in zip(s.answers, references)) / n
             s.stopped = sum(s.stops) / n
     result = {"checkpoint_dir": str(checkpoint_dir), "data": str(data), "split": split, "n": n,
-              "examples_sha256": digest, "precision": precision, "models": [s.row() for s in scores]}
+              "examples_sha256": digest, "precision": precision, "quantize": quantize, "models": [s.row() for s in scores]}
     if metric != "loss":
         result["predictions"] = [{"prompt": p, "reference": r, "answers": {s.name: s.answers[i] for s in scores}}
                                  for i, (p, r) in enumerate(zip(prompts, references))]

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from lit_lora.lora import LoRALinear
 from lit_lora.model import MLP, Attention, Config, LLaMA
+from lit_lora.quantize import Int8Linear
 
 
 def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
@@ -116,7 +117,7 @@ def prepare_for_generation(model: LLaMA, pack: bool = True) -> LLaMA:
 
 
 def repack(model: LLaMA) -> None:
-    """Rebuild the packed weights after the plain ones changed (an adapter merged or restored)."""
+    """Rebuild the packed (or int8) weights after the plain ones changed (an adapter merged or restored)."""
     for module in model.modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, (PackedLinear, Int8Linear)):
             module.repack()

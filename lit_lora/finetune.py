@@ -43,7 +43,6 @@ from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA, Block
 from lit_lora.prompts.format import prompt_format, recorded_prompt
-from lit_lora.quantize import torchao_nf4
 from lit_lora.stop import StopRequest
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import TrainConfig, check_hardware
@@ -69,8 +68,6 @@ def check_inputs(config: TrainConfig, train_data, world_size: int) -> None:
         raise UserError(f"the training split has {len(train_data)} examples, fewer than one global batch "
                         f"({t.global_batch_size}); lower train.global_batch_size")
     check_tokenizer(train_data, Tokenizer(check_checkpoint_dir(config.checkpoint_dir)), config.checkpoint_dir)
-    if config.quantize == "nf4":
-        torchao_nf4()  # installed, or the line saying how
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:

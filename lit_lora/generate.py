@@ -31,8 +31,10 @@ from lit_lora.device import (GENERATE_PRECISIONS, PRECISIONS, check_precision, p
                              resolve_precision)
 from lit_lora.errors import UserError
 from lit_lora.fast_decode import prepare_for_generation, repack
+from lit_lora.lora import lora_applied
 from lit_lora.model import LLaMA, additive_mask, causal_mask
 from lit_lora.prompts.format import prompt_format
+from lit_lora.quantize import decoding_quantize, quantization, to_int8
 from lit_lora.text_stream import Completion, TextStream, stop_ids_for
 from lit_lora.tokenizer import Tokenizer
 
@@ -166,11 +168,21 @@ def complete(
 
 
 def load_for_generation(checkpoint_dir: Path, precision: str, verify: bool, pack: bool = True,
-                        device: torch.device = torch.device("cpu")) -> LLaMA:
+                        device: torch.device = torch.device("cpu"), quantize: str = "none") -> LLaMA:
     """The base model in eval mode on `device` (the weights read straight onto it), in `precision` (auto: the
-    faster there), prepared for decoding."""
+    faster there), quantised as `quantize` says and prepared for decoding."""
     dtype = PRECISIONS[resolve_precision(precision, device.type, training=False)][0]
-    return prepare_for_generation(load_model(checkpoint_dir, dtype, device, verify=verify).eval(), pack=pack)
+    return decoding_model(load_model(checkpoint_dir, dtype, device, verify=verify, quantize=quantize).eval(), quantize,
+                          pack)
+
+
+def decoding_model(model: LLaMA, quantize: str, pack: bool = True) -> LLaMA:
+    """A loaded model shaped for decoding: fused and packed (none), fused with int8 weights (int8), or an NF4
+    model as loaded (its 4-bit weights are not fused, and adapters stay unmerged beside them, as in training)."""
+    if quantize == "nf4":
+        return model
+    model = prepare_for_generation(model, pack=pack and quantize == "none")
+    return to_int8(model) if quantize == "int8" else model
 
 
 def check_text(text: str, what: str) -> str:
@@ -205,14 +217,15 @@ def run_generate(
     lora_paths: list[Path] = (), template: str = "auto", sampling: Sampling = Sampling(), seed: int | None = None,
     num_samples: int = 1, stream: bool = True, precision: str = "auto", compile: bool = False,
     out: TextIO | None = None, log: TextIO | None = None, verify: bool = True, system: str | None = None,
-    engine: str = "auto", device: str = "auto",
+    engine: str = "auto", device: str = "auto", quantize: str | None = None,
 ) -> list[str]:
     """Answer the prompts with the base (or with each adapter in turn); texts to `out`, timings to `log`.
 
     With more than one answer (adapters x samples, or a prompts file) each is headed by a `### ...` line.
     Only a single prompt streams; a batch prints its answers when the batch is done. `engine`: torch, llama.cpp
     (the checkpoint and adapters exported to GGUF once, see llamacpp.py) or auto (llama.cpp where installed, on
-    the CPU). `device`: auto (the first GPU, else the CPU), cpu, cuda[:N] or mps.
+    the CPU). `device`: auto (the first GPU, else the CPU), cpu, cuda[:N] or mps. `quantize`: the torch engine's
+    base weights, none, int8 or nf4 (None: nf4 for adapters trained over it, else none).
     """
     from lit_lora import llamacpp
 
@@ -233,11 +246,13 @@ def run_generate(
         chosen = prompt_format(template, meta, tokenizer)
         prompts = [chosen.question_ids(tokenizer, text, input, system) for text in texts]
         jobs.append((path, lora_config, state, chosen.stop_strings, prompts))
+    quantize = decoding_quantize(quantize, [meta for *_, meta in adapters], log)
     longest = max(len(p) for *_, prompts in jobs for p in prompts)
     if longest >= config.max_seq_len:
         raise UserError(f"the prompt is {longest} tokens, the model's context is {config.max_seq_len}; shorten it")
-    if llamacpp.choose_engine(engine, checkpoint_dir, [(p, meta) for p, *_, meta in adapters], log, where) == "torch":
-        answerer = TorchEngine.load(checkpoint_dir, precision, verify, compile, seed, where)
+    if llamacpp.choose_engine(engine, checkpoint_dir, [(p, meta) for p, *_, meta in adapters], log, where,
+                              quantize) == "torch":
+        answerer = TorchEngine.load(checkpoint_dir, precision, verify, compile, seed, where, quantize)
     else:
         if compile:
             print("note: --compile is for the torch engine; llama.cpp ignores it", file=log)
@@ -276,19 +291,30 @@ class TorchEngine:
 
     @classmethod
     def load(cls, checkpoint_dir: Path, precision: str, verify: bool, compile: bool, seed: int | None,
-             device: torch.device = torch.device("cpu")) -> TorchEngine:
-        model = load_for_generation(checkpoint_dir, precision, verify, not compile, device)
+             device: torch.device = torch.device("cpu"), quantize: str = "none") -> TorchEngine:
+        model = load_for_generation(checkpoint_dir, precision, verify, not compile, device, quantize)
         return cls(model, seed, torch.compile(next_logits, dynamic=True) if compile else next_logits)
 
     @contextlib.contextmanager
     def adapter(self, path: Path | None, lora_config, state) -> Iterator[Callable]:
-        originals = merge_adapter(self.model, lora_config, state) if lora_config else {}
-        repack(self.model)
         # One generator per adapter, so each adapter's output matches a run of its own with the same seed.
         device = self.model.embed_tokens.weight.device  # sampling draws where the logits are
         generator = torch.Generator(device).manual_seed(self.seed) if self.seed is not None else None
-        try:
+        with self.adapted(lora_config, state):
             yield lambda tokenizer, prompts, stops, sampling, live: complete(
                 self.model, tokenizer, prompts, stops, sampling, generator, live, self.forward)
+
+    @contextlib.contextmanager
+    def adapted(self, lora_config, state) -> Iterator[None]:
+        """The model with the adapter (None: the base): merged into full-precision or int8 weights, then the
+        originals restored; beside NF4 weights as in training (merging into 4-bit weights would round it away)."""
+        if lora_config is not None and quantization(self.model) == "nf4":
+            with lora_applied(self.model, lora_config, state):
+                yield
+            return
+        originals = merge_adapter(self.model, lora_config, state) if lora_config else {}
+        repack(self.model)
+        try:
+            yield
         finally:
             restore_weights(self.model, originals)

@@ -40,14 +40,21 @@ def available() -> bool:
 
 
 def choose_engine(engine: str, checkpoint_dir: Path, adapters: list[tuple[Path, dict[str, Any]]], log: TextIO,
-                  device: Any = None) -> str:
+                  device: Any = None, quantize: str = "none") -> str:
     """torch or llama.cpp, decided before anything loads. `auto`: llama.cpp where it is installed and can take the
     checkpoint and every adapter ((path, its recorded config), as the caller loaded them), else torch (said once,
-    with the reason). llama.cpp runs on the CPU: a GPU `device` (a torch.device) means torch."""
+    with the reason). llama.cpp runs on the CPU: a GPU `device` (a torch.device) means torch. A `quantize` other
+    than none is the torch engine's (llama.cpp has its own GGUF types)."""
     if engine not in ENGINES:
         raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "torch":
         return engine
+    if quantize != "none":
+        if engine == "llama.cpp":
+            raise UserError(f"--quantize {quantize} is the torch engine's (llama.cpp decodes its own GGUF types: "
+                            f"export-gguf --type q8_0); use --engine torch, or --quantize none")
+        print(f"engine: torch (quantize {quantize})", file=log)
+        return "torch"
     on_gpu = device is not None and device.type != "cpu"
     if on_gpu and engine == "llama.cpp":
         raise UserError(f"--engine llama.cpp decodes on the CPU, not on {device}; pass --device cpu or --engine torch")

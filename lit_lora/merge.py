@@ -6,6 +6,7 @@ hold bit-identical weights. Several adapters are summed in fp32 and rounded to t
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,7 @@ from lit_lora.lora import merged_weight
 from lit_lora.model import Config
 from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE
 from lit_lora.prompts.format import recorded_prompt
+from lit_lora.quantize import decoding_quantize, dequantized, is_quantized_weight, quantize_weight
 
 
 def merge_checkpoint(checkpoint_dir: Path, lora_paths: Path | list[Path], out: Path, dtype: str | None = None,
@@ -60,11 +62,19 @@ def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = 
     config = load_config(checkpoint_dir)
     adapters = [load_checked_adapter(path, checkpoint_dir, config, verify=verify) for path in lora_paths]
     prompt = shared_prompt(lora_paths, [meta for *_, meta in adapters])
+    quantize = decoding_quantize(None, [meta for *_, meta in adapters])
+    if quantize != "none":
+        prompt = {**prompt, "dequantized_from": quantize}  # checkpoint.json records it
+        print(f"note: the adapters were trained over a {quantize} base (QLoRA): merged into that base dequantised, the "
+              f"weights they were trained beside, not the original ones (4-bit weights would round the update away)",
+              file=sys.stderr)
     updates = [(lora_pairs(state), lora_config.scaling) for lora_config, state, _ in adapters]
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in iter_weights(checkpoint_dir, verify=verify):
-            yield name, merged(tensor, [(*pairs.pop(name), s) for pairs, s in updates if name in pairs], dtype, device)
+            base = dequantized(quantize_weight(name, tensor.float(), quantize)).to(tensor.dtype) \
+                if quantize != "none" and is_quantized_weight(name) else tensor
+            yield name, merged(base, [(*pairs.pop(name), s) for pairs, s in updates if name in pairs], dtype, device)
         missing = sorted(name for pairs, _ in updates for name in pairs)
         if missing:  # check_adapter_fits saw these layers in the config, so the checkpoint lacks them
             raise UserError(f"{checkpoint_dir} has no tensors {missing[:2]} that the adapters update; "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,28 @@ def check_quantize(name: str | None, choices: tuple[str, ...] = QUANTIZATIONS, w
         hint = " (int8 is for decoding; train over nf4)" if name in QUANTIZATIONS else ""
         raise UserError(f"unknown {what} {name!r}{hint}; use one of {', '.join(choices)}")
     return name
+
+
+def decoding_quantize(quantize: str | None, metas: list[dict[str, Any]], log: TextIO | None = None) -> str:
+    """--quantize as given, or (None) the base the adapters (their recorded configs) were trained over: nf4 for
+    QLoRA adapters (said on `log`), so that they answer over the weights they learnt beside."""
+    if quantize is not None:
+        return _available(check_quantize(quantize))
+    recorded = {meta.get("base_quantize") or "none" for meta in metas}
+    if len(recorded) > 1:
+        raise UserError(f"the adapters were trained over different bases ({' and '.join(sorted(recorded))}); "
+                        f"pass --quantize to choose one for all of them")
+    chosen = _available(recorded.pop() if recorded else "none")
+    if chosen != "none" and log is not None:
+        print(f"quantize {chosen}: the base the adapter was trained over (--quantize none for the original weights)",
+              file=log)
+    return chosen
+
+
+def _available(quantize: str) -> str:
+    if quantize == "nf4":
+        torchao_nf4()  # installed, or the line saying how
+    return quantize
 
 
 def is_quantized_weight(name: str) -> bool:

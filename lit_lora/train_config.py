@@ -23,7 +23,7 @@ from lit_lora.device import check_precision
 from lit_lora.errors import UserError
 from lit_lora.fileio import read_yaml
 from lit_lora.lora import LoRAConfig
-from lit_lora.quantize import TRAIN_QUANTIZATIONS, check_quantize
+from lit_lora.quantize import TRAIN_QUANTIZATIONS, check_quantize, torchao_nf4
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -126,9 +126,12 @@ class TrainConfig:
 
 def check_hardware(config: TrainConfig) -> None:
     """The accelerator, devices and strategy against this machine, before Fabric starts (Fabric's own errors
-    come as tracebacks from deep inside it). Not part of loading a config: one can be written for another machine."""
+    come as tracebacks from deep inside it), and the library quantize nf4 needs. Not part of loading a config: one
+    can be written for another machine."""
     import torch
 
+    if config.quantize == "nf4":
+        torchao_nf4()  # installed, or the line saying how
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if config.accelerator in ("cuda", "gpu") and not gpus:
         raise UserError(f"accelerator {config.accelerator} needs a CUDA GPU and torch sees none on this machine "

@@ -2,6 +2,8 @@
 skip without an accelerator)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import yaml
@@ -87,3 +89,79 @@ def test_to_int8_swaps_every_block_linear(tiny_checkpoint):
     model = to_int8(prepare_for_generation(load_model(tiny_checkpoint).eval(), pack=False))
     kinds = {type(m).__name__ for b in model.layers for m in (b.self_attn.qkv_proj, b.mlp.down_proj)}
     assert kinds == {"Int8Linear"}
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tiny_checkpoint, prepared, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("qlora")
+    run(tiny_checkpoint, prepared, out, "--quantize=nf4", "--train.max_steps=3", "--lora.targets=[query,value,down]")
+    return out / "final"
+
+
+def greedy(checkpoint, adapter, capsys, *options):
+    from lit_lora.generate import Sampling, run_generate
+
+    out = run_generate(checkpoint, prompt="Say the number 3.", lora_paths=[adapter] if adapter else [],
+                       sampling=Sampling(max_new_tokens=8, temperature=0), stream=False, precision="32-true",
+                       engine="torch", **dict(options))
+    return out[0], capsys.readouterr().err
+
+
+def test_a_qlora_adapter_answers_over_nf4_by_default_and_merges_into_the_dequantised_base(
+        tiny_checkpoint, qlora_adapter, tmp_path, capsys):
+    from lit_lora.merge import merge_checkpoint
+
+    default, log = greedy(tiny_checkpoint, qlora_adapter, capsys)
+    assert "quantize nf4: the base the adapter was trained over" in log
+    assert greedy(tiny_checkpoint, qlora_adapter, capsys, ("quantize", "nf4"))[0] == default
+    merged = merge_checkpoint(tiny_checkpoint, qlora_adapter, tmp_path / "merged")
+    assert "merged into that base dequantised" in capsys.readouterr().err
+    assert greedy(merged, None, capsys, ("quantize", "none"))[0] == default
+    # the merged weights are the dequantised NF4 base plus the update, not the original base plus it
+    base, out = load_model(tiny_checkpoint), load_model(merged)
+    name = "layers.0.mlp.up_proj.weight"  # not adapted: only dequantised
+    expected = to_nf4(name, base.get_parameter(name).detach()).get_original_weight()
+    torch.testing.assert_close(out.get_parameter(name), expected)
+
+
+def test_int8_and_nf4_decoding_answer_with_and_without_an_adapter(tiny_checkpoint, qlora_adapter, capsys):
+    full = greedy(tiny_checkpoint, None, capsys)[0]
+    assert greedy(tiny_checkpoint, None, capsys, ("quantize", "int8"))[0] == full  # the per-channel rounding is small
+    assert isinstance(greedy(tiny_checkpoint, qlora_adapter, capsys, ("quantize", "int8"))[0], str)
+    with pytest.raises(UserError, match="unknown --quantize 'int4'"):
+        greedy(tiny_checkpoint, None, capsys, ("quantize", "int4"))
+    with pytest.raises(UserError, match="is the torch engine's"):
+        from lit_lora.llamacpp import choose_engine
+
+        choose_engine("llama.cpp", tiny_checkpoint, [], None, None, "int8")
+
+
+@pytest.mark.parametrize("override,words", [
+    ("--quantize=int4", ["unknown quantize 'int4'", "none, nf4"]),
+    ("--quantize=int8", ["int8 is for decoding", "train over nf4"]),
+])
+def test_a_quantisation_training_cannot_use_is_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint, prepared,
+                                                        override, words):  # noqa: F811
+    from conftest import run_cli
+    from test_integrity import assert_error, assert_not_written, finetune_args
+
+    code, out, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, tmp_path / "run"), override)
+    assert_error(code, err, *words)
+    assert_not_written(tmp_path / "run")
+
+
+def test_nf4_without_torchao_is_one_line_naming_the_install(monkeypatch, capsys, tmp_path, tiny_checkpoint,
+                                                            prepared):  # noqa: F811
+    from conftest import run_cli
+    from test_integrity import assert_error, assert_not_written, finetune_args
+
+    for name in [m for m in list(sys.modules) if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now raises ImportError
+    code, _, err = run_cli(monkeypatch, capsys, *finetune_args(tiny_checkpoint, prepared, tmp_path / "run"),
+                           "--quantize=nf4")
+    assert_error(code, err, "needs torchao", "lit-lora[qlora]")
+    assert_not_written(tmp_path / "run")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--checkpoint_dir", tiny_checkpoint, "--prompt", "Hi",
+                           "--quantize", "nf4", "--engine", "torch")
+    assert_error(code, err, "needs torchao")
