@@ -2,7 +2,10 @@
 the same checkpoint, prompt, dtype, greedy.
 
     python benchmarks/generate_speed.py --checkpoint_dir ~/.cache/lit-lora/checkpoints/smollm2-135m-instruct \
-        [--precision 32-true] [--skip_llama_cpp] [--skip_transformers]
+        [--precision 32-true] [--skip_llama_cpp] [--skip_transformers] [--skip_quantized]
+
+The torch engine runs in fp32 and bf16, then with `--quantize int8` and `nf4` over the --precision dtype, each with
+its greedy answer to the Paris question (quantised weights must still answer it).
 
 The torch and transformers sides generate exactly --new_tokens tokens (EOS ignored) after a warm-up run; the time
 includes the (short) prompt's prefill. The llama.cpp sides run on the checkpoint exported with export-gguf (the
@@ -23,19 +26,24 @@ import torch
 from lit_lora.checkpoint import load_model
 from lit_lora.device import GENERATE_PRECISIONS, PRECISIONS
 from lit_lora.export import export_gguf, export_hf
-from lit_lora.fast_decode import prepare_for_generation
-from lit_lora.generate import Sampling, generate_tokens
+from lit_lora.generate import Sampling, complete, decoding_model, generate_tokens
 from lit_lora.llamacpp import GGUF_TYPE
 from lit_lora.prompts.builtin import instruction_template
 from lit_lora.tokenizer import Tokenizer
 
 PROMPT = "Write a short story about a robot who learns to paint."
+PARIS = "What is the capital of France?"
 
 
-def ours(checkpoint_dir: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int, prepare: bool) -> float:
-    model = load_model(checkpoint_dir, dtype).eval()
+def ours(checkpoint_dir: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int, prepare: bool,
+         quantize: str = "none") -> tuple[float, str]:
+    """(tokens/s, the greedy answer to the Paris question) of the torch engine."""
+    model = load_model(checkpoint_dir, dtype, quantize=quantize).eval()
     if prepare:  # what `generate` does
-        prepare_for_generation(model)
+        model = decoding_model(model, quantize)
+    tokenizer = Tokenizer(checkpoint_dir)
+    question = tokenizer.encode(instruction_template("chatml").single_turn.prompt(PARIS))
+    answer = complete(model, tokenizer, [question], ("<|im_end|>",), Sampling(max_new_tokens=16, temperature=0))
     sampling = Sampling(max_new_tokens=n, temperature=0)
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up
@@ -43,7 +51,7 @@ def ours(checkpoint_dir: Path, dtype: torch.dtype, prompt: list[int], n: int, re
         count = sum(1 for _ in generate_tokens(model, [prompt], sampling))
         best = min(best, time.perf_counter() - t0)
     assert count == n
-    return n / best
+    return n / best, answer.texts[0].strip()
 
 
 def llama_cpp_speeds(gguf: Path, tokenizer: Tokenizer, prompt: list[int], n: int, repeats: int) -> tuple[float, float]:
@@ -101,6 +109,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip_transformers", action="store_true", help="no transformers peer")
     parser.add_argument("--skip_llama_cpp", action="store_true", help="no llama.cpp (engine and peer)")
+    parser.add_argument("--skip_quantized", action="store_true", help="no int8 / nf4 rows")
     parser.add_argument("--plain", action="store_true", help="ours on the model as loaded: no fused matmuls, "
                         "no pre-packed weights (to see what prepare_for_generation buys)")
     args = parser.parse_args()
@@ -110,8 +119,19 @@ def main() -> None:
     prompt = tokenizer.encode(instruction_template("chatml").single_turn.prompt(PROMPT))
     print(f"{args.checkpoint_dir.name}, {args.precision}, prompt {len(prompt)} tokens, greedy, "
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads")
-    our_speed = ours(args.checkpoint_dir, dtype, prompt, args.new_tokens, args.repeats, not args.plain)
-    print(f"lit-lora generate, torch engine:      {our_speed:7.2f} tokens/s")
+    speeds = {}
+    rows = [(p, "none") for p in ("32-true", "bf16-true")] + \
+        ([] if args.skip_quantized else [(args.precision, "int8"), (args.precision, "nf4")])
+    for precision, quantize in rows:
+        speed, answer = ours(args.checkpoint_dir, PRECISIONS[precision][0], prompt, args.new_tokens, args.repeats,
+                             not args.plain, quantize)
+        speeds[precision, quantize] = speed
+        label = f"{precision}, quantize {quantize}"
+        print(f"lit-lora generate, torch engine, {label:24s} {speed:7.2f} tokens/s   Paris: {answer[:40]!r}")
+    our_speed = speeds[args.precision, "none"]
+    for quantize in [q for _, q in rows if q != "none"]:
+        print(f"  quantize {quantize}: {speeds[args.precision, quantize] / speeds['bf16-true', 'none']:.2f}x bf16, "
+              f"{speeds[args.precision, quantize] / speeds['32-true', 'none']:.2f}x fp32")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_llama_cpp:
             gguf = export_gguf(Path(tmp) / "model.gguf", args.checkpoint_dir, type=GGUF_TYPE[args.precision])
