@@ -414,7 +414,9 @@ def finetune_lora(
                                           "overridden after it, dotted for sections: --train.micro_batch_size 2."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest step-* in out_dir, if any) or a "
                                          "step-XXXXXX checkpoint directory to continue from."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the memory plan (weights, "
+                                 "LoRA, optimizer state, activations with and without gradient checkpointing), "
+                                 "then exit. checkpoint_dir may name a preset."),
 ) -> None:
     """Fine-tune a LoRA adapter on prepared data; writes checkpoints, metrics and a summary to out_dir.
 
@@ -425,7 +427,11 @@ def finetune_lora(
 
     resolved = load_config(config, ctx.args)
     if dry_run:
+        from lit_lora.memory_plan import dry_run_plan
+
+        memory = dry_run_plan(resolved)  # any refusal before anything is printed
         print(config_to_yaml(resolved), end="")
+        print(memory)
         return
     check_hardware(resolved)  # before `precision: auto` probes and prints, so a missing GPU is the only line
     from lit_lora.finetune import finetune

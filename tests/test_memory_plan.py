@@ -1,0 +1,74 @@
+"""The memory plan (`finetune-lora --dry-run`): its arithmetic against what the model really holds."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli
+from lit_lora.checkpoint import load_config, load_model
+from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from lit_lora.memory_plan import block_saved_bytes, plan
+from lit_lora.model import LLaMA, Config
+from test_integrity import TINY, assert_error
+
+
+def measured_block_bytes(config: Config, lora: LoRAConfig, batch: int, seq_len: int) -> int:
+    """Distinct storages one real block saves for backward on the CPU (what the plan counts on meta)."""
+    model = apply_lora(LLaMA(Config(**{**config.to_dict(), "n_layers": 1})), lora)
+    mark_only_lora_as_trainable(model)
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(batch, seq_len, config.dim, requires_grad=True)
+    pos = torch.arange(seq_len)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](x, *model.rope(pos, torch.float32, local=False), None, pos)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("preset,targets", [("smollm2-135m", ["query", "value"]), ("qwen2.5-0.5b", ["attention", "mlp"]),
+                                            ("gemma-3-1b", ["query", "value"])])
+def test_the_counted_activations_are_what_a_real_block_saves_or_a_little_more(preset, targets):
+    config = Config.from_name(preset, vocab_size=256)  # the vocabulary is not in a block: a small one builds faster
+    lora = LoRAConfig(r=8, targets=targets, dropout=0.05)
+    planned = block_saved_bytes(config, lora, 2, 64, torch.float32, torch.float32)
+    real = measured_block_bytes(config, lora, 2, 64)
+    assert real <= planned <= 1.4 * real
+
+
+def test_weights_in_the_plan_are_the_bytes_the_loaded_model_holds(tiny_checkpoint):
+    pytest.importorskip("torchao")
+    from lit_lora.quantize import weight_bytes
+
+    config, lora = load_config(tiny_checkpoint), LoRAConfig(r=4)
+    for quantize in ("none", "nf4"):
+        planned = plan(config, lora, "32-true", quantize, 1, 64, False)
+        weights = sum(b for what, b in planned.fixed if "base" in what or "embeddings" in what)
+        assert weights == sum(weight_bytes(load_model(tiny_checkpoint, quantize=quantize)).values())
+
+
+def test_checkpointing_and_nf4_shrink_the_plan_of_a_7b_to_what_fits_here():
+    config, lora = Config.from_name("llama-2-7b"), LoRAConfig(r=8)
+    full = plan(config, lora, "bf16-true", "none", 1, 256, False)
+    qlora = plan(config, lora, "bf16-true", "nf4", 1, 256, True)
+    assert qlora.total(True) < qlora.total(False) < full.total(False)
+    base = dict(full.fixed)["base linear weights (bf16)"]
+    assert dict(qlora.fixed)["base linear weights (nf4)"] <= 0.3 * base
+
+
+def test_dry_run_prints_the_plan_of_a_preset_and_refuses_what_is_neither(monkeypatch, capsys, tmp_path):
+    code, out, _ = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, "--checkpoint_dir", "tinyllama-1.1b",
+                           f"--data_dir={tmp_path}", "--quantize", "nf4", "--dry-run")
+    assert code == 0 and "memory plan: TinyLlama" in out.replace("tinyllama", "TinyLlama")
+    assert "base linear weights (nf4)" in out and "with gradient_checkpointing: true" in out
+    assert "planned for the preset" in out
+    code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, "--checkpoint_dir",
+                             tmp_path / "nothing", "--dry-run")
+    assert_error(code, err, "neither a checkpoint nor a preset")
+    assert out == ""
