@@ -274,7 +274,8 @@ def restore(fabric: L.Fabric, point: ResumePoint, model, optimizer) -> Progress:
         load_lora_state_dict(model.module, point.lora)
     _load_optimizer_state(fabric, model, optimizer, point.state["optimizer"])
     if point.state["world_size"] == fabric.world_size:
-        torch.set_rng_state(point.state["rng"][fabric.global_rank])
+        # A copy: torch.set_rng_state segfaults on a row view past the first (rank 1's and on).
+        torch.set_rng_state(point.state["rng"][fabric.global_rank].clone())
     else:
         fabric.print(f"note: {point.path} was saved by {point.state['world_size']} processes, not "
                      f"{fabric.world_size}: dropout randomness will differ from an uninterrupted run")
