@@ -28,8 +28,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.strategies import ModelParallelStrategy
+from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lit_lora.adapter import ADAPTER_WEIGHTS
@@ -127,6 +128,15 @@ def shard_model(model: LLaMA, mesh: DeviceMesh) -> LLaMA:
     return model
 
 
+def skip_base_broadcast(fabric: L.Fabric, model: LLaMA) -> None:
+    """DDP broadcasts rank 0's parameters when it wraps a model, and that changes NF4 tensors, on every process (a
+    2-process run over an NF4 base then trained away from a 1-process one). Every process loaded the same frozen
+    base, so DDP is told to leave it alone: it keeps only the LoRA tensors in sync."""
+    if isinstance(fabric.strategy, DDPStrategy):
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+
+
 def build_model(config: TrainConfig) -> LLaMA:
     """The frozen base from the checkpoint (every process reads it) with fresh trainable LoRA tensors."""
     base_dtype, lora_dtype = PRECISIONS[config.precision]
@@ -206,7 +216,9 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | No
     fabric.launch()
     fabric.seed_everything(config.seed)
 
-    model = fabric.setup_module(build_model(config))
+    model = build_model(config)
+    skip_base_broadcast(fabric, model)
+    model = fabric.setup_module(model)
     model.mark_forward_method("hidden_states")  # so DDP sees it as a forward pass (FSDP: shard_model hooks it)
     t = config.train
     # Made after setup_module: FSDP replaces the parameters with sharded ones.

@@ -1,5 +1,5 @@
 """strategy fsdp (FSDP2 through Fabric's ModelParallelStrategy) on a CPU: 2 processes over gloo against 1, exact
-resume, an NF4 base, and the settings it refuses.
+resume, an NF4 base (also under DDP), and the settings it refuses.
 
 Each 2-process run is a subprocess of the CLI, as a user starts one. A reduction that summed the gradients instead
 of averaging them (pytorch#162338, FSDP2 over gloo) fails the comparisons with 1 process: checked by forcing one.
@@ -59,7 +59,7 @@ def test_fsdp_resume_continues_exactly(tiny_checkpoint, prepared, tmp_path):
     assert_same_adapter(tmp_path / "straight/final", resumed / "final", **SAME)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_nf4_base_two_processes_equal_one_process(nf4_checkpoint, prepared, tmp_path, strategy):
     common = (*ONE_STEP_EACH, "--quantize=nf4")
     two_processes(nf4_checkpoint, prepared, tmp_path / strategy, *common, f"--strategy={strategy}")
