@@ -431,7 +431,7 @@ def finetune_lora(
 
         memory = dry_run_plan(resolved)  # any refusal before anything is printed
         print(config_to_yaml(resolved), end="")
-        print(memory)
+        print("\n".join(f"# {line}" for line in memory.splitlines()))  # comments: the output stays the YAML config
         return
     check_hardware(resolved)  # before `precision: auto` probes and prints, so a missing GPU is the only line
     from lit_lora.finetune import finetune

@@ -6,7 +6,8 @@
 
 Gradient accumulation and data parallelism give the same gradient as one big batch: each micro-batch's summed
 cross-entropy is divided by the number of target tokens in the whole global batch (counted over all processes
-before the first forward), and multiplied by the world size because DDP averages gradients over processes.
+before the first forward), and multiplied by the world size because DDP and FSDP average gradients over
+processes.
 
 The out_dir holds config.yaml (the resolved config), metrics.csv, step-XXXXXX/ (adapter + training state, for
 --resume), final/ (the same at the end: a finished run can be continued with a higher max_steps), loss.png
@@ -27,11 +28,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.strategies import FSDPStrategy
+from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lit_lora.adapter import ADAPTER_WEIGHTS
-from lit_lora.checkpoint import check_checkpoint_dir, load_model
+from lit_lora.checkpoint import check_checkpoint_dir, load_config, load_model, stored_shapes
 from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
 from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision
@@ -41,12 +44,13 @@ from lit_lora.generate import Sampling, complete
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
-from lit_lora.model import LLaMA, Block
+from lit_lora.model import LLaMA
 from lit_lora.prompts.format import prompt_format, recorded_prompt
+from lit_lora.quantize import check_nf4_sharding
 from lit_lora.stop import StopRequest
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import TrainConfig, check_hardware
-from lit_lora.train_state import (FINAL, Progress, ResumePoint, check_resume_settings, find_resume, is_fsdp,
+from lit_lora.train_state import (FINAL, Progress, ResumePoint, check_resume_settings, find_resume, is_sharded,
                                   last_checkpoint_note, restore, run_is_complete, save)
 
 
@@ -68,6 +72,8 @@ def check_inputs(config: TrainConfig, train_data, world_size: int) -> None:
         raise UserError(f"the training split has {len(train_data)} examples, fewer than one global batch "
                         f"({t.global_batch_size}); lower train.global_batch_size")
     check_tokenizer(train_data, Tokenizer(check_checkpoint_dir(config.checkpoint_dir)), config.checkpoint_dir)
+    if config.quantize == "nf4" and config.strategy == "fsdp":
+        check_nf4_sharding(stored_shapes(load_config(config.checkpoint_dir)), world_size)
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -91,9 +97,10 @@ def learning_rate(step: int, config: TrainConfig, max_steps: int) -> float:
 def make_fabric(config: TrainConfig) -> L.Fabric:
     strategy: Any = config.strategy
     if config.strategy == "fsdp":
-        # One FSDP unit per transformer block; use_orig_params lets frozen and trainable tensors share a unit.
-        # The full adapter is gathered on rank 0 for saving (train_state.py).
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
+        # Every process is data parallel: the strategy's "auto" sizes would put a node's devices into tensor
+        # parallelism instead. Its backend is Fabric's default for the device (gloo on a CPU, NCCL on GPUs).
+        strategy = ModelParallelStrategy(shard_model, data_parallel_size=config.devices * config.num_nodes,
+                                         tensor_parallel_size=1)
     loggers = []
     with contextlib.suppress(ImportError, ModuleNotFoundError):
         import tensorboard  # noqa: F401  (Fabric's logger needs it)
@@ -104,11 +111,33 @@ def make_fabric(config: TrainConfig) -> L.Fabric:
                     strategy=strategy, precision=config.precision, loggers=loggers)
 
 
+def shard_model(model: LLaMA, mesh: DeviceMesh) -> LLaMA:
+    """strategy fsdp (FSDP2): one unit per transformer block and one for the rest (embeddings, final norm, head),
+    each sharded over the data-parallel processes. A unit may mix dtypes (a bf16 or NF4 base beside fp32 LoRA
+    tensors): FSDP2 all-gathers those as bytes, and only the LoRA tensors have gradients to reduce."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # public from torch 2.6
+
+    for block in model.layers:
+        fully_shard(block, mesh=mesh["data_parallel"])
+    fully_shard(model, mesh=mesh["data_parallel"])
+    # The loss calls hidden_states, not forward; FSDP2 changes the model in place, so Fabric's redirection of
+    # marked forward methods does not apply, and the root's all-gather must be hooked to it here.
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def skip_base_broadcast(fabric: L.Fabric, model: LLaMA) -> None:
+    """DDP broadcasts rank 0's parameters when it wraps a model, and that changes NF4 tensors, on every process (a
+    2-process run over an NF4 base then trained away from a 1-process one). Every process loaded the same frozen
+    base, so DDP is told to leave it alone: it keeps only the LoRA tensors in sync."""
+    if isinstance(fabric.strategy, DDPStrategy):
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+
+
 def build_model(config: TrainConfig) -> LLaMA:
     """The frozen base from the checkpoint (every process reads it) with fresh trainable LoRA tensors."""
     base_dtype, lora_dtype = PRECISIONS[config.precision]
-    if config.strategy == "fsdp":
-        base_dtype = lora_dtype  # an FSDP unit holds one dtype; FSDP's mixed precision casts for compute
     model = load_model(config.checkpoint_dir, dtype=base_dtype, verify=config.verify, quantize=config.quantize)
     apply_lora(model, config.lora, dtype=lora_dtype)
     mark_only_lora_as_trainable(model)
@@ -123,9 +152,14 @@ def validation_loss(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_
     model.eval()
     t = config.train
     limit = config.eval.max_batches * t.micro_batch_size if config.eval.max_batches else None
-    batches = eval_batches(val_data.lengths, limit, t.micro_batch_size)[fabric.global_rank :: fabric.world_size]
-    loss_sum = summed_loss(model, val_data, batches, pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
+    batches = eval_batches(val_data.lengths, limit, t.micro_batch_size)
+    mine = batches[fabric.global_rank :: fabric.world_size]
+    loss_sum = summed_loss(model, val_data, mine, pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
                            fabric.to_device, fabric.autocast)
+    if is_sharded(fabric):  # each forward all-gathers the shards: a process with a batch fewer runs one, uncounted
+        extra = [batches[0]] * (-(-len(batches) // fabric.world_size) - len(mine))
+        summed_loss(model, val_data, extra, pad_id, t.packing, t.pad_multiple, t.loss_chunk_size, fabric.to_device,
+                    fabric.autocast)
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
     model.train()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
@@ -181,16 +215,21 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | No
     fabric.seed_everything(config.seed)
 
     model = build_model(config)
+    skip_base_broadcast(fabric, model)
+    model = fabric.setup_module(model)
+    model.mark_forward_method("hidden_states")  # so DDP sees it as a forward pass (FSDP: shard_model hooks it)
     t = config.train
+    # Made after setup_module: FSDP replaces the parameters with sharded ones.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
                                   weight_decay=t.weight_decay, betas=tuple(t.betas))
-    model = fabric.setup_module(model)
-    model.mark_forward_method("hidden_states")  # so DDP/FSDP and autocast see it as a forward pass
     optimizer = fabric.setup_optimizers(optimizer)
 
     progress = restore(fabric, point, model, optimizer) if point else Progress()
     for warning in warnings:
         fabric.print(warning)
+    if is_sharded(fabric):
+        fabric.print("note: strategy fsdp logs no greedy sample at validation: generating needs the whole model "
+                     "in one process, and FSDP holds it in none")
     if point:
         fabric.print(f"resuming from {point.path} at step {progress.step}")
         note = schedule_note(point, config, max_steps)
@@ -227,11 +266,13 @@ def validate_and_sample(run: Run) -> float | None:
         return None
     loss = validation_loss(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
     run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss, perplexity=math.exp(min(loss, 50)))
-    if fabric.global_rank == 0 and not is_fsdp(fabric):  # sampling uses the unsharded model
+    line = f"\nstep {progress.step}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}"
+    if is_sharded(fabric):  # generating needs the whole model in one process (setup said so)
+        fabric.print(line)
+    elif fabric.global_rank == 0:
         sample = sample_answer(run.model.module, run.tokenizer, run.prompt_meta, config.eval.prompt,
                                config.eval.max_new_tokens)
-        fabric.print(f"\nstep {progress.step}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}\n"
-                     f"  sample for {config.eval.prompt!r}: {sample!r}")
+        fabric.print(f"{line}\n  sample for {config.eval.prompt!r}: {sample!r}")
     run.val_losses.append(loss)
     return loss
 

@@ -15,6 +15,7 @@ all but a few percent of a 7B model's bytes); the embeddings, norms and the head
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any, TextIO
 
@@ -106,6 +107,21 @@ def to_nf4(name: str, weight: torch.Tensor) -> torch.Tensor:
                         f"{NF4_BLOCK}; this model cannot be quantised to nf4, train it without quantize")
     n_blocks = weight.numel() // NF4_BLOCK
     return torchao_nf4()(weight.contiguous(), NF4_BLOCK, scaler_block(n_blocks))
+
+
+def check_nf4_sharding(shapes: dict[str, tuple[int, ...]], processes: int) -> None:
+    """strategy fsdp cuts each NF4 weight into equal runs of rows, one per process, and torchao cuts its codes,
+    block scales and scale groups alike: each run must hold whole scale groups. `shapes` are the checkpoint's
+    (checkpoint.stored_shapes); one line for the first weight that cannot be cut."""
+    for name, shape in shapes.items():
+        n_blocks, partial = divmod(math.prod(shape), NF4_BLOCK)
+        if not is_quantized_weight(name) or partial:  # a partial block: to_nf4 refuses it while loading
+            continue
+        groups = n_blocks // scaler_block(n_blocks)
+        if shape[0] % processes or groups % processes:
+            raise UserError(f"quantize nf4 with strategy fsdp: {name} (rows {shape[0]}, NF4 scale groups {groups}) "
+                            f"cannot be split evenly over {processes} processes; use a number of processes that "
+                            f"divides both, or strategy ddp")
 
 
 def quantize_weight(name: str, tensor: torch.Tensor, quantize: str) -> torch.Tensor:

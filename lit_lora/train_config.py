@@ -142,9 +142,12 @@ def check_hardware(config: TrainConfig) -> None:
     if config.accelerator in ("cuda", "gpu", "auto") and gpus and config.devices > gpus:
         raise UserError(f"devices {config.devices} is more than the {gpus} CUDA GPU(s) on this machine; "
                         f"set devices: {gpus} or fewer")
-    if config.strategy == "fsdp" and (config.accelerator == "cpu" or not gpus):
-        raise UserError("strategy fsdp needs CUDA GPUs (Lightning Fabric refuses FSDP on a CPU); "
-                        "use strategy: ddp (or auto) here")
+    if config.strategy == "fsdp" and config.devices * config.num_nodes == 1:
+        raise UserError("strategy fsdp shards the model over processes, and devices 1 x num_nodes 1 is one process; "
+                        "use strategy: auto, or set devices: 2 or more")
+    if config.strategy == "fsdp" and config.precision == "16-mixed":
+        raise UserError("strategy fsdp does not take precision 16-mixed (Fabric's ModelParallelStrategy refuses it); "
+                        "use bf16-mixed, bf16-true or 32-true")
 
 
 def load_config(path: Path | str | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -8,8 +8,9 @@ training_state.pt holds the progress (step, epoch, tokens), the optimizer state,
 the sha256 of lora.safetensors.
 Every checkpoint is read and checked in full (`load_checkpoint`) before a run writes anything; a damaged one
 is skipped by `--resume auto` (said so) and refused when named. Only rank 0 writes. FSDP is the one strategy that
-shards what is saved: its full parameters are gathered on rank 0 while saving and its optimizer state is
-converted both ways; everything that knows this lives in the three `_fsdp`-guarded helpers below.
+shards what is saved: the LoRA tensors and AdamW's moments are gathered whole for saving (never the frozen base)
+and re-sharded when resuming, so a checkpoint is the same under every strategy and any number of processes;
+everything that knows this lives in the small DTensor helpers below.
 """
 from __future__ import annotations
 
@@ -25,15 +26,15 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from lightning.fabric.strategies import FSDPStrategy
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lit_lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_adapter_files
 from lit_lora.checkpoint import load_info
 from lit_lora.data.dataset import data_identity
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors, sha256_file
-from lit_lora.lora import load_lora_state_dict
+from lit_lora.lora import load_lora_state_dict, lora_state_dict
 from lit_lora.train_config import TrainConfig
 
 TRAINING_STATE = "training_state.pt"
@@ -54,32 +55,44 @@ class Progress:
     tokens_padded: int = 0  # the same including padding
 
 
-def is_fsdp(fabric: L.Fabric) -> bool:
-    return isinstance(fabric.strategy, FSDPStrategy)
+def is_sharded(fabric: L.Fabric) -> bool:
+    """strategy fsdp: FSDP2 (Fabric's ModelParallelStrategy), each parameter a DTensor sharded over the processes."""
+    return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
 # ---------------------------------------------------------------------------------------------- FSDP plumbing
-# Fabric's wrapper keeps the strategy-wrapped module as `_forward_module`; FSDP's own APIs need that one.
-@contextlib.contextmanager
-def _full_params(fabric: L.Fabric, model):
-    """Under FSDP, gather the full (LoRA and base) parameters on rank 0; otherwise nothing to do."""
-    if not is_fsdp(fabric):
-        yield
-        return
-    with FSDP.summon_full_params(model._forward_module, writeback=False, rank0_only=True, offload_to_cpu=True):
-        yield
+# Under FSDP2 the LoRA parameters and AdamW's moments (of the same shapes) are DTensors, each process holding a
+# shard; under any other strategy none is, and these helpers change nothing.
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole, on the CPU (a collective: every process calls it in the same order)."""
+    return t.full_tensor().cpu() if isinstance(t, DTensor) else t
 
 
-def _optimizer_state(fabric: L.Fabric, model, optimizer) -> dict:
-    if is_fsdp(fabric):
-        return FSDP.optim_state_dict(model._forward_module, optimizer.optimizer)
-    return optimizer.state_dict()
+def _shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved full tensor of `param`'s shape (its value or a moment) as this process's shard of it."""
+    if isinstance(param, DTensor) and t.shape == param.shape:
+        return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+    return t
 
 
-def _load_optimizer_state(fabric: L.Fabric, model, optimizer, state: dict) -> None:
-    if is_fsdp(fabric):
-        state = FSDP.optim_state_dict_to_load(model._forward_module, optimizer.optimizer, state)
-    optimizer.load_state_dict(state)
+def _lora_tensors(model) -> dict[str, torch.Tensor]:
+    return {name: _full(p.detach()) for name, p in lora_state_dict(model.module).items()}
+
+
+def _load_lora(model, lora: dict[str, torch.Tensor]) -> None:
+    own = lora_state_dict(model.module)  # a name or shape that does not fit is load_lora_state_dict's error
+    load_lora_state_dict(model.module, {k: _shard_like(t, own[k]) if k in own else t for k, t in lora.items()})
+
+
+def _optimizer_state(optimizer) -> dict:
+    state = optimizer.state_dict()
+    return {**state, "state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}}
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = {i: {k: _shard_like(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}
+    optimizer.load_state_dict({**state, "state": moments})
 
 
 # ---------------------------------------------------------------------------------------------- save, resume
@@ -98,24 +111,23 @@ def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress
     The directory is built under a temporary name and renamed when complete, so a failed save (a full disk)
     leaves the previous checkpoints as they were; it ends in one UserError naming both.
     """
-    optim, rng = _optimizer_state(fabric, model, optimizer), _rng_states(fabric)  # collective: every rank
-    with _full_params(fabric, model):
-        if fabric.global_rank == 0:
-            try:
-                with atomic_dir(directory, overwrite=True) as tmp:
-                    write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), data_meta)
-                    _write_state(tmp / TRAINING_STATE, {
-                        "progress": vars(progress), "optimizer": optim, "rng": rng, "world_size": fabric.world_size,
-                        "global_batch_size": config.train.global_batch_size, "seed": config.seed,
-                        "max_steps": max_steps, "data": data_identity(data_meta),
-                        "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)})
-            except Exception as e:
-                reason = _io_failure(e)
-                if reason is None:
-                    raise
-                raise UserError(f"could not save {directory}: {reason}; nothing of it was kept, and "
-                                f"{last_checkpoint_note(directory.parent)}; free some space, then continue with "
-                                f"--resume auto") from None
+    lora, optim, rng = _lora_tensors(model), _optimizer_state(optimizer), _rng_states(fabric)  # collectives
+    if fabric.global_rank == 0:
+        try:
+            with atomic_dir(directory, overwrite=True) as tmp:
+                write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), data_meta, tensors=lora)
+                _write_state(tmp / TRAINING_STATE, {
+                    "progress": vars(progress), "optimizer": optim, "rng": rng, "world_size": fabric.world_size,
+                    "global_batch_size": config.train.global_batch_size, "seed": config.seed,
+                    "max_steps": max_steps, "data": data_identity(data_meta),
+                    "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)})
+        except Exception as e:
+            reason = _io_failure(e)
+            if reason is None:
+                raise
+            raise UserError(f"could not save {directory}: {reason}; nothing of it was kept, and "
+                            f"{last_checkpoint_note(directory.parent)}; free some space, then continue with "
+                            f"--resume auto") from None
     fabric.barrier()
 
 
@@ -270,11 +282,11 @@ def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: di
 
 def restore(fabric: L.Fabric, point: ResumePoint, model, optimizer) -> Progress:
     """Put a checked checkpoint's LoRA tensors, optimizer state and RNG state into the run."""
-    with _full_params(fabric, model):
-        load_lora_state_dict(model.module, point.lora)
-    _load_optimizer_state(fabric, model, optimizer, point.state["optimizer"])
+    _load_lora(model, point.lora)
+    _load_optimizer_state(optimizer, point.state["optimizer"])
     if point.state["world_size"] == fabric.world_size:
-        torch.set_rng_state(point.state["rng"][fabric.global_rank])
+        # A copy: torch.set_rng_state segfaults on a row view past the first (rank 1's and on).
+        torch.set_rng_state(point.state["rng"][fabric.global_rank].clone())
     else:
         fabric.print(f"note: {point.path} was saved by {point.state['world_size']} processes, not "
                      f"{fabric.world_size}: dropout randomness will differ from an uninterrupted run")

@@ -377,7 +377,6 @@ def test_wrong_config_values_are_refused_when_loaded(monkeypatch, capsys, tmp_pa
 @pytest.mark.parametrize("override,words", [
     ("--accelerator=cuda", ["accelerator cuda needs a CUDA GPU", "accelerator: cpu"]),
     ("--accelerator=gpu", ["accelerator gpu needs a CUDA GPU", "accelerator: cpu"]),
-    ("--strategy=fsdp", ["strategy fsdp needs CUDA GPUs", "strategy: ddp"]),
 ])
 def test_hardware_the_machine_lacks_is_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint, prepared, override,
                                                words):
