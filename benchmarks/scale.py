@@ -10,7 +10,8 @@ as each is made, as load_model does while reading a checkpoint. SmolLM2-135M is 
 checkpoint is cached; the other sizes are random weights of the preset's shape (weights change neither speed nor
 memory), made one tensor at a time. A run whose plan does not fit in this machine's memory is not started: its
 row says so. The plan column is memory_plan.plan, what `finetune-lora --dry-run` prints. The peer's QLoRA
-(bitsandbytes 4-bit) runs where bitsandbytes is installed and takes the CPU.
+(bitsandbytes 4-bit, `pip install bitsandbytes`) quantises while from_pretrained reads a directory, so it runs on
+SmolLM2 only (`export-hf` of the cached checkpoint into HF_DIR); the random shapes have no such directory.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ SIZES = ["smollm2-135m", "smollm2-360m", "tinyllama-1.1b", "llama-3.2-3b", "llam
 R, ALPHA, DROPOUT, LR, BATCH, SEQ_LEN = 8, 16.0, 0.05, 3e-4, 1, 256
 REAL = Path.home() / ".cache" / "lit-lora" / "checkpoints" / "smollm2-135m-instruct"
 CHECKPOINTING_FROM = 1e9  # parameters
+HF_DIR = Path("/work/cache/smollm2-hf")  # export-hf of REAL, for the peer's 4-bit run
 
 
 def lora_config():
@@ -103,14 +105,13 @@ def peer(size: str, precision: str, quantize: str, steps: int, checkpointing: bo
 
     dtype = torch.bfloat16 if precision != "32-true" else torch.float32
     hf_config = AutoConfig.for_model(**config_to_hf(model_config(size)))
-    kwargs = {}
-    if quantize == "nf4":
+    if quantize == "nf4":  # bitsandbytes quantises while from_pretrained loads: the real model's HF directory
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=dtype, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -174,7 +175,8 @@ def cell(result: dict | str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=SIZES)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per run, after one untimed")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run after one untimed (4x that below "
+                        "1B parameters)")
     parser.add_argument("--skip_peer", action="store_true", help="no transformers + PEFT runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("size", "side", "precision", "quantize"):
@@ -193,22 +195,24 @@ def main() -> None:
     except ImportError:
         peer_qlora = False
     print(f"precision {precision} ({why}); micro-batch {BATCH} x {SEQ_LEN}, LoRA r {R} on q,v; {args.steps} timed "
-          f"steps; {torch.get_num_threads()} threads; machine {machine_bytes() / 1024**3:.1f} GiB")
+          f"steps (4x below 1B); {torch.get_num_threads()} threads; machine {machine_bytes() / 1024**3:.1f} GiB")
     print(f"{'model':16s} {'params':>7s} {'ckpt':4s} {'method':14s} {'ours (plan)':>12s} {'ours':>26s} "
           f"{'transformers + PEFT':>26s}  speed, memory vs peer")
     for size in args.sizes:
         n = parameters(size)
         checkpointing = n >= CHECKPOINTING_FROM
+        steps = args.steps if checkpointing else 4 * args.steps  # a small model's step is short: time more of them
         for method, quantize in (("LoRA", "none"), ("QLoRA (nf4)", "nf4")):
             plan_gb = planned(size, precision, quantize, checkpointing)
             fits = plan_gb * 1024**3 < 0.9 * machine_bytes()
-            mine = run(size, "ours", precision, quantize, args.steps, checkpointing) if fits else \
+            mine = run(size, "ours", precision, quantize, steps, checkpointing) if fits else \
                 f"not run: plan > {machine_bytes() / 1024**3:.0f} GiB"
             theirs = "skipped"
-            if not args.skip_peer and fits and (quantize == "none" or peer_qlora):
-                theirs = run(size, "peer", precision, quantize, args.steps, checkpointing)
-            elif quantize == "nf4" and not peer_qlora:
-                theirs = "no bitsandbytes"
+            peer_can = quantize == "none" or (peer_qlora and size == "smollm2-135m" and HF_DIR.is_dir())
+            if not args.skip_peer and fits and peer_can:
+                theirs = run(size, "peer", precision, quantize, steps, checkpointing)
+            elif quantize == "nf4":
+                theirs = "no bitsandbytes" if not peer_qlora else "4-bit needs an HF dir"
             ratio = ""
             if isinstance(mine, dict) and isinstance(theirs, dict):
                 ratio = (f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "

@@ -10,6 +10,11 @@ loss on every next token, the same number of timed steps after warm-up. bf16-mix
 bf16 base (LoRA in fp32); 32-true is fp32 throughout. Each run is its own subprocess so the peak RSS figures
 are separate. Prints tokens/s, peak RSS and the ratios. CPU timings on a shared machine are noisy: compare
 figures from the same run.
+
+The roof: a LoRA step must at least multiply every frozen weight twice per token (the forward product, and the
+backward product that carries the gradient to the layer's input; the frozen weights need no gradient of their
+own): about 4 x parameters FLOPs per token. `matmul_roof` times exactly those products, on the model's own
+shapes and this micro-batch, in the precision's dtype; the step's tokens/s over the roof's is our share of it.
 """
 from __future__ import annotations
 
@@ -65,6 +70,30 @@ def run_ours(checkpoint_dir: str, precision: str, batch: int, seq_len: int, warm
         optimizer.zero_grad(set_to_none=True)
 
     return {"seconds": time_steps(step, warmup, steps)}
+
+
+def matmul_roof(checkpoint_dir: str, precision: str, batch: int, seq_len: int) -> float:
+    """Tokens/s if a step did nothing but its frozen weights' forward and input-gradient products."""
+    from lit_lora.checkpoint import load_config
+    from lit_lora.device import PRECISIONS
+
+    c = load_config(checkpoint_dir)
+    dtype = PRECISIONS[precision][0]
+    kv, q = c.n_kv_heads * c.head_dim, c.n_heads * c.head_dim
+    shapes = [(q, c.dim), (kv, c.dim), (kv, c.dim), (c.dim, q), (c.hidden_dim, c.dim), (c.hidden_dim, c.dim),
+              (c.dim, c.hidden_dim)]
+    tokens = batch * seq_len
+    seconds = 0.0
+    for (out, inp), repeat in [(s, c.n_layers) for s in shapes] + [((c.vocab_size, c.dim), 1)]:
+        w = torch.randn(out, inp).to(dtype)
+        x, g = torch.randn(tokens, inp).to(dtype), torch.randn(tokens, out).to(dtype)
+
+        def products() -> None:
+            x @ w.T  # forward
+            g @ w  # gradient to the input
+
+        seconds += repeat * time_steps(products, 1, 3) / 3
+    return tokens / seconds
 
 
 def run_hf(hf_dir: str, precision: str, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
@@ -123,6 +152,9 @@ def main() -> None:
         runs += [(f"lit-lora {precision}", "ours", precision, False), (f"peer {precision}", "hf", precision, False)]
         if args.gradient_checkpointing:
             runs.insert(-1, (f"lit-lora {precision} ckpt", "ours", precision, True))
+    roofs = {p: matmul_roof(args.checkpoint_dir, p, args.batch, args.seq_len) for p in args.precisions}
+    for precision, roof in roofs.items():
+        print(f"roof {precision}: {roof:8.1f} tokens/s (the frozen weights' forward and input-gradient products alone)")
     results = {}
     for name, side, precision, checkpointing in runs:
         cmd = [sys.executable, __file__, "--only", side, "--hf_dir", args.hf_dir, "--checkpoint_dir",
@@ -134,7 +166,9 @@ def main() -> None:
         if done.returncode:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name:28s} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+        share = r["tokens_per_s"] / roofs[precision]
+        print(f"{name:28s} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_gb']:.2f} GB   "
+              f"{share:.0%} of the roof", flush=True)
     print(f"micro-batch {args.batch} x {args.seq_len}, LoRA r={R} on q,v, {args.steps} timed steps; "
           f"ratios to the peer in the same precision:")
     for name, r in results.items():

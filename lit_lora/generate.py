@@ -247,6 +247,9 @@ def run_generate(
         prompts = [chosen.question_ids(tokenizer, text, input, system) for text in texts]
         jobs.append((path, lora_config, state, chosen.stop_strings, prompts))
     quantize = decoding_quantize(quantize, [meta for *_, meta in adapters], log)
+    if compile and quantize != "none":
+        raise UserError(f"--compile is not supported with --quantize {quantize} (torch.compile of the quantised "
+                        f"weights is untested); drop one of them")
     longest = max(len(p) for *_, prompts in jobs for p in prompts)
     if longest >= config.max_seq_len:
         raise UserError(f"the prompt is {longest} tokens, the model's context is {config.max_seq_len}; shorten it")

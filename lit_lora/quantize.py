@@ -1,7 +1,8 @@
 """Quantised base weights: NF4 for QLoRA training and decoding (through torchao), int8 for decoding.
 
-Only the frozen linear weights of the transformer blocks are quantised (q/k/v/o and the MLP's projections:
-all but a few percent of a 7B model's bytes); the embeddings, norms and the head keep the base dtype.
+NF4 quantises the frozen linear weights of the transformer blocks (q/k/v/o and the MLP's projections: all but a
+few percent of a 7B model's bytes); the embeddings, norms and the head keep the base dtype. int8 quantises the
+head too (for a small model the largest matrix a decode step reads).
 
 - **nf4** (QLoRA): 4-bit NormalFloat codes in blocks of 64 weights, each block's absmax scale itself quantised
   to int8 in groups (double quantisation): about 0.26x the bf16 bytes. torchao's NF4Tensor holds them and
@@ -9,7 +10,7 @@ all but a few percent of a 7B model's bytes); the embeddings, norms and the head
   LoRALinear do not change; it also implements FSDP2's all-gather hooks. Quantised while loading, one tensor
   at a time (`quantize_weight`), so a run never holds the full-precision model.
 - **int8** (decoding only): per-output-channel symmetric int8, multiplied by PyTorch's weight-only int8 kernel
-  as gpt-fast does. `Int8Linear` keeps the layer's own weight beside the int8 copy so that adapters can be
+  as gpt-fast does, after fast_decode's fusions. `Int8Linear` keeps the layer's own weight beside the int8 copy so that adapters can be
   merged and restored and the copy rebuilt (`repack`), like fast_decode.PackedLinear.
 """
 from __future__ import annotations

@@ -165,3 +165,8 @@ def test_nf4_without_torchao_is_one_line_naming_the_install(monkeypatch, capsys,
     code, _, err = run_cli(monkeypatch, capsys, "generate", "--checkpoint_dir", tiny_checkpoint, "--prompt", "Hi",
                            "--quantize", "nf4", "--engine", "torch")
     assert_error(code, err, "needs torchao")
+
+
+def test_compile_with_a_quantised_base_is_refused(tiny_checkpoint, capsys):
+    with pytest.raises(UserError, match="--compile is not supported with --quantize int8"):
+        greedy(tiny_checkpoint, None, capsys, ("quantize", "int8"), ("compile", True))
