@@ -27,7 +27,7 @@ from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors, read_safetensors_header, sha256_file, write_json, write_yaml
 from lit_lora.model import LLaMA, Config
 from lit_lora.prompts.chat_template import CHAT_TEMPLATE_FILE
-from lit_lora.quantize import quantize_weight
+from lit_lora.quantize import quantize_weight, use_nf4_linears
 
 MODEL_CONFIG = "model_config.yaml"
 CHECKPOINT_INFO = "checkpoint.json"
@@ -259,4 +259,4 @@ def load_model(
                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    return model
+    return use_nf4_linears(model) if quantize == "nf4" else model

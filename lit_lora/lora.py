@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.errors import UserError
+from lit_lora.quantize import linear
 
 # Target name -> attribute name of the linear layer (in Block.self_attn, Block.mlp, or the model for "head").
 TARGETS = {
@@ -96,7 +97,7 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # F.linear, or the NF4 product over a QLoRA base
         lora_x = self.lora_dropout(x).to(self.lora_A.dtype)
         return y + (F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
 

@@ -75,7 +75,8 @@ def plan(config: Config, lora: LoRAConfig, precision: str, quantize: str, micro_
              tokens * config.dim * act_size + 2 * min(chunk_size, tokens) * config.vocab_size * 4)]
     if quantize == "nf4":
         biggest = max(p.numel() for name, p in model.named_parameters() if is_quantized_weight(name))
-        head.append(("one weight dequantised, forward and backward", 2 * biggest * act_size))
+        # quantize.dequantized: int32 code pairs (2 bytes a weight) and the weight itself, one product at a time
+        head.append(("one weight dequantised (and its codes)", biggest * (2 + act_size)))
     activations = {
         False: [(f"activations, {config.n_layers} blocks", config.n_layers * block),
                 ("backward: one block's gradients", block)] + head,

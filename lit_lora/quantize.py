@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lit_lora.errors import UserError
 
@@ -136,9 +137,65 @@ def quantization(model: nn.Module) -> str:
     return "nf4" if any(is_nf4(getattr(p, "_local_tensor", p)) for p in model.parameters()) else "none"
 
 
-def dequantized(t: torch.Tensor) -> torch.Tensor:
-    """The full-precision weight a (possibly NF4) tensor computes with."""
-    return t.get_original_weight() if is_nf4(t) else t
+def dequantized(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The full-precision weight a (possibly NF4) tensor computes with, in `dtype` (default: its own).
+
+    torchao's own dequantisation, bit for bit, about 4x faster on a CPU here (a 5632 x 2048 weight in 97 ms
+    instead of 413): each byte holds two 4-bit codes, so one lookup in a 256-row table of value pairs decodes
+    both, then each block of 64 is multiplied by its scale. Half as many temporaries, too."""
+    if not is_nf4(t):
+        return t if dtype is None else t.to(dtype)
+    dtype = dtype or t.dtype
+    table = t.nf4.to(dtype)
+    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)  # byte -> (high code, low code)
+    groups = t.quantized_scalers.view(-1, t.scaler_block_size) / t.quantization_factor[:, None]
+    scales = (groups.flatten() + t.scaler_mean).to(dtype)
+    codes = F.embedding(t.quantized_data.int(), pairs)  # (numel / 2, 2)
+    return codes.view(-1, t.block_size).mul_(scales[:, None]).view(t.shape)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """x W^T with an NF4 weight, dequantised for the product and dropped after it; again in the backward pass,
+    which needs only the input's gradient (the frozen weight has none)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, dequantized(weight, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ dequantized(weight, grad.dtype), None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with an NF4 weight multiplied through `dequantized` instead of torchao's slower path."""
+    if not is_nf4(weight):
+        return F.linear(x, weight, bias)
+    y = _NF4Linear.apply(x, weight)
+    return y if bias is None else y + bias
+
+
+class NF4Linear(nn.Linear):
+    """An nn.Linear (the same weight and bias tensors, the same state-dict names) whose NF4 weight goes through
+    `linear`."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # shared, not copied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_nf4_linears(model: nn.Module) -> nn.Module:
+    """Every nn.Linear holding an NF4 weight as an NF4Linear, in place (after loading)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and is_nf4(child.weight):
+                setattr(parent, name, NF4Linear(child))
+    return model
 
 
 def stored_bytes(t: torch.Tensor) -> int:

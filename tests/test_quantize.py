@@ -170,3 +170,25 @@ def test_nf4_without_torchao_is_one_line_naming_the_install(monkeypatch, capsys,
 def test_compile_with_a_quantised_base_is_refused(tiny_checkpoint, capsys):
     with pytest.raises(UserError, match="--compile is not supported with --quantize int8"):
         greedy(tiny_checkpoint, None, capsys, ("quantize", "int8"), ("compile", True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_nf4_product_is_torchaos_bit_for_bit_forward_and_backward(dtype):
+    from lit_lora.quantize import dequantized, linear
+
+    weight = to_nf4("w", torch.randn(192, 576).to(dtype))
+    assert torch.equal(dequantized(weight), weight.get_original_weight())
+    x = torch.randn(2, 5, 576, dtype=dtype, requires_grad=True)
+    ours = linear(x, weight)
+    ours.sum().backward()
+    ours_grad, x.grad = x.grad, None
+    theirs = torch.nn.functional.linear(x, weight)  # torchao's own NF4 path
+    theirs.sum().backward()
+    assert torch.equal(ours, theirs) and torch.equal(ours_grad, x.grad)
+
+
+def test_a_loaded_nf4_model_multiplies_through_our_product(tiny_checkpoint):
+    from lit_lora.quantize import NF4Linear
+
+    model = load_model(tiny_checkpoint, quantize="nf4")
+    assert isinstance(model.layers[0].self_attn.q_proj, NF4Linear) and type(model.lm_head) is torch.nn.Linear
