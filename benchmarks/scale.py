@@ -55,17 +55,12 @@ def parameters(size: str) -> int:
 
 def random_model(config, dtype: torch.dtype, quantize: str):
     """A model of `config` with random weights made (and quantised) one tensor at a time, as loading does."""
-    from lit_lora.model import LLaMA
-    from lit_lora.quantize import quantize_weight
+    from lit_lora.checkpoint import model_from_tensors, stored_shapes
 
-    with torch.device("meta"):
-        model = LLaMA(config)
     generator = torch.Generator().manual_seed(0)
-    state = {name: quantize_weight(name, (torch.randn(t.shape, generator=generator) * 0.02).to(dtype), quantize)
-             for name, t in model.state_dict().items() if not (config.tie_embeddings and name == "lm_head.weight")}
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    return model
+    tensors = ((name, (torch.randn(shape, generator=generator) * 0.02).to(dtype))
+               for name, shape in stored_shapes(config).items())
+    return model_from_tensors(config, tensors, quantize)
 
 
 def ours(size: str, precision: str, quantize: str, steps: int, checkpointing: bool) -> float:
@@ -178,6 +173,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per run after one untimed (4x that below "
                         "1B parameters)")
     parser.add_argument("--skip_peer", action="store_true", help="no transformers + PEFT runs")
+    parser.add_argument("--methods", nargs="+", default=["LoRA", "QLoRA"], choices=["LoRA", "QLoRA"])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("size", "side", "precision", "quantize"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
@@ -202,7 +198,7 @@ def main() -> None:
         n = parameters(size)
         checkpointing = n >= CHECKPOINTING_FROM
         steps = args.steps if checkpointing else 4 * args.steps  # a small model's step is short: time more of them
-        for method, quantize in (("LoRA", "none"), ("QLoRA (nf4)", "nf4")):
+        for method, quantize in [(m, "nf4" if m == "QLoRA" else "none") for m in args.methods]:
             plan_gb = planned(size, precision, quantize, checkpointing)
             fits = plan_gb * 1024**3 < 0.9 * machine_bytes()
             mine = run(size, "ours", precision, quantize, steps, checkpointing) if fits else \

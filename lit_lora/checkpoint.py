@@ -16,7 +16,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import yaml
@@ -245,18 +245,23 @@ def load_model(
     `verify` checks each weights file against the sha256 in checkpoint.json as it is read (`iter_weights`).
     `quantize` nf4 quantises the blocks' linear weights as each is read, so the full-precision model is never
     held (quantize.py)."""
-    config = load_config(checkpoint_dir)
+    return model_from_tensors(load_config(checkpoint_dir), iter_weights(checkpoint_dir, dtype, device, verify),
+                              quantize, f"checkpoint {checkpoint_dir} does not match its model_config.yaml")
+
+
+def model_from_tensors(config: Config, tensors: Iterable[tuple[str, torch.Tensor]], quantize: str = "none",
+                       mismatch: str = "the tensors do not match the model config") -> LLaMA:
+    """The model of `config`, built on the meta device and filled from (name, tensor) pairs as they come, each
+    quantised as `quantize` says before the next is read (load_model, and the benchmarks' random models)."""
     with torch.device("meta"):
         model = LLaMA(config)
-    state = {name: quantize_weight(name, tensor, quantize)
-             for name, tensor in iter_weights(checkpoint_dir, dtype, device, verify)}
+    state = {name: quantize_weight(name, tensor, quantize) for name, tensor in tensors}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     expected = stored_shapes(config)
     missing, unexpected = sorted(expected.keys() - set(state)), sorted(set(state) - expected.keys())
     if missing or unexpected:
-        raise UserError(f"checkpoint {checkpoint_dir} does not match its model_config.yaml: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(f"{mismatch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return use_nf4_linears(model) if quantize == "nf4" else model
