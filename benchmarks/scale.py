@@ -30,6 +30,7 @@ SIZES = ["smollm2-135m", "smollm2-360m", "tinyllama-1.1b", "llama-3.2-3b", "llam
 R, ALPHA, DROPOUT, LR, BATCH, SEQ_LEN = 8, 16.0, 0.05, 3e-4, 1, 256
 REAL = Path.home() / ".cache" / "lit-lora" / "checkpoints" / "smollm2-135m-instruct"
 CHECKPOINTING_FROM = 1e9  # parameters
+WARMUP = int(os.environ.get("SCALE_WARMUP", "1"))  # untimed steps first; 0 for a single step of a 7B shape
 HF_DIR = Path("/work/cache/smollm2-hf")  # export-hf of REAL, for the peer's 4-bit run
 
 
@@ -88,7 +89,7 @@ def ours(size: str, precision: str, quantize: str, steps: int, checkpointing: bo
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, steps)
+    return timed(step, steps, WARMUP)
 
 
 def peer(size: str, precision: str, quantize: str, steps: int, checkpointing: bool) -> float:
@@ -123,11 +124,12 @@ def peer(size: str, precision: str, quantize: str, steps: int, checkpointing: bo
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, steps)
+    return timed(step, steps, WARMUP)
 
 
-def timed(step, steps: int) -> float:
-    step()  # warm-up: first-call allocations and kernel choices
+def timed(step, steps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):  # first-call allocations and kernel choices
+        step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
