@@ -165,7 +165,7 @@ def run(size: str, side: str, precision: str, quantize: str, steps: int, checkpo
 
 
 def cell(result: dict | str) -> str:
-    return f"{result['tokens_per_s']:7.1f} tok/s {result['peak_rss_gb']:6.2f} GB" if isinstance(result, dict) else \
+    return f"{result['tokens_per_s']:7.1f} tok/s {result['peak_rss_gb']:5.2f} GiB" if isinstance(result, dict) else \
         f"{result:<26.26s}"
 
 
@@ -216,7 +216,7 @@ def main() -> None:
                 ratio = (f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
                          f"{mine['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}x")
             print(f"{size:16s} {n / 1e9:6.2f}B {'yes' if checkpointing else 'no':4s} {method:14s} "
-                  f"{plan_gb:9.2f} GB {cell(mine):>26s} {cell(theirs):>26s}  {ratio}", flush=True)
+                  f"{plan_gb:8.2f} GiB {cell(mine):>26s} {cell(theirs):>26s}  {ratio}", flush=True)
 
 
 if __name__ == "__main__":

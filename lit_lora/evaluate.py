@@ -198,7 +198,8 @@ def evaluate(
             s.exact_match_normalized = sum(normalize(a) == normalize(r) for a, r in zip(s.answers, references)) / n
             s.stopped = sum(s.stops) / n
     result = {"checkpoint_dir": str(checkpoint_dir), "data": str(data), "split": split, "n": n,
-              "examples_sha256": digest, "precision": precision, "quantize": quantize, "models": [s.row() for s in scores]}
+              "examples_sha256": digest, "precision": precision, "quantize": quantize,
+              "models": [s.row() for s in scores]}
     if metric != "loss":
         result["predictions"] = [{"prompt": p, "reference": r, "answers": {s.name: s.answers[i] for s in scores}}
                                  for i, (p, r) in enumerate(zip(prompts, references))]

@@ -10,8 +10,8 @@ head too (for a small model the largest matrix a decode step reads).
   LoRALinear do not change; it also implements FSDP2's all-gather hooks. Quantised while loading, one tensor
   at a time (`quantize_weight`), so a run never holds the full-precision model.
 - **int8** (decoding only): per-output-channel symmetric int8, multiplied by PyTorch's weight-only int8 kernel
-  as gpt-fast does, after fast_decode's fusions. `Int8Linear` keeps the layer's own weight beside the int8 copy so that adapters can be
-  merged and restored and the copy rebuilt (`repack`), like fast_decode.PackedLinear.
+  as gpt-fast does, after fast_decode's fusions. `Int8Linear` keeps the layer's own weight beside the int8 copy
+  so that adapters can be merged and restored and the copy rebuilt (`repack`), like fast_decode.PackedLinear.
 """
 from __future__ import annotations
 

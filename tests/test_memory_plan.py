@@ -32,8 +32,8 @@ def measured_block_bytes(config: Config, lora: LoRAConfig, batch: int, seq_len: 
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("preset,targets", [("smollm2-135m", ["query", "value"]), ("qwen2.5-0.5b", ["attention", "mlp"]),
-                                            ("gemma-3-1b", ["query", "value"])])
+@pytest.mark.parametrize("preset,targets", [("smollm2-135m", ["query", "value"]),
+                                            ("qwen2.5-0.5b", ["attention", "mlp"]), ("gemma-3-1b", ["query", "value"])])
 def test_the_counted_activations_are_what_a_real_block_saves_or_a_little_more(preset, targets):
     config = Config.from_name(preset, vocab_size=256)  # the vocabulary is not in a block: a small one builds faster
     lora = LoRAConfig(r=8, targets=targets, dropout=0.05)
