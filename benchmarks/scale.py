@@ -100,14 +100,13 @@ def peer(size: str, precision: str, quantize: str, steps: int, checkpointing: bo
     from lit_lora.convert.hf import config_to_hf
 
     dtype = torch.bfloat16 if precision != "32-true" else torch.float32
-    hf_config = AutoConfig.for_model(**config_to_hf(model_config(size)))
     if quantize == "nf4":  # bitsandbytes quantises while from_pretrained loads: the real model's HF directory
         from transformers import BitsAndBytesConfig
 
         model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=dtype, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
     else:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_to_hf(model_config(size))), dtype=dtype)
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -115,7 +114,7 @@ def peer(size: str, precision: str, quantize: str, steps: int, checkpointing: bo
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    idx = torch.randint(0, hf_config.vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, model.config.vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):

@@ -72,7 +72,7 @@ def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = 
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in iter_weights(checkpoint_dir, verify=verify):
-            base = dequantized(quantize_weight(name, tensor.float(), quantize)).to(tensor.dtype) \
+            base = dequantized(quantize_weight(name, tensor.float(), quantize), tensor.dtype) \
                 if quantize != "none" and is_quantized_weight(name) else tensor
             yield name, merged(base, [(*pairs.pop(name), s) for pairs, s in updates if name in pairs], dtype, device)
         missing = sorted(name for pairs, _ in updates for name in pairs)

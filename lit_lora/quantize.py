@@ -198,16 +198,8 @@ def use_nf4_linears(model: nn.Module) -> nn.Module:
     return model
 
 
-def stored_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds, NF4's codes, scales and table included."""
-    if is_nf4(t):
-        parts = (t.quantized_data, t.quantized_scalers, t.quantization_factor, t.scaler_mean, t.nf4)
-        return sum(p.numel() * p.element_size() for p in parts)
-    return t.numel() * t.element_size()
-
-
 def nf4_bytes(numel: int) -> int:
-    """Bytes of an NF4 tensor of `numel` weights (the plan's arithmetic, matching `stored_bytes`): half a byte
+    """Bytes of an NF4 tensor of `numel` weights (the plan's arithmetic; tests check it against torchao's tensors): half a byte
     per weight, one int8 scale per block, an fp32 factor per scale group, an fp32 mean and the 16-entry table."""
     n_blocks = numel // NF4_BLOCK
     return numel // 2 + n_blocks + 4 * (n_blocks // scaler_block(n_blocks)) + 4 + 64
@@ -255,12 +247,3 @@ def to_int8(model: nn.Module) -> nn.Module:
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear(child))
     return model
-
-
-def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the model's weights by kind (nf4, and each dtype name), for the plan and the benchmarks."""
-    sizes: dict[str, int] = {}
-    for p in model.parameters():
-        kind = "nf4" if is_nf4(p) else str(p.dtype).removeprefix("torch.")
-        sizes[kind] = sizes.get(kind, 0) + stored_bytes(p)
-    return sizes

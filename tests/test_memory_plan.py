@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 from conftest import run_cli
 from lit_lora.checkpoint import load_config, load_model
 from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from lit_lora.memory_plan import block_saved_bytes, plan
 from lit_lora.model import LLaMA, Config
+from lit_lora.quantize import is_nf4
 from test_integrity import TINY
 
 
@@ -32,6 +34,23 @@ def measured_block_bytes(config: Config, lora: LoRAConfig, batch: int, seq_len: 
     return sum(saved.values())
 
 
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, NF4's codes, scales and table included."""
+    if is_nf4(t):
+        parts = (t.quantized_data, t.quantized_scalers, t.quantization_factor, t.scaler_mean, t.nf4)
+        return sum(p.numel() * p.element_size() for p in parts)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's weights by kind (nf4, and each dtype name): what the plan's rows must add up to."""
+    sizes: dict[str, int] = {}
+    for p in model.parameters():
+        kind = "nf4" if is_nf4(p) else str(p.dtype).removeprefix("torch.")
+        sizes[kind] = sizes.get(kind, 0) + stored_bytes(p)
+    return sizes
+
+
 @pytest.mark.parametrize("preset,targets", [("smollm2-135m", ["query", "value"]),
                                             ("qwen2.5-0.5b", ["attention", "mlp"]), ("gemma-3-1b", ["query", "value"])])
 def test_the_counted_activations_are_what_a_real_block_saves_or_a_little_more(preset, targets):
@@ -44,8 +63,6 @@ def test_the_counted_activations_are_what_a_real_block_saves_or_a_little_more(pr
 
 def test_weights_in_the_plan_are_the_bytes_the_loaded_model_holds(tiny_checkpoint):
     pytest.importorskip("torchao")
-    from lit_lora.quantize import weight_bytes
-
     config, lora = load_config(tiny_checkpoint), LoRAConfig(r=4)
     for quantize in ("none", "nf4"):
         planned = plan(config, lora, "32-true", quantize, 1, 64, False)

@@ -10,11 +10,13 @@ import yaml
 
 from lit_lora.checkpoint import load_model
 from lit_lora.errors import UserError
-from lit_lora.quantize import (Int8Linear, is_nf4, nf4_bytes, quantization, scaler_block, stored_bytes, to_int8,
+from lit_lora.quantize import (Int8Linear, is_nf4, nf4_bytes, quantization, scaler_block, to_int8,
                                to_nf4)
 from test_finetune import TINY, prepared, run  # noqa: F401  (prepared is a fixture)
+from test_memory_plan import stored_bytes
 
 pytest.importorskip("torchao", reason="QLoRA needs torchao (the qlora extra)")
+
 
 
 @pytest.mark.parametrize("shape", [(576, 576), (192, 576), (1536, 576), (64, 64)])
