@@ -5,16 +5,18 @@ few percent of a 7B model's bytes); the embeddings, norms and the head keep the 
 head too (for a small model the largest matrix a decode step reads).
 
 - **nf4** (QLoRA): 4-bit NormalFloat codes in blocks of 64 weights, each block's absmax scale itself quantised
-  to int8 in groups (double quantisation): about 0.26x the bf16 bytes. torchao's NF4Tensor holds them and
-  dequantises on the fly inside `F.linear`, in the forward and the backward pass, so the model code and
-  LoRALinear do not change; it also implements FSDP2's all-gather hooks. Quantised while loading, one tensor
-  at a time (`quantize_weight`), so a run never holds the full-precision model.
+  to int8 in groups (double quantisation): about 0.26x the bf16 bytes. The tensor is torchao's NF4Tensor (it
+  implements FSDP2's all-gather hooks and its own dequantising F.linear); its codes (`to_nf4`) and its product
+  (`dequantized`, `linear`) are computed here, bit for bit as torchao does, 3-4x faster on a CPU. Quantised
+  while loading, one tensor at a time (`quantize_weight`), so a run never holds the full-precision model.
 - **int8** (decoding only): per-output-channel symmetric int8, multiplied by PyTorch's weight-only int8 kernel
   as gpt-fast does, after fast_decode's fusions. `Int8Linear` keeps the layer's own weight beside the int8 copy
   so that adapters can be merged and restored and the copy rebuilt (`repack`), like fast_decode.PackedLinear.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import re
@@ -107,8 +109,40 @@ def to_nf4(name: str, weight: torch.Tensor) -> torch.Tensor:
     if weight.numel() % NF4_BLOCK:
         raise UserError(f"quantize nf4: {name} has {weight.numel()} weights, not a multiple of the NF4 block of "
                         f"{NF4_BLOCK}; this model cannot be quantised to nf4, train it without quantize")
-    n_blocks = weight.numel() // NF4_BLOCK
-    return torchao_nf4()(weight.contiguous(), NF4_BLOCK, scaler_block(n_blocks))
+    weight, n_blocks = weight.detach().contiguous(), weight.numel() // NF4_BLOCK
+    template, group = _nf4_template(weight.dtype), scaler_block(n_blocks)
+    table = template.nf4.to(weight.device, copy=True)
+    scalers, factor, mean = type(template).double_quantize_scalers(weight.flatten(), NF4_BLOCK, group)
+    inner = {"quantized_data": _nf4_codes(weight, table), "scaler_mean": mean, "quantization_factor": factor,
+             "quantized_scalers": scalers, "nf4": table}
+    _, ctx = template.__tensor_flatten__()
+    meta = dataclasses.replace(ctx["tensor_meta"], original_shape=weight.shape, original_strides=weight.stride(),
+                               device=weight.device)
+    ctx = {**ctx, "n_blocks": n_blocks, "scaler_block_size": group, "tensor_meta": meta}
+    return type(template).__tensor_unflatten__(inner, ctx, weight.shape, weight.stride())
+
+
+@functools.cache
+def _nf4_template(dtype: torch.dtype) -> torch.Tensor:
+    """torchao's NF4 tensor of one block in `dtype`: its code table, and the layout a new one is built from."""
+    return torchao_nf4()(torch.ones(NF4_BLOCK, dtype=dtype), NF4_BLOCK, 1)
+
+
+def _nf4_codes(weight: torch.Tensor, table: torch.Tensor, chunk_blocks: int = 2**14) -> torch.Tensor:
+    """Each weight's nearest code in `table` after its block's absmax scaling, two codes to a byte: torchao's
+    codes bit for bit, about 3x faster (a 5632 x 2048 weight in 0.6 s, not 1.8). torchao measures the distance
+    to all 16 codes in the weight's dtype and takes the first nearest; a binary search among the exact midpoints
+    (a weight on one goes to the code below) gives the same code for every bf16 and fp16 value and for fp32
+    values around every midpoint: the tests check them all against torchao's."""
+    mids = (table[:-1].double() + table[1:].double()) / 2
+    codes = torch.empty(weight.numel(), dtype=torch.uint8, device=weight.device)
+    blocks = weight.view(-1, NF4_BLOCK)
+    for start in range(0, len(blocks), chunk_blocks):
+        chunk = blocks[start : start + chunk_blocks]
+        v = (chunk / chunk.abs().amax(1, keepdim=True)).flatten()  # a zero block is NaN: code 0, as torchao's
+        at = start * NF4_BLOCK
+        codes[at : at + v.numel()] = torch.bucketize(v.double(), mids).masked_fill_(v.isnan(), 0)
+    return codes[::2] << 4 | codes[1::2]
 
 
 def check_nf4_sharding(shapes: dict[str, tuple[int, ...]], processes: int) -> None:
@@ -199,8 +233,9 @@ def use_nf4_linears(model: nn.Module) -> nn.Module:
 
 
 def nf4_bytes(numel: int) -> int:
-    """Bytes of an NF4 tensor of `numel` weights (the plan's arithmetic; tests check it against torchao's tensors): half a byte
-    per weight, one int8 scale per block, an fp32 factor per scale group, an fp32 mean and the 16-entry table."""
+    """Bytes of an NF4 tensor of `numel` weights (the plan's arithmetic; tests check it against torchao's tensors):
+    half a byte per weight, one int8 scale per block, an fp32 factor per scale group, an fp32 mean and the
+    16-entry table."""
     n_blocks = numel // NF4_BLOCK
     return numel // 2 + n_blocks + 4 * (n_blocks // scaler_block(n_blocks)) + 4 + 64
 

@@ -29,6 +29,36 @@ def test_nf4_holds_a_quarter_of_bf16_and_its_bytes_are_planned_exactly(shape):
     assert (q.get_original_weight() - w).abs().mean() < 0.1
 
 
+def values_near_the_midpoints(dtype: torch.dtype, table: torch.Tensor) -> torch.Tensor:
+    """Every bf16 or fp16 value in [-1, 1]; for fp32, 64 values on each side of each midpoint between codes."""
+    if dtype != torch.float32:
+        every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        return every[every.abs() <= 1]
+    mids = ((table[:-1].double() + table[1:].double()) / 2).float()
+    up, down, near = mids, mids, [mids]
+    for _ in range(64):
+        up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+        near += [up, down]
+    return torch.cat(near)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_our_nf4_quantiser_gives_torchaos_tensor_bit_for_bit(dtype):
+    from lit_lora.quantize import torchao_nf4
+
+    table = torchao_nf4()(torch.ones(64, dtype=dtype), 64, 1).nf4
+    near = values_near_the_midpoints(dtype, table)
+    near = torch.cat([near, near.new_zeros(-len(near) % 63)]).view(-1, 63)
+    # each block: 63 of them and a 1, so that its absmax scaling leaves them as they are
+    w = torch.cat([near, near.new_ones(len(near), 1)], dim=1).flatten()
+    w = torch.cat([w, torch.zeros(64, dtype=dtype), torch.randn(-len(w) % 4096 + 4096).to(dtype)]).view(-1, 64)
+    ours, theirs = to_nf4("w", w), torchao_nf4()(w, 64, scaler_block(len(w)))  # a zero block among them
+    assert type(ours) is type(theirs) and ours.shape == w.shape and ours.dtype == dtype
+    for inner in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"):
+        assert torch.equal(getattr(ours, inner), getattr(theirs, inner)), inner
+    assert (ours.block_size, ours.n_blocks, ours.scaler_block_size) == (64, len(w), scaler_block(len(w)))
+
+
 def test_scaler_block_divides_the_block_count():
     assert scaler_block(5184) == 216 and scaler_block(4096) == 256 and scaler_block(7) == 7
 
