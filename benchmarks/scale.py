@@ -67,11 +67,16 @@ def random_model(config, dtype: torch.dtype, quantize: str):
 def ours(size: str, precision: str, quantize: str, steps: int, checkpointing: bool) -> float:
     """Seconds of `steps` timed training steps of our model."""
     from lit_lora.checkpoint import load_model
-    from lit_lora.device import PRECISIONS
+    from lit_lora.device import PRECISIONS, unmap_freed_memory
     from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
     from lit_lora.loss import micro_batch_loss
+    from lit_lora.train_config import TrainConfig
 
     base_dtype, lora_dtype = PRECISIONS[precision]
+    run = TrainConfig(quantize=quantize)
+    run.train.gradient_checkpointing = checkpointing
+    if run.wants_low_memory():  # as finetune-lora's train.low_memory: null does
+        unmap_freed_memory()
     config = model_config(size)
     model = load_model(REAL, base_dtype, quantize=quantize) if size == "smollm2-135m" and REAL.is_dir() else \
         random_model(config, base_dtype, quantize)

@@ -48,14 +48,17 @@ def time_steps(step, warmup: int, steps: int) -> float:
 
 
 def run_ours(checkpoint_dir: str, precision: str, batch: int, seq_len: int, warmup: int, steps: int,
-             gradient_checkpointing: bool) -> dict:
+             gradient_checkpointing: bool, low_memory: bool | None) -> dict:
+    from lit_lora.device import unmap_freed_memory
     from lit_lora.finetune import build_model
     from lit_lora.loss import micro_batch_loss
     from lit_lora.train_config import TrainConfig
 
     config = TrainConfig(checkpoint_dir=checkpoint_dir, precision=precision)
     config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.targets = R, ALPHA, DROPOUT, ["query", "value"]
-    config.train.gradient_checkpointing = gradient_checkpointing
+    config.train.gradient_checkpointing, config.train.low_memory = gradient_checkpointing, low_memory
+    if config.wants_low_memory():  # as finetune-lora does
+        unmap_freed_memory()
     model = build_model(config)  # bf16-mixed: frozen base in bf16, LoRA in fp32
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     idx = random_batch(model.config.vocab_size, batch, seq_len)
@@ -130,6 +133,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="also run ours with activation checkpointing (less memory, slower)")
+    parser.add_argument("--low_memory", action="store_true",
+                        help="also run ours with train.low_memory true (freed memory unmapped at once)")
     parser.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one side, in a subprocess
     args = parser.parse_args()
 
@@ -137,7 +142,8 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         precision, shape = args.precisions[0], (args.batch, args.seq_len, args.warmup, args.steps)
-        result = run_ours(args.checkpoint_dir, precision, *shape, args.gradient_checkpointing) \
+        result = run_ours(args.checkpoint_dir, precision, *shape, args.gradient_checkpointing,
+                          True if args.low_memory else None) \
             if args.only == "ours" else run_hf(args.hf_dir, precision, *shape)
         result["tokens_per_s"] = args.batch * args.seq_len * args.steps / result["seconds"]
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -149,19 +155,21 @@ def main() -> None:
     auto, why = auto_precision("cpu")
     runs = []
     for precision in args.precisions:
-        runs += [(f"lit-lora {precision}", "ours", precision, False), (f"peer {precision}", "hf", precision, False)]
+        runs += [(f"lit-lora {precision}", "ours", precision, []), (f"peer {precision}", "hf", precision, [])]
         if args.gradient_checkpointing:
-            runs.insert(-1, (f"lit-lora {precision} ckpt", "ours", precision, True))
+            runs.insert(-1, (f"lit-lora {precision} ckpt", "ours", precision, ["--gradient_checkpointing"]))
+        if args.low_memory:
+            runs.insert(-1, (f"lit-lora {precision} low_memory", "ours", precision, ["--low_memory"]))
     roofs = {p: matmul_roof(args.checkpoint_dir, p, args.batch, args.seq_len) for p in args.precisions}
     for precision, roof in roofs.items():
         print(f"roof {precision}: {roof:8.1f} tokens/s (the frozen weights' forward and input-gradient products alone)")
     results = {}
-    for name, side, precision, checkpointing in runs:
+    for name, side, precision, options in runs:
         cmd = [sys.executable, __file__, "--only", side, "--hf_dir", args.hf_dir, "--checkpoint_dir",
                args.checkpoint_dir, "--precisions", precision, "--batch", str(args.batch), "--seq_len",
                str(args.seq_len), "--warmup", str(args.warmup), "--steps", str(args.steps)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
-        cmd += ["--gradient_checkpointing"] if checkpointing else []
+        cmd += options
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")

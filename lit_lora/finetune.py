@@ -37,7 +37,7 @@ from lit_lora.adapter import ADAPTER_WEIGHTS
 from lit_lora.checkpoint import check_checkpoint_dir, load_config, load_model, stored_shapes
 from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
-from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision
+from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision, unmap_freed_memory
 from lit_lora.errors import UserError
 from lit_lora.fileio import hold_lock, write_json, write_yaml
 from lit_lora.generate import Sampling, complete
@@ -198,6 +198,15 @@ class Run:
     no_val_noted: bool = False  # the data has no validation split and the user was told so
 
 
+def low_memory_note(config: TrainConfig, done: bool) -> str:
+    if not done:
+        return "note: train.low_memory has no effect here: it sets glibc's malloc, and this C library is not glibc"
+    chosen_by = "quantize nf4" if config.quantize == "nf4" else "gradient_checkpointing"
+    why = "" if config.train.low_memory else f" (train.low_memory null, with {chosen_by})"
+    return (f"note: low memory{why}: freed tensors go back to the system at once, for a peak near the plan's "
+            f"(finetune-lora --dry-run) at slower steps; train.low_memory false for speed")
+
+
 def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | None:
     """Check the inputs and the checkpoint to resume from, start Fabric, build the model and optimizer, restore
     the checkpoint, then write config.yaml; None (said so, nothing touched) when the run is already complete."""
@@ -213,6 +222,8 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | No
 
     fabric.launch()
     fabric.seed_everything(config.seed)
+    if config.wants_low_memory():
+        fabric.print(low_memory_note(config, unmap_freed_memory()))
 
     model = build_model(config)
     skip_base_broadcast(fabric, model)

@@ -42,6 +42,9 @@ class TrainSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float | None = 1.0  # max gradient norm; null disables clipping
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # return freed tensors' memory to the system at once (glibc): less memory, slower steps; null: on with
+    # quantize nf4 or gradient_checkpointing, the settings chosen to save memory
+    low_memory: bool | None = None
     group_by_length: bool = True  # batch examples of similar length together (less padding)
     packing: bool = False  # lay a micro-batch's examples end to end (block-diagonal attention)
     pad_multiple: int = 16  # pad a batch's length up to a multiple of this: few distinct shapes, steady memory
@@ -119,6 +122,11 @@ class TrainConfig:
         for key, value, allowed, must in ranges:
             if not allowed:
                 raise UserError(f"{key} must be {must}, got {value}")
+
+    def wants_low_memory(self) -> bool:
+        """train.low_memory, or (null) whether the run chose to save memory: quantize nf4 or checkpointing."""
+        t = self.train
+        return t.low_memory if t.low_memory is not None else self.quantize == "nf4" or t.gradient_checkpointing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
