@@ -493,6 +493,43 @@ def chat(
     library(CHAT)(checkpoint_dir, lora_paths=lora_path or [], template=template, system=system, **decoding)
 
 
+SERVE = "lit_lora.serve.server:run_serve"
+
+
+@subcommand("serve", "serve --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_dir out/adapters "
+                     "--lora_path alpaca=out/lora/smollm2-135m-alpaca/final")
+def serve(
+    checkpoint_dir: Path = checkpoint_option(),
+    lora_path: Optional[List[str]] = typer.Option(None, "--lora_path", metavar="[NAME=]PATH", help="An adapter to "
+                                                  "serve as NAME (default: its folder's name); repeat for several."),
+    lora_dir: Optional[Path] = option(SERVE, "lora_dir", "Serve every adapter folder in this directory, by folder "
+                                                         "name; new ones are found without a restart."),
+    host: str = option(SERVE, "host", "Address to listen on (0.0.0.0: every interface; then set --api_key)."),
+    port: int = option(SERVE, "port", "Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api_key", envvar="LIT_LORA_API_KEY", help="Require "
+                                          "'Authorization: Bearer KEY' on /v1 (or set LIT_LORA_API_KEY)."),
+    max_adapters: int = option(SERVE, "max_adapters", "Adapters held in memory at once (least recently used out)."),
+    max_batch: int = option(SERVE, "max_batch", "Requests decoded together in one batch (each a cache row)."),
+    max_queue: int = option(SERVE, "max_queue", "Requests waiting beyond the batch before 429 Too Many Requests."),
+    max_tokens: int = option(SERVE, "max_tokens", "max_tokens of a chat answer that does not say (a request may ask up to the context)."),
+    max_seq_length: Optional[int] = option(SERVE, "max_seq_length", "Tokens of prompt plus answer per request "
+                                                                     "(default: the model's context, at most 2048)."),
+    precision: str = option(SERVE, "precision", "bf16-true, 32-true or auto (the faster here)."),
+    device: str = device_option(SERVE, "the model runs"),
+    quantize: Optional[str] = quantize_option(SERVE),
+    verify: bool = verify_option(),
+) -> None:
+    """Serve the base and its adapters over the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions).
+
+    Requests for different adapters are decoded together in one batch, each row with its own adapter; the request's
+    `model` picks the base (by its folder's name) or an adapter. Stop with Ctrl-C or SIGTERM.
+    """
+    library(SERVE)(checkpoint_dir, lora_paths=lora_path or [], lora_dir=lora_dir, host=host, port=port,
+                   api_key=api_key, max_adapters=max_adapters, max_batch=max_batch, max_queue=max_queue,
+                   max_tokens=max_tokens, max_seq_length=max_seq_length, precision=precision, device=device,
+                   quantize=quantize, verify=verify)
+
+
 @subcommand("merge-lora", "merge-lora --checkpoint_dir checkpoints/smollm2-135m-instruct --lora_path "
                           "out/lora/smollm2-135m-alpaca/final --out checkpoints/smollm2-alpaca-merged")
 def merge_lora(
