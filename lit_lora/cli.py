@@ -511,7 +511,8 @@ def serve(
     max_adapters: int = option(SERVE, "max_adapters", "Adapters held in memory at once (least recently used out)."),
     max_batch: int = option(SERVE, "max_batch", "Requests decoded together in one batch (each a cache row)."),
     max_queue: int = option(SERVE, "max_queue", "Requests waiting beyond the batch before 429 Too Many Requests."),
-    max_tokens: int = option(SERVE, "max_tokens", "max_tokens of a chat answer that does not say (a request may ask up to the context)."),
+    max_tokens: int = option(SERVE, "max_tokens", "max_tokens of a chat answer that does not say (a request may "
+                                                   "ask up to the context)."),
     max_seq_length: Optional[int] = option(SERVE, "max_seq_length", "Tokens of prompt plus answer per request "
                                                                      "(default: the model's context, at most 2048)."),
     precision: str = option(SERVE, "precision", "bf16-true, 32-true or auto (the faster here)."),

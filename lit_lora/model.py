@@ -412,7 +412,8 @@ def window_mask(mask: torch.Tensor | None, query_slots: torch.Tensor, kv_len: in
     None (plain causal) when no query reaches back further than the window."""
     if mask is None and kv_len <= window:
         return None
-    near = torch.arange(kv_len, device=query_slots.device)[None, :] > query_slots[:, None] - window  # (T, S)
+    near = torch.arange(kv_len, device=query_slots.device) > query_slots[..., None] - window  # ([B,] T, S)
+    near = near[:, None] if near.dim() == 3 else near  # per-row slots (serving): (B, 1, T, S)
     if mask is None:
         return causal_mask(query_slots, kv_len) & near
     if mask.dtype == torch.bool:

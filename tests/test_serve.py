@@ -142,6 +142,59 @@ def test_every_greedy_answer_is_generates_alone_and_in_mixed_batches(server, tin
     assert len(set(want.values())) > len(QUESTIONS) * 2  # the adapters do change the answers
 
 
+def engine_answers(checkpoint: Path, adapters: dict[str, Path], questions: list[str], max_rows: int,
+                   slots: int, chunk: int) -> dict[tuple[str | None, str], str]:
+    """Greedy answers of the engine alone (no HTTP), every (adapter, question) submitted at once."""
+    from lit_lora.checkpoint import load_config
+    from lit_lora.generate import load_for_generation
+    from lit_lora.prompts.format import prompt_format
+    from lit_lora.serve.adapters import AdapterSource, ResidentAdapters
+    from lit_lora.serve.batch import AdapterTable, Rows
+    from lit_lora.serve.engine import Engine, Request
+    from lit_lora.tokenizer import Tokenizer
+
+    tokenizer, rows = Tokenizer(checkpoint), Rows()
+    model = load_for_generation(checkpoint, "32-true", True)
+    resident = ResidentAdapters(AdapterTable(model, rows, slots), AdapterSource(checkpoint, load_config(checkpoint),
+                                                                                 adapters, None))
+    engine = Engine(model, tokenizer, resident, rows, max_rows, 256, 64, prefill_chunk=chunk)
+    form, answers, finished = prompt_format("chatml", {}, tokenizer), {}, threading.Semaphore(0)
+
+    def emit_to(key, pieces):
+        def emit(event):
+            if event.kind == "text":
+                pieces.append(event.text)
+            else:
+                answers[key] = "".join(pieces) if event.kind == "done" else f"error: {event.text}"
+                finished.release()
+        return emit
+
+    keys = [(name, q) for name in [None, *adapters] for q in questions]
+    engine.start()
+    for key in keys:
+        engine.submit(Request(form.question_ids(tokenizer, key[1]), Sampling(max_new_tokens=24, temperature=0),
+                              form.stop_strings, key[0], emit_to(key, [])))
+    for _ in keys:
+        assert finished.acquire(timeout=120)
+    engine.stop()
+    return answers
+
+
+def test_the_engine_matches_generate_with_chunked_prefill_few_slots_and_a_sliding_window(tmp_path):
+    from conftest import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "windowed", sliding_window=6)  # Mistral's: every layer windowed
+    adapters = {name: make_adapter(checkpoint, tmp_path / name, seed=i, targets=targets, r=r, template="chatml",
+                                   scale=0.3) for i, (name, (targets, r)) in enumerate(ADAPTERS.items())}
+    questions = ["hello there", "tell me a story about a cat and a dog and a bird"]
+    answers = engine_answers(checkpoint, adapters, questions, max_rows=3, slots=2, chunk=5)
+    for (name, question), text in answers.items():
+        want = run_generate(checkpoint, prompt=question, lora_paths=[adapters[name]] if name else [],
+                            template="chatml", sampling=Sampling(max_new_tokens=24, temperature=0), stream=False,
+                            out=io.StringIO(), log=io.StringIO(), engine="torch")[0]
+        assert text == want, (name, question)
+
+
 def test_usage_streaming_chunks_and_choices(server, lora_dir):
     c = client(server)
     answer = c.chat.completions.create(model="a1", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
@@ -267,7 +320,8 @@ def test_sigterm_finishes_what_runs_and_exits_0(tiny_checkpoint, lora_dir):
 
 
 def test_serve_refuses_bad_options_in_one_line(monkeypatch, capsys, tiny_checkpoint, tmp_path):
-    for options, words in [(["--port", "0"], "--port must be in"), (["--lora_dir", tmp_path / "none"], "not a directory"),
+    for options, words in [(["--port", "0"], "--port must be in"),
+                           (["--lora_dir", tmp_path / "none"], "not a directory"),
                            (["--max_batch", "0"], "--max_batch must be >= 1"),
                            (["--lora_path", f"x={tmp_path}"], "adapter 'x' cannot be served")]:
         code, _, err = run_cli(monkeypatch, capsys, "serve", "--checkpoint_dir", tiny_checkpoint, *options)

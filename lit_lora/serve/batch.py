@@ -9,8 +9,8 @@ own adapter. Two pieces make the model take such a batch without changing model.
 - **`MultiLoRA`**, beside each adapted linear layer (the fused q/k/v and gate/up ones too): the base product once
   for every row, then each row's own low-rank update, gathered by its adapter slot, as Punica's BGMV and
   vLLM's CPU path do: x A[slot]^T B[slot]^T. Nothing is merged and nothing is copied per request. Slot 0 is
-  the base (zeros); the others hold the resident adapters (`AdapterTable`), zero-padded to the largest rank,
-  each B already multiplied by its adapter's scaling.
+  the base (zeros); the others hold the resident adapters (`AdapterTable`), zero-padded to the largest rank
+  in each layer, each B already multiplied by its adapter's scaling.
 
 `Rows` is the one object the engine sets before each forward pass; every cache and LoRA layer reads it.
 """
@@ -83,15 +83,15 @@ class MultiLoRA(nn.Module):
             offset += size
         return y
 
-    def grow(self, rank: int) -> None:
-        """Room for rank `rank` in every slot (zero-padded: a smaller rank's extra rows and columns add 0)."""
-        for i, (A, B) in enumerate(zip(self.A, self.B)):
-            if A.shape[1] < rank:
-                self.A[i] = torch.cat([A, A.new_zeros(A.shape[0], rank - A.shape[1], A.shape[2])], dim=1)
-                self.B[i] = torch.cat([B, B.new_zeros(B.shape[0], B.shape[1], rank - B.shape[2])], dim=2)
-
     def put(self, slot: int, part: int, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
-        """Adapter tensors into `slot` (None: this adapter leaves the part alone: zeros)."""
+        """Adapter tensors into `slot` (None: this adapter leaves the part alone: zeros). A part's stacks grow to
+        the largest rank put into it, zero-padded (a smaller rank's extra rows and columns add 0); a part no
+        adapter touches stays empty, so the slots cost memory only where adapters are."""
+        if A is not None and A.shape[0] > self.A[part].shape[1]:
+            grow = A.shape[0] - self.A[part].shape[1]
+            old_A, old_B = self.A[part], self.B[part]
+            self.A[part] = torch.cat([old_A, old_A.new_zeros(old_A.shape[0], grow, old_A.shape[2])], dim=1)
+            self.B[part] = torch.cat([old_B, old_B.new_zeros(old_B.shape[0], old_B.shape[1], grow)], dim=2)
         self.A[part][slot].zero_()
         self.B[part][slot].zero_()
         if A is not None:
@@ -134,9 +134,6 @@ class AdapterTable:
 
     def put(self, slot: int, state: dict[str, torch.Tensor], scaling: float) -> None:
         """An adapter's LoRA tensors ({prefix}.lora_A / .lora_B, checked to fit the base) into `slot`."""
-        rank = max((t.shape[0] for name, t in state.items() if name.endswith(".lora_A")), default=0)
-        for layer in {layer for layer, _ in self.layers.values()}:
-            layer.grow(rank)
         for prefix, (layer, part) in self.layers.items():
             A, B = state.get(f"{prefix}.lora_A"), state.get(f"{prefix}.lora_B")
             layer.put(slot, part, A, None if B is None else B.float() * scaling)

@@ -104,10 +104,20 @@ class Engine:
                     self.lock.wait()
                 if self.closing:
                     return
-            with torch.inference_mode():
-                self._admit()
-                self._prefill()
-                self._decode()
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    self._prefill()
+                    self._decode()
+            except Exception as e:  # noqa: BLE001 - a bug or out of memory: fail what runs, keep serving
+                self._fail_all(f"internal error while decoding: {type(e).__name__}: {e}")
+
+    def _fail_all(self, message: str) -> None:
+        failed = [*self.running, *([self.prefilling] if self.prefilling else [])]
+        self.running, self.prefilling = [], None
+        for request in failed:
+            self.adapters.release(request.slot)
+            request.emit(Event("error", message, 500))
 
     def _admit(self) -> None:
         while self.prefilling is None and len(self.running) < self.max_rows:

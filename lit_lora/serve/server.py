@@ -23,6 +23,7 @@ def run_serve(
     called with the uvicorn server once it listens (tests stop it through that)."""
     from lit_lora.checkpoint import load_config, load_info
     from lit_lora.device import GENERATE_PRECISIONS, check_precision, resolve_device
+    from lit_lora.generate import longrope_restart
     from lit_lora.prompts.format import prompt_format
     from lit_lora.quantize import decoding_quantize
     from lit_lora.serve.adapters import AdapterSource, ResidentAdapters, parse_lora_path
@@ -46,6 +47,11 @@ def run_serve(
         raise UserError(f"--lora_dir {lora_dir} is not a directory")
     config, tokenizer = load_config(checkpoint_dir), Tokenizer(checkpoint_dir)
     context = min(config.max_seq_len, max_seq_length or DEFAULT_CONTEXT)
+    restart = longrope_restart(config)
+    if restart is not None and context > restart:  # generate prefills again there; a served batch cannot
+        print(f"note: contexts capped at {restart} tokens, where LongRoPE would switch to its long factors",
+              file=log)
+        context = restart
     if context < 2:
         raise UserError(f"--max_seq_length must be >= 2, got {max_seq_length}")
     source = AdapterSource(Path(checkpoint_dir), config, dict(map(parse_lora_path, lora_paths)),
