@@ -239,7 +239,7 @@ def test_bad_requests_get_their_4xx_in_one_line_and_the_server_keeps_serving(ser
         shutil.rmtree(broken)
 
 
-def test_a_new_adapter_folder_is_served_and_a_changed_one_read_again(server, tiny_checkpoint, lora_dir):
+def test_a_new_adapter_folder_is_served_a_changed_one_read_again_and_peft_ones_too(server, tiny_checkpoint, lora_dir):
     c = client(server)
     fresh = lora_dir / "fresh"
     try:
@@ -251,8 +251,14 @@ def test_a_new_adapter_folder_is_served_and_a_changed_one_read_again(server, tin
         shutil.copytree(lora_dir / "a1", fresh)  # other weights under the same name
         assert ask(c, "fresh", "hello there", True, False) == generated(tiny_checkpoint, lora_dir / "a1",
                                                                          "hello there", "auto")
+        from lit_lora.export import export_peft
+
+        export_peft(lora_dir / "a2", lora_dir / "peft")  # a PEFT adapter directory, served as ours are
+        assert ask(c, "peft", "hello there", True, False) == generated(tiny_checkpoint, lora_dir / "peft",
+                                                                        "hello there", "auto")
     finally:
         shutil.rmtree(fresh, ignore_errors=True)
+        shutil.rmtree(lora_dir / "peft", ignore_errors=True)
 
 
 def test_a_client_that_goes_away_frees_its_row(server):
