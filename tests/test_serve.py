@@ -220,6 +220,7 @@ def test_bad_requests_get_their_4xx_in_one_line_and_the_server_keeps_serving(ser
     cases = [
         (b"{not json", 400, "not valid JSON"),
         ({"model": "nope", "messages": hi}, 404, "no model named 'nope'"),
+        ({"model": "../" + lora_dir.name + "/a0", "messages": hi}, 404, "no model named"),  # only lora_dir's own
         ({"model": "a0", "messages": [{"role": "user", "content": long_prompt}]}, 400, "shorten the prompt"),
         ({"model": "a0", "messages": hi, "max_tokens": 0}, 400, "max_tokens must be between 1 and"),
         ({"model": "a0", "messages": hi, "max_tokens": 10**9}, 400, "max_tokens must be between 1 and"),

@@ -41,6 +41,10 @@ def parse_lora_path(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def is_adapter_folder(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in (ADAPTER_CONFIG, PEFT_CONFIG))
+
+
 def identity(path: Path) -> tuple:
     directory = path if path.is_dir() else path.parent
     found = []
@@ -63,19 +67,20 @@ class AdapterSource:
         self.lock = threading.Lock()
 
     def found(self) -> dict[str, Path]:
-        """Every adapter by name: the --lora_path ones, then the folders under --lora_dir now."""
+        """Every adapter by name: the folders under --lora_dir now, and the --lora_path ones (which win)."""
         found = {}
         if self.lora_dir is not None and self.lora_dir.is_dir():
-            for folder in sorted(self.lora_dir.iterdir()):
-                if folder.is_dir() and any((folder / f).is_file() for f in (ADAPTER_CONFIG, PEFT_CONFIG)):
-                    found[folder.name] = folder
+            found = {folder.name: folder for folder in sorted(self.lora_dir.iterdir()) if is_adapter_folder(folder)}
         return {**found, **self.paths}
 
     def path(self, name: str) -> Path:
-        path = self.found().get(name)
-        if path is None:
+        """The adapter `name` is, looked up without listing --lora_dir: the engine thread asks on every admission."""
+        if name in self.paths:
+            return self.paths[name]
+        folder = None if self.lora_dir is None or Path(name).name != name else self.lora_dir / name
+        if folder is None or name in (".", "..") or not is_adapter_folder(folder):  # a child of lora_dir, no more
             raise UnknownModel(f"no model named {name!r}; GET /v1/models lists the base and every adapter")
-        return path
+        return folder
 
     def load(self, name: str):
         """(LoRA config, tensors, identity) of adapter `name`, checked against the base; UserError naming it."""
@@ -85,9 +90,7 @@ class AdapterSource:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # no recorded base hash: the shapes are still checked
                 lora_config, state, meta = load_checked_adapter(path, self.checkpoint_dir, self.config, self.verify)
-        except UserError as e:
-            raise UserError(f"adapter {name!r} cannot be served: {e}") from None
-        except (OSError, ValueError) as e:
+        except (UserError, OSError, ValueError) as e:
             raise UserError(f"adapter {name!r} cannot be served: {e}") from None
         with self.lock:
             self.checked[name], self.metas[name] = before, meta

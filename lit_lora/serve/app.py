@@ -48,7 +48,7 @@ class RequestError(UserError):
 @dataclass
 class Limits:
     context: int  # tokens of prompt plus answer
-    max_tokens: int  # the default, and the most, for chat answers
+    max_tokens: int  # for chat answers that do not say (a request may ask up to the context)
     max_n: int
     api_key: str | None
 
@@ -123,6 +123,9 @@ class Service:
         self.formats, self.limits = formats, limits
         self.started = int(time.time())
         self.responses: dict[int, int] = {}  # status -> count, for /metrics
+
+    def count(self, status: int) -> None:
+        self.responses[status] = self.responses.get(status, 0) + 1
 
     def models(self) -> list[str]:
         return [self.base_name, *self.source.found()]
@@ -238,7 +241,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="lit-lora", docs_url=None, redoc_url=None, openapi_url=None)
 
     def refuse(message: str, status: int, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-        service.responses[status] = service.responses.get(status, 0) + 1
+        service.count(status)
         return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
@@ -307,7 +310,7 @@ def create_app(service: Service) -> FastAPI:
         finally:
             for r in requests:
                 r.cancelled = True  # harmless when done; frees the rows of a client that went away
-        service.responses[200] = service.responses.get(200, 0) + 1
+        service.count(200)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
                        for i, (t, f) in enumerate(zip(texts, finish))]
@@ -338,7 +341,7 @@ def create_app(service: Service) -> FastAPI:
                                "created": created, "model": model, "choices": [],
                                "usage": usage(prompt_tokens, requests)})
                 yield "data: [DONE]\n\n"
-            service.responses[200] = service.responses.get(200, 0) + 1
+            service.count(200)
         finally:
             for r in requests:
                 r.cancelled = True

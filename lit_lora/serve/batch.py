@@ -62,7 +62,7 @@ class MultiLoRA(nn.Module):
 
     def __init__(self, base: nn.Module, parts: list[tuple[str, int]], rows: Rows, slots: int) -> None:
         super().__init__()
-        self.base, self.rows, self.names = base, rows, [name for name, _ in parts]
+        self.base, self.rows = base, rows
         self.sizes = [size for _, size in parts]
         weight = base.weight
         self.dtype = weight.dtype  # the activations' (an NF4 or int8 layer keeps its original dtype here)

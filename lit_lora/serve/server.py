@@ -23,7 +23,7 @@ def run_serve(
     called with the uvicorn server once it listens (tests stop it through that)."""
     from lit_lora.checkpoint import load_config, load_info
     from lit_lora.device import GENERATE_PRECISIONS, check_precision, resolve_device
-    from lit_lora.generate import longrope_restart
+    from lit_lora.generate import load_for_generation, longrope_restart
     from lit_lora.prompts.format import prompt_format
     from lit_lora.quantize import decoding_quantize
     from lit_lora.serve.adapters import AdapterSource, ResidentAdapters, parse_lora_path
@@ -59,7 +59,7 @@ def run_serve(
     for name in source.paths:  # the ones named on the command line must be good now
         source.load(name)
     quantize = decoding_quantize(quantize, [source.metas[n] for n in source.paths], log)
-    model = _model(checkpoint_dir, precision, verify, where, quantize)
+    model = load_for_generation(checkpoint_dir, precision, verify, True, where, quantize)
     rows = Rows()
     table = AdapterTable(model, rows, max_adapters)
     engine = Engine(model, tokenizer, ResidentAdapters(table, source), rows, max_batch, context, max_queue)
@@ -115,8 +115,3 @@ def _uvicorn():
         raise UserError("serve needs FastAPI and uvicorn: pip install 'lit-lora[serve]'") from None
     return uvicorn
 
-
-def _model(checkpoint_dir: Path, precision: str, verify: bool, where, quantize: str):
-    from lit_lora.generate import load_for_generation
-
-    return load_for_generation(checkpoint_dir, precision, verify, True, where, quantize)
