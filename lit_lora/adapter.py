@@ -83,7 +83,8 @@ def load_adapter(path: Path, verify: bool = True) -> tuple[LoRAConfig, dict[str,
     try:
         meta = yaml.safe_load((directory / ADAPTER_CONFIG).read_text()) or {}
         config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta.get("dropout", 0.0),
-                            targets=list(meta["targets"]), use_rslora=meta.get("use_rslora", False))
+                            targets=list(meta["targets"]), use_rslora=meta.get("use_rslora", False),
+                            variant=meta.get("variant", "lora"))
     except (yaml.YAMLError, KeyError, TypeError) as e:
         raise UserError(f"{directory / ADAPTER_CONFIG} is not a valid adapter config: {e!r}") from None
     recorded = meta.get("weights_sha256") if verify and weights.name == ADAPTER_WEIGHTS else None
@@ -127,10 +128,11 @@ def load_checked_adapter(lora_path: Path, checkpoint_dir: Path, config: Config, 
 
 
 # ---------------------------------------------------------------------------------------------- merging
-def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"layers.0.self_attn.q_proj.weight": (A, B)} for every adapted weight."""
+def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """{"layers.0.self_attn.q_proj.weight": (A, B, DoRA magnitude or None)} for every adapted weight."""
     modules = {name.rsplit(".", 1)[0] for name in state}
-    return {f"{m}.weight": (state[f"{m}.lora_A"], state[f"{m}.lora_B"]) for m in modules}
+    return {f"{m}.weight": (state[f"{m}.lora_A"], state[f"{m}.lora_B"], state.get(f"{m}.lora_magnitude"))
+            for m in modules}
 
 
 @torch.no_grad()
@@ -141,11 +143,12 @@ def merge_adapter(model: LLaMA, lora_config: LoRAConfig, state: dict[str, torch.
     which rounding would not in bf16.
     """
     originals = {}
-    for name, (A, B) in lora_pairs(state).items():
+    for name, (A, B, m) in lora_pairs(state).items():
         weight = model.get_parameter(name)
         originals[name] = weight.detach().clone()
         # The adapter was read onto the CPU; the model may be on a GPU.
-        weight.copy_(merged_weight(weight, A.to(weight.device), B.to(weight.device), lora_config.scaling))
+        weight.copy_(merged_weight(weight, A.to(weight.device), B.to(weight.device), lora_config.scaling,
+                                   magnitude=None if m is None else m.to(weight.device)))
     return originals
 
 

@@ -136,10 +136,14 @@ def _gguf_model(tmp: Path, out: Path, checkpoint_dir: Path, lora_path: Path | No
 
 def _gguf_adapter(tmp: Path, out: Path, checkpoint_dir: None, lora_path: Path, type: str, verify: bool, device) -> str:
     lora_config, state, meta = load_adapter(lora_path, verify=verify)
+    if lora_config.variant == "dora":  # llama.cpp's adapters are W + s B A only
+        raise UserError(f"{lora_path} is a DoRA adapter, which a GGUF adapter cannot hold (llama.cpp adds s B A and "
+                        f"has no magnitudes); export the merged model: export-gguf --checkpoint_dir BASE --lora_path "
+                        f"{lora_path}")
     config = adapter_base_config(lora_path, meta)  # LoRA on a tied head cannot exist: apply_lora refuses it
     pairs = sorted(lora_pairs(state).items())
     infos, arrays = [], []
-    for name, (A, B) in pairs:
+    for name, (A, B, _) in pairs:
         base = gguf_name(name, config)
         infos += [(f"{base}.lora_a", tuple(A.shape)), (f"{base}.lora_b", tuple(B.shape))]
         arrays += [(f"{name[:-len('weight')]}lora_A", A), (f"{name[:-len('weight')]}lora_B", B)]

@@ -41,7 +41,7 @@ from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision, un
 from lit_lora.errors import UserError
 from lit_lora.fileio import hold_lock, write_json, write_yaml
 from lit_lora.generate import Sampling, complete
-from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
+from lit_lora.lora import apply_lora, mark_only_lora_as_trainable, optimizer_groups
 from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA
@@ -231,7 +231,7 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | No
     model.mark_forward_method("hidden_states")  # so DDP sees it as a forward pass (FSDP: shard_model hooks it)
     t = config.train
     # Made after setup_module: FSDP replaces the parameters with sharded ones.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
+    optimizer = torch.optim.AdamW(optimizer_groups(model, t.lora_plus_ratio), lr=t.learning_rate,
                                   weight_decay=t.weight_decay, betas=tuple(t.betas))
     optimizer = fabric.setup_optimizers(optimizer)
 
@@ -303,7 +303,7 @@ def train_step(run: Run, order: list[int], stop: StopRequest) -> tuple[float, fl
     counts = fabric.all_reduce(counts, reduce_op="sum")
     lr = learning_rate(progress.step, config, run.max_steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # saved before LoRA+ existed: none
 
     loss_sum = torch.zeros((), device=fabric.device)
     for j, batch in enumerate(batches):

@@ -1,6 +1,9 @@
 """LoRA: a low-rank update beside a frozen linear layer, y = W x + s * B A dropout(x), s = alpha / r.
 
 A starts Kaiming-uniform and B at zero, so a freshly wrapped model computes exactly what the base did.
+DoRA (variant dora, Liu et al. 2024) also trains a magnitude m per output row: the layer's weight becomes
+m * (W + s B A) / ||W + s B A|| (the norm of each row, treated as a constant in the backward pass, as the paper
+and PEFT do); m starts as W's row norms, so it too starts as the base.
 `apply_lora` swaps targeted `nn.Linear`s for `LoRALinear`s that share (never copy) the base tensors, so
 state-dict names of the base weights do not change and the adapter is just the `lora_A`/`lora_B` tensors.
 """
@@ -15,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.errors import UserError
-from lit_lora.quantize import linear
+from lit_lora.quantize import dequantized, linear
 
 # Target name -> attribute name of the linear layer (in Block.self_attn, Block.mlp, or the model for "head").
 TARGETS = {
@@ -29,6 +32,7 @@ TARGETS = {
     "head": "lm_head",
 }
 TARGET_GROUPS = {"attention": ["query", "key", "value", "output"], "mlp": ["gate", "up", "down"]}
+VARIANTS = ("lora", "dora")
 
 
 @dataclass
@@ -38,8 +42,11 @@ class LoRAConfig:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
     use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    variant: str = "lora"  # or dora: a trained magnitude per output row besides the low-rank direction update
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise UserError(f"lora.variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
         if self.r < 1:
             raise UserError(f"LoRA rank r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -53,6 +60,10 @@ class LoRAConfig:
                 if name not in expanded:
                     expanded.append(name)
         self.targets = expanded
+        if self.variant == "dora" and "head" in self.targets:
+            raise UserError("lora.variant dora cannot take the head target: the head runs a loss chunk at a time, and "
+                            "DoRA's row norms over the whole vocabulary would be recomputed for every chunk; drop "
+                            "'head' from the targets or use variant lora")
 
     @property
     def scaling(self) -> float:
@@ -84,9 +95,11 @@ class LoRADropout(nn.Module):
 
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear whose weight and bias are the base layer's own tensors, plus a trainable low-rank update."""
+    """An nn.Linear whose weight and bias are the base layer's own tensors, plus a trainable low-rank update
+    (and with `dora`, a trainable magnitude per output row)."""
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float, dtype: torch.dtype = torch.float32,
+                 dora: bool = False) -> None:
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias  # shared, not copied
         device = base.weight.device
@@ -95,22 +108,57 @@ class LoRALinear(nn.Linear):
         self.scaling = scaling
         self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if dora:
+            # W is frozen, so its rows' squared norms are computed once; they start the magnitude at ||W||.
+            self.register_buffer("weight_norm_sq", row_norms_sq(self.weight), persistent=False)
+            self.lora_magnitude = nn.Parameter(self.weight_norm_sq.sqrt().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias)  # F.linear, or the NF4 product over a QLoRA base
         lora_x = self.lora_dropout(x).to(self.lora_A.dtype)
-        return y + (F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+        update = F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling
+        if not hasattr(self, "lora_magnitude"):
+            return y + update.to(y.dtype)
+        return self._dora(x, y, lora_x, update)
+
+    def _dora(self, x: torch.Tensor, y: torch.Tensor, lora_x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """m / ||W + s B A|| * (W x' + s B A x') + b as PEFT computes it: y + (g - 1) W x' + g s B A x', where x'
+        is x after dropout (without dropout W x' is y - b, and no second product is needed)."""
+        g = self.lora_magnitude / self._updated_norm()
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = y if self.bias is None else y - self.bias
+        else:
+            base = linear(lora_x.to(x.dtype), self.weight)
+        return (y + (g - 1) * base + g * update).to(y.dtype)
+
+    @torch.no_grad()
+    def _updated_norm(self) -> torch.Tensor:
+        """||W + s B A|| per row, without forming the (out, in) matrix: ||W||^2 + 2 s <B, W A^T> + s^2 <B A A^T, B>
+        per row, in fp32 (r x out work for the last two terms, after one r x in x out product)."""
+        A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
+        WA = linear(A.to(self.weight.dtype), self.weight).float().T  # (out, r), NF4 weights dequantised on the fly
+        sq = self.weight_norm_sq + 2 * s * (B * WA).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+        return sq.clamp(min=0).sqrt().to(self.lora_magnitude.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.lora_A.shape[0]}, scaling={self.scaling:g}"
+        dora = ", dora" if hasattr(self, "lora_magnitude") else ""
+        return f"{super().extra_repr()}, r={self.lora_A.shape[0]}, scaling={self.scaling:g}{dora}"
+
+
+def row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
+    """Squared norm of each row of a frozen weight (NF4 dequantised), in fp32."""
+    return dequantized(weight, torch.float32).pow(2).sum(1)
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W + s * B A, computed in fp32 and cast to `dtype` (default: the weight's own dtype, never a silent
-    upcast). The one merge: merge-lora and generate both call it, so their weights are bit-identical."""
-    delta = (lora_B.float() @ lora_A.float()) * scaling  # (out, r) @ (r, in) -> (out, in)
-    return (weight.float() + delta).to(dtype or weight.dtype)
+                  dtype: torch.dtype | None = None, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """W + s * B A (DoRA: its rows rescaled to the magnitudes), computed in fp32 and cast to `dtype` (default: the
+    weight's own dtype, never a silent upcast). The one merge: merge-lora and generate both call it, so their
+    weights are bit-identical."""
+    merged = weight.float() + (lora_B.float() @ lora_A.float()) * scaling  # (out, r) @ (r, in) -> (out, in)
+    if magnitude is not None:
+        merged *= (magnitude.float() / merged.norm(dim=1)).unsqueeze(1)
+    return merged.to(dtype or weight.dtype)
 
 
 def target_layers(model: nn.Module, targets: list[str]) -> list[tuple[nn.Module, str]]:
@@ -138,7 +186,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig, dtype: torch.dtype = torch.
         layer = getattr(parent, attr)
         if isinstance(layer, LoRALinear):
             raise ValueError(f"{attr} already carries LoRA")
-        setattr(parent, attr, LoRALinear(layer, config.r, config.scaling, config.dropout, dtype))
+        setattr(parent, attr, LoRALinear(layer, config.r, config.scaling, config.dropout, dtype,
+                                         dora=config.variant == "dora"))
     model.lora_config = config
     return model
 
@@ -150,6 +199,16 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         param.requires_grad = "lora_" in name
+
+
+def optimizer_groups(model: nn.Module, lora_plus_ratio: float | None = None) -> list[dict]:
+    """The trainable parameters as AdamW's param groups, each with `lr_scale`, its learning rate over the schedule's.
+    LoRA+ (Hayou et al. 2024): B learns `lora_plus_ratio` times faster than A (and a DoRA magnitude, as A)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if lora_plus_ratio is None:
+        return [{"params": [p for _, p in trainable], "lr_scale": 1.0}]
+    return [{"params": [p for name, p in trainable if not name.endswith("lora_B")], "lr_scale": 1.0},
+            {"params": [p for name, p in trainable if name.endswith("lora_B")], "lr_scale": lora_plus_ratio}]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

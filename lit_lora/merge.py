@@ -68,6 +68,10 @@ def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = 
         print(f"note: the adapters were trained over a {quantize} base (QLoRA): merged into that base dequantised, the "
               f"weights they were trained beside, not the original ones (4-bit weights would round the update away)",
               file=sys.stderr)
+    dora = [path for path, (lora_config, *_) in zip(lora_paths, adapters) if lora_config.variant == "dora"]
+    if dora and len(adapters) > 1:
+        raise UserError(f"{dora[0]} is a DoRA adapter: it rescales the rows of the weights it merges into, so it "
+                        f"cannot be summed with other adapters; merge it alone")
     updates = [(lora_pairs(state), lora_config.scaling) for lora_config, state, _ in adapters]
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,15 +87,17 @@ def merged_weights(checkpoint_dir: Path, lora_paths: list[Path], verify: bool = 
     return config, prompt, tensors()
 
 
-def merged(weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]],
+def merged(weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]],
            dtype: torch.dtype | None, device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """W + s1 B1 A1 + s2 B2 A2 ... for updates (A, B, s), summed in fp32 on `device` and rounded once, to `dtype`
-    or W's own, back on W's device. One update on the CPU is exactly `merged_weight`, which is what generate merges."""
+    """W + s1 B1 A1 + s2 B2 A2 ... for updates (A, B, DoRA magnitude or None, s), summed in fp32 on `device` and
+    rounded once, to `dtype` or W's own, back on W's device. One update on the CPU is exactly `merged_weight`, which
+    is what generate merges."""
     if not updates:
         return weight.to(dtype) if dtype is not None and weight.is_floating_point() else weight
     total = weight.to(device).float()
-    for A, B, scaling in updates:
-        total = merged_weight(total, A.to(device), B.to(device), scaling)  # fp32 in, fp32 out
+    for A, B, m, scaling in updates:
+        total = merged_weight(total, A.to(device), B.to(device), scaling,  # fp32 in, fp32 out
+                              magnitude=None if m is None else m.to(device))
     return total.to(dtype or weight.dtype).to(weight.device)
 
 

@@ -40,6 +40,7 @@ class TrainSection:
     warmup_steps: int = 100  # linear warmup from 0 to learning_rate
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    lora_plus_ratio: float | None = None  # LoRA+: B's learning rate this many times A's (16 is PEFT's example); null: 1
     grad_clip: float | None = 1.0  # max gradient norm; null disables clipping
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     # return freed tensors' memory to the system at once (glibc): less memory, slower steps; null: on with
@@ -113,6 +114,9 @@ class TrainConfig:
             ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
             ("train.weight_decay", t.weight_decay, math.isfinite(t.weight_decay) and t.weight_decay >= 0, ">= 0"),
             ("train.betas", t.betas, all(0 <= b < 1 for b in t.betas), "two numbers in [0, 1)"),
+            ("train.lora_plus_ratio", t.lora_plus_ratio,
+             t.lora_plus_ratio is None or (math.isfinite(t.lora_plus_ratio) and t.lora_plus_ratio > 0),
+             "> 0 (or null: B learns at A's rate)"),
             ("train.grad_clip", t.grad_clip, t.grad_clip is None or (math.isfinite(t.grad_clip) and t.grad_clip > 0),
              "> 0 (or null to disable clipping)"),
             ("eval.interval", e.interval, e.interval >= 1, ">= 1"),

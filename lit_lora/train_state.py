@@ -41,7 +41,7 @@ TRAINING_STATE = "training_state.pt"
 FINAL = "final"
 _STATE_KEYS = ("progress", "optimizer", "rng", "world_size", "global_batch_size", "seed")
 # LoRA settings a resume must keep: they decide the tensors' shapes and what they mean.
-_LORA_KEYS = ("r", "alpha", "targets", "use_rslora")
+_LORA_KEYS = ("r", "alpha", "targets", "use_rslora", "variant")
 
 
 @dataclass
@@ -119,7 +119,8 @@ def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress
                 _write_state(tmp / TRAINING_STATE, {
                     "progress": vars(progress), "optimizer": optim, "rng": rng, "world_size": fabric.world_size,
                     "global_batch_size": config.train.global_batch_size, "seed": config.seed,
-                    "max_steps": max_steps, "data": data_identity(data_meta),
+                    "lora_plus_ratio": config.train.lora_plus_ratio, "max_steps": max_steps,
+                    "data": data_identity(data_meta),
                     "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)})
         except Exception as e:
             reason = _io_failure(e)
@@ -259,7 +260,8 @@ def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: di
     training data (`data_meta`, its meta.json) among them."""
     changed = [f"{key} {point.state[k]} -> {new}" for key, k, new in (
         ("train.global_batch_size", "global_batch_size", config.train.global_batch_size),
-        ("seed", "seed", config.seed)) if point.state[k] != new]
+        ("seed", "seed", config.seed),
+        ("train.lora_plus_ratio", "lora_plus_ratio", config.train.lora_plus_ratio)) if point.state.get(k) != new]
     ours = config.lora.to_dict()
     changed += [f"lora.{k} {point.adapter_config[k]} -> {ours[k]}" for k in _LORA_KEYS
                 if k in point.adapter_config and point.adapter_config[k] != ours[k]]

@@ -106,8 +106,8 @@ def split_sizes(config: Config, fused: str) -> list[int]:
 
 def _layer_module(name: str) -> tuple[str, str, str]:
     """`layers.3.self_attn.q_proj.weight` -> ("layers.3", "self_attn.q_proj", "weight") (or "bias", "lora_A",
-    "lora_B"); ("", "", "") elsewhere."""
-    m = re.fullmatch(r"(layers\.\d+)\.(.+)\.(weight|bias|lora_A|lora_B)", name)
+    "lora_B", "lora_magnitude"); ("", "", "") elsewhere."""
+    m = re.fullmatch(r"(layers\.\d+)\.(.+)\.(weight|bias|lora_A|lora_B|lora_magnitude)", name)
     return m.groups() if m else ("", "", "")
 
 

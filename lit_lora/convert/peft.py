@@ -3,6 +3,8 @@
     DIR/adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
     DIR/adapter_model.safetensors    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight  (r, in)
                                      base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight  (out, r)
+                                     base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector  (out,)
+                                         (DoRA, "use_dora": true)
 
 Our module names are Hugging Face's without the `model.` prefix and our LoRA tensors are laid out as PEFT's
 (A (r, in), B (out, r)), so the mapping is a rename and nothing is transposed. Phi 3 fuses q, k and v (and gate
@@ -39,13 +41,16 @@ def is_peft_adapter(directory: Path) -> bool:
 
 
 def to_peft_key(name: str) -> str:
-    """`layers.0.self_attn.q_proj.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    """`layers.0.self_attn.q_proj.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; a
+    DoRA magnitude `...q_proj.lora_magnitude` -> `...q_proj.lora_magnitude_vector` (PEFT saves it without .weight)."""
+    if name.endswith(".lora_magnitude"):
+        return f"{_PREFIX}{to_hf_name(name)}_vector"
     return f"{_PREFIX}{to_hf_name(name)}.weight"
 
 
 def from_peft_key(key: str) -> str:
     """The inverse of `to_peft_key`."""
-    return from_hf_name(key.removeprefix(_PREFIX).removesuffix(".weight"))
+    return from_hf_name(key.removeprefix(_PREFIX).removesuffix(".weight").removesuffix("_vector"))
 
 
 def peft_config(config: LoRAConfig, base_model_name_or_path: str | None, modules: list[str] | None = None,
@@ -62,6 +67,7 @@ def peft_config(config: LoRAConfig, base_model_name_or_path: str | None, modules
         "lora_dropout": config.dropout,
         "target_modules": modules or [TARGETS[t] for t in config.targets],
         "use_rslora": config.use_rslora,
+        "use_dora": config.variant == "dora",
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -78,6 +84,9 @@ def write_peft_adapter(directory: Path, config: LoRAConfig, state: dict[str, tor
     (the config the adapter records) names the modules the way its family does."""
     modules, ranks = None, None
     if base is not None and base.family in FUSED:
+        if config.variant == "dora":  # a fused module's magnitudes would need the base rows the adapter leaves alone
+            raise UserError(f"a DoRA adapter of a {base.family} model cannot be exported to PEFT, whose {base.family} "
+                            f"fuses the projections; export the merged model with export-hf instead")
         state, modules, ranks = fuse_lora(state, base, config)
     tensors = {to_peft_key(name): t.contiguous() for name, t in state.items()}
     save_file(tensors, str(Path(directory) / PEFT_WEIGHTS), metadata={"format": "pt"})
@@ -144,7 +153,7 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
         raise UserError(f"{path} adapts Phi 3's fused qkv_proj / gate_up_proj with ranks of their own "
                         f"(rank_pattern), which lit-lora cannot import; use the lit-lora adapter it was exported from")
     unsupported = {
-        "use_dora": cfg.get("use_dora"), "bias": cfg.get("bias", "none") != "none",
+        "bias": cfg.get("bias", "none") != "none",
         "fan_in_fan_out": cfg.get("fan_in_fan_out"), "rank_pattern": cfg.get("rank_pattern"),
         "alpha_pattern": cfg.get("alpha_pattern"), "modules_to_save": cfg.get("modules_to_save"),
         "layers_to_transform": cfg.get("layers_to_transform") is not None, "lora_bias": cfg.get("lora_bias"),
@@ -163,7 +172,8 @@ def _lora_config_from_peft(cfg: Any, path: Path) -> LoRAConfig:
         raise UserError(f"{path}: unsupported target_modules {modules!r}; expected a list of "
                         f"{', '.join(_MODULE_TO_TARGET)}")
     return LoRAConfig(r=cfg["r"], alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
-                      targets=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+                      targets=targets, use_rslora=bool(cfg.get("use_rslora", False)),
+                      variant="dora" if cfg.get("use_dora") else "lora")
 
 
 def split_fused_lora(state: dict[str, torch.Tensor], base: Config) -> dict[str, torch.Tensor]:

@@ -92,6 +92,9 @@ class AdapterSource:
                 lora_config, state, meta = load_checked_adapter(path, self.checkpoint_dir, self.config, self.verify)
         except (UserError, OSError, ValueError) as e:
             raise UserError(f"adapter {name!r} cannot be served: {e}") from None
+        if lora_config.variant == "dora":  # its magnitudes rescale the base's rows: no update to gather per row
+            raise UserError(f"adapter {name!r} cannot be served: it is a DoRA adapter, and serve batches adapters as "
+                            f"low-rank updates beside one base; merge it (merge-lora) and serve the merged checkpoint")
         with self.lock:
             self.checked[name], self.metas[name] = before, meta
         return lora_config, state, before
