@@ -56,13 +56,10 @@ def ours(checkpoint_dir: Path, dtype: torch.dtype, prompt: list[int], n: int, re
 
 def llama_cpp_speeds(gguf: Path, tokenizer: Tokenizer, prompt: list[int], n: int, repeats: int) -> tuple[float, float]:
     """(tokens/s of our llama.cpp engine, of llama-cpp-python's generate loop called directly) on one loaded model."""
-    import llama_cpp
-
     from lit_lora import llamacpp
     from lit_lora.text_stream import stop_ids_for
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(prompt) + n + 8, n_threads=torch.get_num_threads(),
-                          verbose=False)
+    llm = llamacpp.open_llama(gguf, n_ctx=len(prompt) + n + 8, n_threads=torch.get_num_threads(), verbose=False)
     stops = stop_ids_for(tokenizer, ())
 
     def direct() -> int:

@@ -31,6 +31,36 @@ EXPORT_VERSION = 1  # raise when what export-gguf writes changes, so cached file
 GGUF_TYPE = {"32-true": "f32", "bf16-true": "bf16", "bf16-mixed": "bf16", "16-mixed": "f16"}
 
 
+def open_llama(model_path: Path | str, **kwargs: Any) -> Any:
+    """llama_cpp.Llama(model_path, **kwargs), with llama.cpp's extra CPU buffer types (AMX, repacked weights) off on a
+    CPU that reports AMX: llama-cpp-python 0.3.36 built on an Intel Xeon with amx_tile here crashed (SIGSEGV) in its
+    first decode of a q8_0 model with them on and ran with them off. Llama() takes no such option, so the default
+    model parameters it starts from are swapped while it loads."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    if not _has_amx():
+        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    defaults = low.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    finally:
+        low.llama_model_default_params = defaults
+
+
+def _has_amx() -> bool:
+    with contextlib.suppress(OSError):
+        return " amx_tile" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
 def available() -> bool:
     try:
         import llama_cpp  # noqa: F401
@@ -131,9 +161,9 @@ class LlamaCppEngine:
         import torch
 
         if self.llm is None:
-            self.llm = llama_cpp.Llama(model_path=str(self.model), n_ctx=self.n_ctx, n_threads=torch.get_num_threads(),
-                                       seed=self.seed if self.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                                       verbose=False)
+            self.llm = open_llama(self.model, n_ctx=self.n_ctx, n_threads=torch.get_num_threads(),
+                                  seed=self.seed if self.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                                  verbose=False)
         return self.llm
 
     def _lora(self, path: Path) -> Any:

@@ -19,6 +19,7 @@ from lit_lora.download import cache_dir
 from lit_lora.errors import UserError
 from lit_lora.export import export_gguf
 from lit_lora.generate import Sampling, generate_tokens, load_for_generation
+from lit_lora.llamacpp import open_llama
 from lit_lora.merge import merge_checkpoint
 from lit_lora.prompts.format import prompt_format
 from lit_lora.tokenizer import Tokenizer
@@ -30,10 +31,10 @@ MULTILINGUAL = "Grüße aus Köln! Ça va? 東京は晴れ。 Привет, ми
 
 
 def llama(path, **kwargs):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     # f32 KV cache: llama.cpp's default f16 cache would round every key and value.
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
-                           type_k=0, type_v=0, **kwargs)
+    return open_llama(path, n_ctx=512, n_threads=2, logits_all=True, verbose=False,
+                      type_k=0, type_v=0, **kwargs)
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:

@@ -109,9 +109,11 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
 
 
 def generated(checkpoint: Path, adapter: Path | None, question: str, template: str) -> str:
+    """generate's answer in the server's precision: auto picks bf16 on a CPU where it is faster, and merged bf16 weights
+    round differently from the server's unmerged updates (a greedy step with a 1e-4 logit margin flipped)."""
     return run_generate(checkpoint, prompt=question, lora_paths=[adapter] if adapter else [], template=template,
                         sampling=Sampling(max_new_tokens=NEW_TOKENS, temperature=0), stream=False, out=io.StringIO(),
-                        log=io.StringIO(), engine="torch")[0]
+                        log=io.StringIO(), engine="torch", precision="32-true")[0]
 
 
 def ask(c: openai.OpenAI, model: str, question: str, chat: bool, stream: bool) -> str:
@@ -191,7 +193,7 @@ def test_the_engine_matches_generate_with_chunked_prefill_few_slots_and_a_slidin
     for (name, question), text in answers.items():
         want = run_generate(checkpoint, prompt=question, lora_paths=[adapters[name]] if name else [],
                             template="chatml", sampling=Sampling(max_new_tokens=24, temperature=0), stream=False,
-                            out=io.StringIO(), log=io.StringIO(), engine="torch")[0]
+                            out=io.StringIO(), log=io.StringIO(), engine="torch", precision="32-true")[0]
         assert text == want, (name, question)
 
 
