@@ -231,6 +231,8 @@ def build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in names:
             valid = [f"{prefix}{n}" for n in names]
             close = difflib.get_close_matches(f"{prefix}{key}", valid + all_keys(), n=1)
+            if isinstance(value, dict):  # a section that does not exist: is its key in another one?
+                close = [k for k in all_keys() if k.rsplit(".", 1)[-1] in value][:1] or close
             hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(valid)}"
             raise UserError(f"unknown config key {prefix}{key}{hint}")
         kind = hints[key]

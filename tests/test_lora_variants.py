@@ -16,6 +16,7 @@ from lit_lora.errors import UserError
 from lit_lora.export import export_hf, export_peft
 from lit_lora.lora import LoRAConfig, LoRALinear, apply_lora, merged_weight
 from lit_lora.merge import merge_checkpoint
+from lit_lora.train_config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,6 +107,8 @@ def test_lora_plus_gives_b_its_ratio_of_the_learning_rate(tiny_checkpoint, prepa
         _, state, _ = load_adapter(out / "final")
         moves[ratio] = max(t.abs().max().item() for n, t in state.items() if n.endswith("lora_B"))
     assert moves[16] / moves[None] == pytest.approx(16, rel=0.02)
+    with pytest.raises(UserError, match="did you mean train.lora_plus_ratio"):
+        load_config(None, ["--optimizer.lora_plus_ratio", "16"])  # where the issue named it
     with pytest.raises(UserError, match="lora_plus_ratio"):
         run(tiny_checkpoint, prepared, tmp_path / "rNone", "--train.max_steps=2", "--train.lora_plus_ratio=4",
             resume="auto")
