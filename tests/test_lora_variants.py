@@ -126,3 +126,22 @@ def test_rslora_through_peft_gives_the_trained_models_logits(tiny_checkpoint, pr
         ours = model_with_adapter(tiny_checkpoint, adapter)(IDX)
         theirs = PeftModel.from_pretrained(hf_model(tmp_path / "hf"), tmp_path / "peft").eval()(IDX).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_over_an_nf4_base_starts_as_it_and_follows_the_dequantised_weight():
+    pytest.importorskip("torchao")
+    from lit_lora.quantize import dequantized, to_nf4
+
+    torch.manual_seed(0)
+    base = nn.Linear(128, 64, bias=False)
+    base.weight = nn.Parameter(to_nf4("w", base.weight.detach().bfloat16()), requires_grad=False)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=4, scaling=2.0, dropout=0.0, dora=True).eval()
+    start = layer(x)
+    with torch.no_grad():
+        assert torch.equal(start, F.linear(x, dequantized(base.weight)))  # exactly the NF4 base
+        layer.lora_B.normal_(std=0.1)
+        W = dequantized(base.weight, torch.float32) + layer.scaling * layer.lora_B @ layer.lora_A
+        expected = F.linear(x.float(), layer.lora_magnitude[:, None] * W / W.norm(dim=1, keepdim=True))
+        assert (layer(x).float() - start.float()).abs().max() > 0.1  # B moved the output
+        torch.testing.assert_close(layer(x).float(), expected, atol=2e-2, rtol=2e-2)  # bf16 activations
