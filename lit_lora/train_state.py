@@ -258,7 +258,7 @@ def find_resume(resume: str | None, out_dir: Path) -> tuple[ResumePoint | None, 
 def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: dict[str, Any]) -> None:
     """A UserError naming every setting that differs from the checkpoint's and that a resume must keep, the
     training data (`data_meta`, its meta.json) among them."""
-    changed = [f"{key} {point.state[k]} -> {new}" for key, k, new in (
+    changed = [f"{key} {point.state.get(k)} -> {new}" for key, k, new in (
         ("train.global_batch_size", "global_batch_size", config.train.global_batch_size),
         ("seed", "seed", config.seed),
         ("train.lora_plus_ratio", "lora_plus_ratio", config.train.lora_plus_ratio)) if point.state.get(k) != new]

@@ -112,6 +112,13 @@ def test_lora_plus_gives_b_its_ratio_of_the_learning_rate(tiny_checkpoint, prepa
     with pytest.raises(UserError, match="lora_plus_ratio"):
         run(tiny_checkpoint, prepared, tmp_path / "rNone", "--train.max_steps=2", "--train.lora_plus_ratio=4",
             resume="auto")
+    state_file = tmp_path / "rNone" / "final" / "training_state.pt"  # as saved before LoRA+ existed: no ratio
+    state = torch.load(state_file, weights_only=False)
+    del state["lora_plus_ratio"]
+    torch.save(state, state_file)
+    with pytest.raises(UserError, match="lora_plus_ratio None -> 4"):
+        run(tiny_checkpoint, prepared, tmp_path / "rNone", "--train.max_steps=2", "--train.lora_plus_ratio=4",
+            resume="auto")
 
 
 def test_rslora_through_peft_gives_the_trained_models_logits(tiny_checkpoint, prepared, tmp_path):
