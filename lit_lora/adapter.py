@@ -146,9 +146,7 @@ def merge_adapter(model: LLaMA, lora_config: LoRAConfig, state: dict[str, torch.
     for name, (A, B, m) in lora_pairs(state).items():
         weight = model.get_parameter(name)
         originals[name] = weight.detach().clone()
-        # The adapter was read onto the CPU; the model may be on a GPU.
-        weight.copy_(merged_weight(weight, A.to(weight.device), B.to(weight.device), lora_config.scaling,
-                                   magnitude=None if m is None else m.to(weight.device)))
+        weight.copy_(merged_weight(weight, A, B, lora_config.scaling, magnitude=m))
     return originals
 
 

@@ -34,23 +34,28 @@ GGUF_TYPE = {"32-true": "f32", "bf16-true": "bf16", "bf16-mixed": "bf16", "16-mi
 def open_llama(model_path: Path | str, **kwargs: Any) -> Any:
     """llama_cpp.Llama(model_path, **kwargs), with llama.cpp's extra CPU buffer types (AMX, repacked weights) off on a
     CPU that reports AMX: llama-cpp-python 0.3.36 built on an Intel Xeon with amx_tile here crashed (SIGSEGV) in its
-    first decode of a q8_0 model with them on and ran with them off. Llama() takes no such option, so the default
-    model parameters it starts from are swapped while it loads."""
+    first decode of a q8_0 model with them on and ran with them off."""
     import llama_cpp
+
+    with _without_extra_buffers() if _has_amx() else contextlib.nullcontext():
+        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+
+
+@contextlib.contextmanager
+def _without_extra_buffers() -> Iterator[None]:
+    """Llama() takes no option for them, so the default model parameters it starts from are swapped meanwhile."""
     import llama_cpp.llama_cpp as low
 
-    if not _has_amx():
-        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
     defaults = low.llama_model_default_params
 
-    def without_extra_buffers():
+    def without() -> Any:
         params = defaults()
         params.use_extra_bufts = False
         return params
 
-    low.llama_model_default_params = without_extra_buffers
+    low.llama_model_default_params = without
     try:
-        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+        yield
     finally:
         low.llama_model_default_params = defaults
 

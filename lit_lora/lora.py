@@ -110,7 +110,8 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if dora:
             # W is frozen, so its rows' squared norms are computed once; they start the magnitude at ||W||.
-            self.register_buffer("weight_norm_sq", row_norms_sq(self.weight), persistent=False)
+            norm_sq = dequantized(self.weight, torch.float32).pow(2).sum(1)  # an NF4 weight dequantised
+            self.register_buffer("weight_norm_sq", norm_sq, persistent=False)
             self.lora_magnitude = nn.Parameter(self.weight_norm_sq.sqrt().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,19 +146,15 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, r={self.lora_A.shape[0]}, scaling={self.scaling:g}{dora}"
 
 
-def row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
-    """Squared norm of each row of a frozen weight (NF4 dequantised), in fp32."""
-    return dequantized(weight, torch.float32).pow(2).sum(1)
-
-
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                   dtype: torch.dtype | None = None, magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """W + s * B A (DoRA: its rows rescaled to the magnitudes), computed in fp32 and cast to `dtype` (default: the
-    weight's own dtype, never a silent upcast). The one merge: merge-lora and generate both call it, so their
-    weights are bit-identical."""
-    merged = weight.float() + (lora_B.float() @ lora_A.float()) * scaling  # (out, r) @ (r, in) -> (out, in)
+    """W + s * B A (DoRA: its rows rescaled to the magnitudes), computed in fp32 on W's device (adapters are read onto
+    the CPU, the model may be on a GPU) and cast to `dtype` (default: the weight's own dtype, never a silent upcast).
+    The one merge: merge-lora and generate both call it, so their weights are bit-identical."""
+    A, B = lora_A.to(weight.device, torch.float32), lora_B.to(weight.device, torch.float32)
+    merged = weight.float() + (B @ A) * scaling  # (out, r) @ (r, in) -> (out, in)
     if magnitude is not None:
-        merged *= (magnitude.float() / merged.norm(dim=1)).unsqueeze(1)
+        merged *= (magnitude.to(weight.device, torch.float32) / merged.norm(dim=1)).unsqueeze(1)
     return merged.to(dtype or weight.dtype)
 
 

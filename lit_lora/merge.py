@@ -96,8 +96,7 @@ def merged(weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor,
         return weight.to(dtype) if dtype is not None and weight.is_floating_point() else weight
     total = weight.to(device).float()
     for A, B, m, scaling in updates:
-        total = merged_weight(total, A.to(device), B.to(device), scaling,  # fp32 in, fp32 out
-                              magnitude=None if m is None else m.to(device))
+        total = merged_weight(total, A, B, scaling, magnitude=m)  # fp32 in, fp32 out, on `device`
     return total.to(dtype or weight.dtype).to(weight.device)
 
 

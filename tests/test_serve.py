@@ -108,11 +108,12 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
 
-def generated(checkpoint: Path, adapter: Path | None, question: str, template: str) -> str:
+def generated(checkpoint: Path, adapter: Path | None, question: str, template: str, new_tokens: int = NEW_TOKENS
+              ) -> str:
     """generate's answer in the server's precision: auto picks bf16 on a CPU where it is faster, and merged bf16 weights
     round differently from the server's unmerged updates (a greedy step with a 1e-4 logit margin flipped)."""
     return run_generate(checkpoint, prompt=question, lora_paths=[adapter] if adapter else [], template=template,
-                        sampling=Sampling(max_new_tokens=NEW_TOKENS, temperature=0), stream=False, out=io.StringIO(),
+                        sampling=Sampling(max_new_tokens=new_tokens, temperature=0), stream=False, out=io.StringIO(),
                         log=io.StringIO(), engine="torch", precision="32-true")[0]
 
 
@@ -191,9 +192,7 @@ def test_the_engine_matches_generate_with_chunked_prefill_few_slots_and_a_slidin
     questions = ["hello there", "tell me a story about a cat and a dog and a bird"]
     answers = engine_answers(checkpoint, adapters, questions, max_rows=3, slots=2, chunk=5)
     for (name, question), text in answers.items():
-        want = run_generate(checkpoint, prompt=question, lora_paths=[adapters[name]] if name else [],
-                            template="chatml", sampling=Sampling(max_new_tokens=24, temperature=0), stream=False,
-                            out=io.StringIO(), log=io.StringIO(), engine="torch", precision="32-true")[0]
+        want = generated(checkpoint, adapters[name] if name else None, question, "chatml", new_tokens=24)
         assert text == want, (name, question)
 
 
