@@ -11,6 +11,13 @@ bf16 base (LoRA in fp32); 32-true is fp32 throughout. Each run is its own subpro
 are separate. Prints tokens/s, peak RSS and the ratios. CPU timings on a shared machine are noisy: compare
 figures from the same run.
 
+    python benchmarks/train_throughput.py --adapters 4 [--steps 10 --batch 4]   # several adapters: together vs apart
+
+`--adapters N` instead compares N rank-8 adapters (on every linear layer of the blocks, each with its own learning
+rate) trained together in one finetune-lora run against N separate finetune-lora runs one after another, on the
+built-in extract task with the quick start's recipe, the same data, steps and precision: wall time, each process's
+peak RSS, and the largest difference between the adapters each way gave (they must agree).
+
 The roof: a LoRA step must at least multiply every frozen weight twice per token (the forward product, and the
 backward product that carries the gradient to the layer's input; the frozen weights need no gradient of their
 own): about 4 x parameters FLOPs per token. `matmul_roof` times exactly those products, on the model's own
@@ -20,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,7 +69,7 @@ def run_ours(checkpoint_dir: str, precision: str, batch: int, seq_len: int, warm
     config.train.gradient_checkpointing, config.train.low_memory = gradient_checkpointing, low_memory
     if config.wants_low_memory():  # as finetune-lora does
         unmap_freed_memory()
-    model = build_model(config)  # bf16-mixed: frozen base in bf16, LoRA in fp32
+    model, _ = build_model(config)  # bf16-mixed: frozen base in bf16, LoRA in fp32
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     idx = random_batch(model.config.vocab_size, batch, seq_len)
     targets = torch.cat([idx[:, 1:], torch.full((batch, 1), -100)], dim=1)
@@ -121,6 +131,53 @@ def run_hf(hf_dir: str, precision: str, batch: int, seq_len: int, warmup: int, s
     return {"seconds": time_steps(step, warmup, steps)}
 
 
+def timed_process(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GB) of one command, which must succeed."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status:
+        sys.exit(f"{' '.join(cmd[:3])} ... failed:\n{proc.stderr.read()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024**2
+
+
+def compare_adapters(args) -> None:
+    """--adapters N: N adapters trained together in one run against N runs one after another."""
+    from safetensors.torch import load_file
+
+    from lit_lora.device import auto_precision
+
+    precision = args.precisions[0] if args.precision_given else auto_precision("cpu")[0]
+    root = Path(tempfile.mkdtemp(prefix="adapters-bench-"))
+    data = root / "task"
+    subprocess.run(["prepare-task", "extract", "--checkpoint_dir", args.checkpoint_dir, "--destination", str(data)],
+                   check=True, capture_output=True)
+    rates = [1e-3 * (i + 1) for i in range(args.adapters)]
+    common = ["finetune-lora", "--config", str(Path(__file__).parents[1] / "configs/smollm2-135m-task.yaml"),
+              "--checkpoint_dir", args.checkpoint_dir, "--data_dir", str(data), "--precision", precision,
+              "--train.max_steps", str(args.steps), "--train.global_batch_size", str(args.batch),
+              "--train.micro_batch_size", str(args.batch), "--train.warmup_steps", "1", "--lora.dropout", "0.05",
+              "--train.save_interval", "100000", "--eval.interval", "100000", "--eval.max_batches", "1",
+              "--eval.max_new_tokens", "1"]
+    listed = ", ".join(f"{{name: a{i}, learning_rate: {lr}}}" for i, lr in enumerate(rates))
+    together = timed_process([*common, "--out_dir", str(root / "together"), f"--adapters=[{listed}]"])
+    apart = [timed_process([*common, "--out_dir", str(root / f"a{i}"), "--train.learning_rate", str(lr)])
+             for i, lr in enumerate(rates)]
+    diff = max((load_file(root / "together" / f"a{i}/final/lora.safetensors")[k] -
+                load_file(root / f"a{i}/final/lora.safetensors")[k]).abs().max().item()
+               for i in range(args.adapters) for k in load_file(root / f"a{i}/final/lora.safetensors"))
+    wall_apart, rss_apart = sum(s for s, _ in apart), sum(r for _, r in apart)
+    print(f"{args.adapters} adapters r=8 on attention+mlp, {args.steps} steps of {args.batch} examples each, "
+          f"precision {precision}, SmolLM2-135M on the extract task")
+    print(f"  together, one run:        {together[0]:7.1f} s   peak RSS {together[1]:.2f} GB")
+    print(f"  apart, one after another: {wall_apart:7.1f} s   peak RSS {max(r for _, r in apart):.2f} GB each, "
+          f"{rss_apart:.2f} GB for {args.adapters} run at once")
+    print(f"  together / apart: {together[0] / wall_apart:.2f}x wall time, "
+          f"{together[1] / rss_apart:.2f}x the peak RSS of {args.adapters} processes at once; "
+          f"largest difference between their adapters {diff:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf_dir", default="/work/cache/smollm2-hf", help="Hugging Face SmolLM2-135M directory")
@@ -135,8 +192,13 @@ def main() -> None:
                         help="also run ours with activation checkpointing (less memory, slower)")
     parser.add_argument("--low_memory", action="store_true",
                         help="also run ours with train.low_memory true (freed memory unmapped at once)")
+    parser.add_argument("--adapters", type=int, default=None,
+                        help="compare this many adapters trained together with as many separate runs (see above)")
     parser.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one side, in a subprocess
     args = parser.parse_args()
+    args.precision_given = "--precisions" in sys.argv
+    if args.adapters:
+        return compare_adapters(args)
 
     if args.only:
         if args.threads:

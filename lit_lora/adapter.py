@@ -36,16 +36,18 @@ _ARCHITECTURE_FIELDS = ("family", "vocab_size", "dim", "n_layers", "n_heads", "n
 
 # ---------------------------------------------------------------------------------------------- the format
 def write_adapter_files(directory: Path, model: LLaMA, base_checkpoint_dir: Path | None, prompt: dict[str, Any],
-                        dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
+                        dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                        lora_config: LoRAConfig | None = None) -> None:
     """Write lora.safetensors (LoRA tensors only) and adapter_config.yaml into an existing directory.
 
     `prompt` is the data's format (prompts.format.PROMPT_KEYS: "template", and for conversations "chat_template" {"name",
     "source"} and "system"): generation asks the adapter in exactly the format it was trained in. `tensors`, when
-    given, are the LoRA tensors to write instead of the model's own (training under FSDP gathers them from shards).
+    given, are the LoRA tensors to write instead of the model's own (training under FSDP gathers them from shards;
+    a run of several adapters gives one of them, with its `lora_config`).
 
     Callers wrap this in `atomic_dir` together with whatever else belongs in the same directory.
     """
-    config = model.lora_config
+    config = lora_config or model.lora_config
     tensors = lora_state_dict(model) if tensors is None else tensors
     state = {k: (v.detach().to(dtype) if dtype else v.detach()).contiguous() for k, v in tensors.items()}
     # One metadata key: safetensors writes the metadata map in a random order per process, so with two the bytes (and

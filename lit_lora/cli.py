@@ -417,15 +417,26 @@ def finetune_lora(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the memory plan (weights, "
                                  "LoRA, optimizer state, activations with and without gradient checkpointing), "
                                  "then exit. checkpoint_dir may name a preset."),
+    sweep: Optional[list[str]] = typer.Option(None, "--sweep", help="KEY=V1,V2,... (r, alpha, dropout, variant, "
+                                              "use_rslora, learning_rate, lora_plus_ratio; repeat for a grid): train "
+                                              "one adapter per combination together, then score each on the "
+                                              "validation split into out_dir/sweep.md, .csv and .png."),
+    sweep_group: Optional[int] = typer.Option(None, "--sweep_group", help="Train the sweep's adapters this many at "
+                                              "a time (default: all together) when they do not fit in memory at once."),
 ) -> None:
     """Fine-tune a LoRA adapter on prepared data; writes checkpoints, metrics and a summary to out_dir.
 
     Every config key, each settable as --key value (dotted for sections: --train.max_steps 200), is listed with
-    the value in effect by `finetune-lora --config FILE --dry-run`.
+    the value in effect by `finetune-lora --config FILE --dry-run`. With `adapters:` (or --sweep) several adapters
+    train together over one base, each in out_dir/NAME/ exactly as if trained alone.
     """
     from lit_lora.train_config import check_hardware, config_to_yaml, load_config
 
     resolved = load_config(config, ctx.args)
+    if sweep:
+        from lit_lora.sweep import expand
+
+        resolved = expand(resolved, sweep)
     if dry_run:
         from lit_lora.memory_plan import dry_run_plan
 
@@ -434,9 +445,15 @@ def finetune_lora(
         print("\n".join(f"# {line}" for line in memory.splitlines()))  # comments: the output stays the YAML config
         return
     check_hardware(resolved)  # before `precision: auto` probes and prints, so a missing GPU is the only line
-    from lit_lora.finetune import finetune
+    if sweep:
+        from lit_lora.sweep import run_sweep
 
-    if finetune(resolved, resume)["interrupted"]:
+        interrupted = run_sweep(resolved, resume, sweep_group)
+    else:
+        from lit_lora.finetune import finetune
+
+        interrupted = finetune(resolved, resume)["interrupted"]
+    if interrupted:
         sys.exit(130)
 
 

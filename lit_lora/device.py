@@ -91,6 +91,18 @@ def _has_mps() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator dropout on `device` draws from (CUDA's own on a GPU, torch's CPU one otherwise)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def peak_memory_bytes(device: torch.device | str = "cpu") -> tuple[str, int]:
     """(what was measured, bytes): allocator peak on CUDA, the process's peak resident memory elsewhere."""
     device = torch.device(device)

@@ -35,16 +35,17 @@ from tqdm import tqdm
 
 from lit_lora.adapter import ADAPTER_WEIGHTS
 from lit_lora.checkpoint import check_checkpoint_dir, load_config, load_model, stored_shapes
-from lit_lora.data.batching import epoch_order, make_batch, step_micro_batches
+from lit_lora.data.batching import concat_batches, epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
 from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision, unmap_freed_memory
 from lit_lora.errors import UserError
 from lit_lora.fileio import hold_lock, write_json, write_yaml
 from lit_lora.generate import Sampling, complete
-from lit_lora.lora import apply_lora, mark_only_lora_as_trainable, optimizer_groups
-from lit_lora.loss import eval_batches, micro_batch_loss, summed_loss
+from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, optimizer_groups
+from lit_lora.loss import eval_batches, segment_losses, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA
+from lit_lora.multi_lora import AdapterRNG, adapter_parameters, alone, apply_adapters, split
 from lit_lora.prompts.format import prompt_format, recorded_prompt
 from lit_lora.quantize import check_nf4_sharding
 from lit_lora.stop import StopRequest
@@ -135,14 +136,19 @@ def skip_base_broadcast(fabric: L.Fabric, model: LLaMA) -> None:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
 
 
-def build_model(config: TrainConfig) -> LLaMA:
-    """The frozen base from the checkpoint (every process reads it) with fresh trainable LoRA tensors."""
+def build_model(config: TrainConfig, adapters: dict[str, LoRAConfig] | None = None) -> tuple[LLaMA, AdapterRNG | None]:
+    """The frozen base from the checkpoint (every process reads it) with fresh trainable LoRA tensors: the config's
+    adapter, or several (`adapters`, by name) trained together (and then their generator states)."""
     base_dtype, lora_dtype = PRECISIONS[config.precision]
     model = load_model(config.checkpoint_dir, dtype=base_dtype, verify=config.verify, quantize=config.quantize)
-    apply_lora(model, config.lora, dtype=lora_dtype)
+    rng = None
+    if adapters:
+        rng = apply_adapters(model, adapters, dtype=lora_dtype)
+    else:
+        apply_lora(model, config.lora, dtype=lora_dtype)
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = config.train.gradient_checkpointing
-    return model
+    return model, rng
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -180,9 +186,10 @@ def sample_answer(model: LLaMA, tokenizer: Tokenizer, prompt_meta: dict[str, Any
 # ---------------------------------------------------------------------------------------------- training
 @dataclass
 class Run:
-    """Everything one training run holds, so the steps below take one argument."""
+    """One adapter's training, so the steps below take one argument; adapters trained together (`adapters:`) each
+    have one, sharing Fabric and the model, each with the config of a run that trained it alone."""
 
-    config: TrainConfig
+    config: TrainConfig  # this adapter's own
     fabric: L.Fabric
     model: Any  # the Fabric-wrapped LLaMA with LoRA
     optimizer: Any
@@ -193,9 +200,23 @@ class Run:
     max_steps: int
     metrics: MetricsLog
     prompt_meta: dict[str, Any]  # the data's format (adapter.PROMPT_KEYS), recorded in every adapter
+    name: str | None = None  # its name among several trained together (None: the run's one adapter)
+    rng: AdapterRNG | None = None  # with several: every adapter's generator state
+    order: list[int] = field(default_factory=list)  # this epoch's order of the training examples
+    order_epoch: int = -1
+    start_step: int = 0
+    start_tokens: int = 0
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     no_val_noted: bool = False  # the data has no validation split and the user was told so
+
+    @property
+    def active(self) -> bool:
+        return self.progress.step < self.max_steps
+
+    def save(self, directory: Path) -> None:
+        save(self.fabric, directory, self.model, self.optimizer, self.progress, self.config, self.train_data.meta,
+             self.max_steps, self.name, self.rng)
 
 
 def low_memory_note(config: TrainConfig, done: bool) -> str:
@@ -207,51 +228,101 @@ def low_memory_note(config: TrainConfig, done: bool) -> str:
             f"(finetune-lora --dry-run) at slower steps; train.low_memory false for speed")
 
 
-def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> Run | None:
-    """Check the inputs and the checkpoint to resume from, start Fabric, build the model and optimizer, restore
-    the checkpoint, then write config.yaml; None (said so, nothing touched) when the run is already complete."""
-    out_dir = Path(config.out_dir)
-    train_data, val_data = load_datasets(config)
-    check_inputs(config, train_data, config.devices * config.num_nodes)
-    max_steps = total_steps(config, len(train_data))
-    point, warnings = find_resume(resume, out_dir)  # reads only; every check below comes before any write
-    if point is not None:
-        check_resume_settings(point, config, train_data.meta)
-    if run_is_complete(fabric, out_dir, resume, point, max_steps):
-        return None
+@dataclass
+class Plan:
+    """An adapter to train, read and checked before anything starts."""
 
+    config: TrainConfig
+    train_data: PreparedDataset
+    val_data: PreparedDataset
+    max_steps: int
+    point: ResumePoint | None
+    warnings: list[str]
+
+
+def plan_runs(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str | None, Plan]:
+    """Each adapter's data, steps and checkpoint to resume from, checked (reads only); the complete ones left out
+    (said so). One adapter is named None."""
+    solos: dict[str | None, TrainConfig] = {**config.solo_configs()} or {None: config}
+    world_size = config.devices * config.num_nodes
+    if len(solos) > 1 and resume not in (None, "auto"):
+        raise UserError(f"--resume {resume} names one checkpoint; a run of several adapters resumes each from its "
+                        f"own folder with --resume auto")
+    plans = {}
+    for name, solo in solos.items():
+        train_data, val_data = load_datasets(solo)
+        check_inputs(solo, train_data, world_size)
+        max_steps = total_steps(solo, len(train_data))
+        point, warnings = find_resume(resume, Path(solo.out_dir))  # every check here comes before any write
+        if point is not None:
+            check_resume_settings(point, solo, train_data.meta)
+        if not run_is_complete(fabric, Path(solo.out_dir), resume, point, max_steps):
+            plans[name] = Plan(solo, train_data, val_data, max_steps, point, warnings)
+    remaining = {p.max_steps - (p.point.step if p.point else 0) for p in plans.values()}
+    if world_size > 1 and len(remaining) > 1:  # DDP would wait for gradients of an adapter that has finished
+        raise UserError(f"under {world_size} processes the adapters trained together must have as many steps left "
+                        f"(here {', '.join(map(str, sorted(remaining)))}); set train.max_steps, or train them on "
+                        f"one device")
+    return plans
+
+
+def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> list[Run]:
+    """Check the inputs and the checkpoints to resume from, start Fabric, build the model and optimizers, restore
+    the checkpoints, then write config.yaml: one Run per adapter still to train (none, said so and nothing
+    touched, when every one is complete)."""
+    plans = plan_runs(config, fabric, resume)
+    if not plans:
+        return []
     fabric.launch()
     fabric.seed_everything(config.seed)
     if config.wants_low_memory():
         fabric.print(low_memory_note(config, unmap_freed_memory()))
 
-    model = build_model(config)
+    several = {name: plan.config.lora for name, plan in plans.items() if name is not None}
+    model, rng = build_model(config, several)
     skip_base_broadcast(fabric, model)
     model = fabric.setup_module(model)
     model.mark_forward_method("hidden_states")  # so DDP sees it as a forward pass (FSDP: shard_model hooks it)
-    t = config.train
     # Made after setup_module: FSDP replaces the parameters with sharded ones.
-    optimizer = torch.optim.AdamW(optimizer_groups(model, t.lora_plus_ratio), lr=t.learning_rate,
-                                  weight_decay=t.weight_decay, betas=tuple(t.betas))
-    optimizer = fabric.setup_optimizers(optimizer)
-
-    progress = restore(fabric, point, model, optimizer) if point else Progress()
-    for warning in warnings:
-        fabric.print(warning)
+    optimizers = fabric.setup_optimizers(*(make_optimizer(model, name, plan.config) for name, plan in plans.items()))
+    optimizers = [optimizers] if len(plans) == 1 else list(optimizers)
     if is_sharded(fabric):
         fabric.print("note: strategy fsdp logs no greedy sample at validation: generating needs the whole model "
                      "in one process, and FSDP holds it in none")
+    if several and fabric.global_rank == 0:
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        write_yaml(Path(config.out_dir) / "config.yaml", config.to_dict())
+    tokenizer = Tokenizer(config.checkpoint_dir)
+    return [start_run(fabric, plan, name, model, optimizer, rng, tokenizer)
+            for (name, plan), optimizer in zip(plans.items(), optimizers)]
+
+
+def make_optimizer(model, name: str | None, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over adapter `name`'s tensors alone: its own learning rate, LoRA+ ratio and gradient clipping."""
+    t = config.train
+    return torch.optim.AdamW(optimizer_groups(adapter_parameters(model.module, name), t.lora_plus_ratio),
+                             lr=t.learning_rate, weight_decay=t.weight_decay, betas=tuple(t.betas))
+
+
+def start_run(fabric: L.Fabric, plan: Plan, name: str | None, model, optimizer, rng: AdapterRNG | None,
+              tokenizer: Tokenizer) -> Run:
+    """An adapter's run: its checkpoint restored (said so), its out_dir's config.yaml written, its metrics opened."""
+    point, out_dir = plan.point, Path(plan.config.out_dir)
+    progress = restore(fabric, point, model, optimizer, name, rng) if point else Progress()
+    for warning in plan.warnings:
+        fabric.print(warning)
     if point:
         fabric.print(f"resuming from {point.path} at step {progress.step}")
-        note = schedule_note(point, config, max_steps)
+        note = schedule_note(point, plan.config, plan.max_steps)
         if note:
             fabric.print(note)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(out_dir / "config.yaml", config.to_dict())
+        write_yaml(out_dir / "config.yaml", plan.config.to_dict())
     metrics = MetricsLog(fabric, out_dir / "metrics.csv", resume_step=progress.step if point else None)
-    return Run(config, fabric, model, optimizer, train_data, val_data, Tokenizer(config.checkpoint_dir), progress,
-               max_steps, metrics, recorded_prompt(train_data.meta))
+    return Run(plan.config, fabric, model, optimizer, plan.train_data, plan.val_data, tokenizer, progress,
+               plan.max_steps, metrics, recorded_prompt(plan.train_data.meta), name, rng,
+               start_step=progress.step, start_tokens=progress.tokens)
 
 
 def schedule_note(point: ResumePoint, config: TrainConfig, max_steps: int) -> str | None:
@@ -269,154 +340,216 @@ def validate_and_sample(run: Run) -> float | None:
     """Validation loss (logged), and on rank 0 a greedy sample for the configured prompt. None, said once, when
     the data has no validation split (prepared with --val_size 0): no loss is logged rather than a fake 0.0."""
     config, fabric, progress = run.config, run.fabric, run.progress
+    named = f" ({run.name})" if run.name else ""
     if len(run.val_data) == 0:
         if not run.no_val_noted:
             fabric.print(f"note: {config.data_dir} has no validation examples (prepared with --val_size 0): "
-                         f"training without validation, no val loss will be reported")
+                         f"training{named} without validation, no val loss will be reported")
             run.no_val_noted = True
         return None
-    loss = validation_loss(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
-    run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss, perplexity=math.exp(min(loss, 50)))
-    line = f"\nstep {progress.step}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}"
-    if is_sharded(fabric):  # generating needs the whole model in one process (setup said so)
-        fabric.print(line)
-    elif fabric.global_rank == 0:
-        sample = sample_answer(run.model.module, run.tokenizer, run.prompt_meta, config.eval.prompt,
-                               config.eval.max_new_tokens)
-        fabric.print(f"{line}\n  sample for {config.eval.prompt!r}: {sample!r}")
+    with alone(run.model.module, run.name):
+        loss = validation_loss(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
+        run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss,
+                        perplexity=math.exp(min(loss, 50)))
+        line = f"\nstep {progress.step}{named}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}"
+        if is_sharded(fabric):  # generating needs the whole model in one process (setup said so)
+            fabric.print(line)
+        elif fabric.global_rank == 0:
+            sample = sample_answer(run.model.module, run.tokenizer, run.prompt_meta, config.eval.prompt,
+                                   config.eval.max_new_tokens)
+            fabric.print(f"{line}\n  sample for {config.eval.prompt!r}: {sample!r}")
     run.val_losses.append(loss)
     return loss
 
 
-def train_step(run: Run, order: list[int], stop: StopRequest) -> tuple[float, float, bool]:
-    """One optimizer step over this process's micro-batches: (loss, learning rate, did any process get a signal)."""
-    config, fabric, model, progress, t = run.config, run.fabric, run.model, run.progress, run.config.train
-    pad_id, max_seq_length = run.tokenizer.pad_id, run.train_data.meta["max_seq_length"]
-    micro = step_micro_batches(order, progress.step_in_epoch, t.global_batch_size, t.micro_batch_size,
-                               fabric.global_rank, fabric.world_size)
-    batches = [fabric.to_device(make_batch([run.train_data[i] for i in m], pad_id, t.packing, max_seq_length,
-                                          t.pad_multiple))
-               for m in micro]
-    # Target tokens, tokens, padded tokens of this step over all processes: the loss is normalised by the first.
-    counts = torch.tensor([[(b["targets"] != IGNORE_INDEX).sum(), (b["input_ids"] != pad_id).sum(),
-                            b["input_ids"].numel()] for b in batches]).sum(0).float()
-    counts = fabric.all_reduce(counts, reduce_op="sum")
-    lr = learning_rate(progress.step, config, run.max_steps)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # saved before LoRA+ existed: none
+def step_batches(run: Run) -> list[dict[str, torch.Tensor]]:
+    """This process's micro-batches of the run's next optimizer step (a new epoch's order drawn first)."""
+    t, progress = run.config.train, run.progress
+    if run.order_epoch != progress.epoch:
+        run.order = epoch_order(run.train_data.lengths, t.global_batch_size, run.config.seed, progress.epoch,
+                                t.group_by_length)
+        run.order_epoch = progress.epoch
+    micro = step_micro_batches(run.order, progress.step_in_epoch, t.global_batch_size, t.micro_batch_size,
+                               run.fabric.global_rank, run.fabric.world_size)
+    return [make_batch([run.train_data[i] for i in m], run.tokenizer.pad_id, t.packing,
+                       run.train_data.meta["max_seq_length"], t.pad_multiple) for m in micro]
 
-    loss_sum = torch.zeros((), device=fabric.device)
-    for j, batch in enumerate(batches):
-        with fabric.no_backward_sync(model, enabled=j < len(batches) - 1):
-            ce = micro_batch_loss(model, batch, t.loss_chunk_size)
-            fabric.backward(ce * fabric.world_size / counts[0].clamp(min=1))
-        loss_sum += ce.detach().float()
-    stats = fabric.all_reduce(torch.stack([loss_sum.cpu(), torch.tensor(float(stop.requested))]), reduce_op="sum")
-    loss = (stats[0] / counts[0].clamp(min=1)).item()
+
+def train_step(runs: list[Run], stop: StopRequest) -> tuple[list[float], list[float], bool]:
+    """One optimizer step of every run still training: (their losses, their learning rates, did any process get a
+    signal). Their j-th micro-batches go through the model together, each row through its own adapter only; each
+    adapter's loss is normalised by its own target tokens, so one backward pass gives each its own gradient."""
+    fabric, model, t = runs[0].fabric, runs[0].model, runs[0].config.train
+    pad_id = runs[0].tokenizer.pad_id
+    batches = [step_batches(run) for run in runs]
+    # Per run: target tokens, tokens, padded tokens of this step over all processes; the first normalise its loss.
+    counts = torch.tensor([[[(b["targets"] != IGNORE_INDEX).sum(), (b["input_ids"] != pad_id).sum(),
+                             b["input_ids"].numel()] for b in run_batches] for run_batches in batches]).sum(1).float()
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    lrs = [learning_rate(run.progress.step, run.config, run.max_steps) for run in runs]
+    for run, lr in zip(runs, lrs):
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # saved before LoRA+ existed: none
+
+    loss_sums = torch.zeros(len(runs), device=fabric.device)
+    for j in range(len(batches[0])):
+        parts = [b[j] for b in batches]
+        batch = fabric.to_device(parts[0] if len(parts) == 1 else concat_batches(parts, pad_id))
+        rows = row_parts([run.name for run in runs], parts)
+        with fabric.no_backward_sync(model, enabled=j < len(batches[0]) - 1), split(model.module, rows):
+            ces = segment_losses(model, batch, rows, t.loss_chunk_size)  # the backward pass inside: recomputed
+            fabric.backward(sum(ce * fabric.world_size / n.clamp(min=1) for ce, n in zip(ces, counts[:, 0])))
+        loss_sums += torch.stack([ce.detach().float() for ce in ces])
+    stats = fabric.all_reduce(torch.cat([loss_sums.cpu(), torch.tensor([float(stop.requested)])]), reduce_op="sum")
+    losses = (stats[:-1] / counts[:, 0].clamp(min=1)).tolist()
+    for run, loss, n in zip(runs, losses, counts):
+        apply_step(run, loss, n)
+    return losses, lrs, bool(stats[-1] > 0)
+
+
+def row_parts(names: list[str | None], batches: list[dict[str, torch.Tensor]]) -> list[tuple]:
+    """(adapter, first row, end row, its length) of each run's micro-batch in their concatenation."""
+    parts, start = [], 0
+    for name, b in zip(names, batches):
+        rows, length = b["input_ids"].shape
+        parts.append((name, start, start + rows, length))
+        start += rows
+    return parts
+
+
+def apply_step(run: Run, loss: float, counts: torch.Tensor) -> None:
+    """The run's clipped optimizer step on the gradient its rows gave, and its progress."""
+    fabric, progress, t = run.fabric, run.progress, run.config.train
     if not math.isfinite(loss):
-        raise UserError(f"training loss became {loss} at step {progress.step + 1}; stopped without applying "
-                        f"it ({last_checkpoint_note(Path(config.out_dir))}); lower train.learning_rate or check the data")
+        named = f" of adapter {run.name}" if run.name else ""
+        raise UserError(f"training loss{named} became {loss} at step {progress.step + 1}; stopped without applying "
+                        f"it ({last_checkpoint_note(Path(run.config.out_dir))}); lower train.learning_rate or check "
+                        f"the data")
     if t.grad_clip is not None:
-        fabric.clip_gradients(model, run.optimizer, max_norm=t.grad_clip)
+        fabric.clip_gradients(run.model, run.optimizer, max_norm=t.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-
     progress.step += 1
     progress.step_in_epoch += 1
-    if progress.step_in_epoch * t.global_batch_size + t.global_batch_size > len(order):
+    if progress.step_in_epoch * t.global_batch_size + t.global_batch_size > len(run.order):
         progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
     progress.tokens += int(counts[1])
     progress.tokens_padded += int(counts[2])
     run.train_losses.append(loss)
-    return loss, lr, bool(stats[1] > 0)
 
 
 def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Train a LoRA adapter as `config` says; returns the summary (also written to out_dir/summary.json)."""
+    """Train a LoRA adapter (or several together) as `config` says; returns the summary (also written to
+    out_dir/summary.json)."""
     check_hardware(config)  # before Fabric, whose own errors are tracebacks
     config.precision = resolve_precision(config.precision, config.accelerator)
     fabric = make_fabric(config)
-    # Only global rank 0 locks out_dir: the processes Fabric launches for the other ranks run this too (and
-    # would find rank 0's lock), and under several nodes each node's first process does.
-    with hold_lock(Path(config.out_dir), "out_dir") if fabric.global_rank == 0 else contextlib.nullcontext():
+    # Only global rank 0 locks out_dir (and each adapter's): the processes Fabric launches for the other ranks
+    # run this too (and would find rank 0's lock), and under several nodes each node's first process does.
+    with contextlib.ExitStack() as locks:
+        if fabric.global_rank == 0:
+            for out_dir in [config.out_dir, *(solo.out_dir for solo in config.solo_configs().values())]:
+                locks.enter_context(hold_lock(Path(out_dir), "out_dir"))
         return train(config, fabric, resume)
 
 
 def train(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str, Any]:
     """finetune's run, with out_dir locked."""
-    run = setup(config, fabric, resume)
-    if run is None:  # already complete: the summary it wrote, nothing touched
+    runs = setup(config, fabric, resume)
+    if not runs:  # already complete: the summary it wrote, nothing touched
         with contextlib.suppress(OSError, ValueError):
             return {**json.loads((Path(config.out_dir) / "summary.json").read_text()), "interrupted": False,
                     "steps_this_run": 0}
         return {"interrupted": False, "steps_this_run": 0}
-    progress, t, out_dir = run.progress, config.train, Path(config.out_dir)
-    if progress.step == 0:
-        validate_and_sample(run)
-    bar = tqdm(total=run.max_steps, initial=progress.step, desc="finetune", dynamic_ncols=True,
-               disable=fabric.global_rank != 0)
-    order_epoch, order = -1, []
-    start_time, start_tokens, start_step = time.perf_counter(), progress.tokens, progress.step
-    stopped_by_signal = False
+    for run in runs:
+        if run.progress.step == 0:
+            validate_and_sample(run)
+    first = min(run.progress.step for run in runs)
+    bar = tqdm(total=first + max(run.max_steps - run.progress.step for run in runs), initial=first, desc="finetune",
+               dynamic_ncols=True, disable=fabric.global_rank != 0)
+    start_time, stopped_by_signal = time.perf_counter(), False
 
     with StopRequest() as stop, bar:  # the bar is closed (its line ended) before any error is printed
-        while progress.step < run.max_steps:
-            if order_epoch != progress.epoch:
-                order = epoch_order(run.train_data.lengths, t.global_batch_size, config.seed, progress.epoch,
-                                    t.group_by_length)
-                order_epoch = progress.epoch
-            loss, lr, stopped_by_signal = train_step(run, order, stop)
+        while any(run.active for run in runs):
+            active = [run for run in runs if run.active]
+            losses, lrs, stopped_by_signal = train_step(active, stop)
             elapsed = time.perf_counter() - start_time
-            tokens_per_s = (progress.tokens - start_tokens) / max(elapsed, 1e-9)
-            if progress.step % t.log_interval == 0 or progress.step == run.max_steps:
-                run.metrics.log(step=progress.step, epoch=progress.epoch, split="train", loss=loss, lr=lr,
-                                tokens=progress.tokens, tokens_per_s=round(tokens_per_s, 1),
-                                elapsed_s=round(elapsed, 2),
-                                peak_memory_gb=round(peak_memory_bytes(fabric.device)[1] / 1e9, 3))
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            for run, loss, lr in zip(active, losses, lrs):
+                log_step(run, loss, lr, elapsed)
+            tokens_per_s = sum(run.progress.tokens - run.start_tokens for run in runs) / max(elapsed, 1e-9)
+            shown = {run.name or "loss": f"{loss:.4f}" for run, loss in zip(active, losses)}
+            bar.set_postfix(**shown, lr=f"{lrs[0]:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
             if stopped_by_signal:  # some process got SIGINT/SIGTERM: all save and stop together
                 break
-            if progress.step % config.eval.interval == 0 or progress.step == run.max_steps:
-                validate_and_sample(run)
-            if progress.step % t.save_interval == 0 and progress.step < run.max_steps:
-                save(fabric, out_dir / f"step-{progress.step:06d}", run.model, run.optimizer, progress, config,
-                     run.train_data.meta, run.max_steps)
+            for run in active:
+                end_of_step(run)
     bar.close()
     elapsed = time.perf_counter() - start_time
+    summaries = {run.name: finish(run, stopped_by_signal, elapsed) for run in runs}
+    if None in summaries:
+        return summaries[None]
+    summary = {"interrupted": stopped_by_signal, "wall_time_s": round(elapsed, 2), "adapters": summaries}
+    if fabric.global_rank == 0:
+        write_json(Path(config.out_dir) / "summary.json", summary)
+    return summary
 
-    adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_by_signal else FINAL)
-    # final/ keeps the training state too, so raising max_steps later continues from here.
-    save(fabric, adapter_dir, run.model, run.optimizer, progress, config, run.train_data.meta, run.max_steps)
-    if stopped_by_signal:
+
+def log_step(run: Run, loss: float, lr: float, elapsed: float) -> None:
+    progress, t = run.progress, run.config.train
+    if progress.step % t.log_interval == 0 or progress.step == run.max_steps:
+        run.metrics.log(step=progress.step, epoch=progress.epoch, split="train", loss=loss, lr=lr,
+                        tokens=progress.tokens,
+                        tokens_per_s=round((progress.tokens - run.start_tokens) / max(elapsed, 1e-9), 1),
+                        elapsed_s=round(elapsed, 2),
+                        peak_memory_gb=round(peak_memory_bytes(run.fabric.device)[1] / 1e9, 3))
+
+
+def end_of_step(run: Run) -> None:
+    """Validate and save when the run's intervals say so."""
+    step = run.progress.step
+    if step % run.config.eval.interval == 0 or step == run.max_steps:
+        validate_and_sample(run)
+    if step % run.config.train.save_interval == 0 and step < run.max_steps:
+        run.save(Path(run.config.out_dir) / f"step-{step:06d}")
+
+
+def finish(run: Run, interrupted: bool, elapsed: float) -> dict[str, Any]:
+    """The run's last checkpoint (final/, or its step when interrupted), plot and summary."""
+    fabric, progress, out_dir = run.fabric, run.progress, Path(run.config.out_dir)
+    stopped_early = interrupted and run.active
+    adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_early else FINAL)
+    run.save(adapter_dir)  # final/ keeps the training state too, so raising max_steps later continues from here
+    if stopped_early:
         fabric.print(f"interrupted at step {progress.step}: saved {adapter_dir}; continue with --resume auto")
-    summary = summarize(run, adapter_dir, stopped_by_signal, elapsed, start_tokens, start_step)
+    summary = summarize(run, adapter_dir, stopped_early, elapsed)
     if fabric.global_rank == 0:
         note = plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
         if note:
             fabric.print(f"note: {note}")
         write_json(out_dir / "summary.json", summary)
-        fabric.print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        named = f" ({run.name})" if run.name else ""
+        fabric.print(f"summary{named}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return summary
 
 
-def summarize(run: Run, adapter_dir: Path, interrupted: bool, elapsed: float, start_tokens: int,
-              start_step: int) -> dict[str, Any]:
+def summarize(run: Run, adapter_dir: Path, interrupted: bool, elapsed: float) -> dict[str, Any]:
     progress, model = run.progress, run.model
     memory_kind, memory = peak_memory_bytes(run.fabric.device)
     adapter = adapter_dir / ADAPTER_WEIGHTS
+    trainable = sum(p.numel() for _, p in adapter_parameters(model.module, run.name))
     return {
         "interrupted": interrupted,
         "steps": progress.step,
-        "steps_this_run": progress.step - start_step,
+        "steps_this_run": progress.step - run.start_step,
         "epochs": progress.step * run.config.train.global_batch_size / len(run.train_data),
         "tokens_seen": progress.tokens,
         "tokens_seen_with_padding": progress.tokens_padded,
         "wall_time_s": round(elapsed, 2),
-        "tokens_per_s": round((progress.tokens - start_tokens) / max(elapsed, 1e-9), 1),
+        "tokens_per_s": round((progress.tokens - run.start_tokens) / max(elapsed, 1e-9), 1),
         f"{memory_kind}_bytes": memory,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": trainable,
+        "total_params": trainable + sum(p.numel() for p in model.parameters() if not p.requires_grad),
         "adapter_bytes": adapter.stat().st_size if adapter.is_file() else None,
         "first_train_loss": run.train_losses[0] if run.train_losses else None,
         "last_train_loss": run.train_losses[-1] if run.train_losses else None,

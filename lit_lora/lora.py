@@ -115,7 +115,11 @@ class LoRALinear(nn.Linear):
             self.lora_magnitude = nn.Parameter(self.weight_norm_sq.sqrt().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)  # F.linear, or the NF4 product over a QLoRA base
+        return self.adapt(x, linear(x, self.weight, self.bias))  # F.linear, or the NF4 product over a QLoRA base
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output for input x given the base's output y = W x + b (computed once for several adapters
+        when they are trained together, multi_lora)."""
         lora_x = self.lora_dropout(x).to(self.lora_A.dtype)
         update = F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling
         if not hasattr(self, "lora_magnitude"):
@@ -198,10 +202,9 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
         param.requires_grad = "lora_" in name
 
 
-def optimizer_groups(model: nn.Module, lora_plus_ratio: float | None = None) -> list[dict]:
-    """The trainable parameters as AdamW's param groups, each with `lr_scale`, its learning rate over the schedule's.
+def optimizer_groups(trainable: list[tuple[str, nn.Parameter]], lora_plus_ratio: float | None = None) -> list[dict]:
+    """Named trainable parameters as AdamW's param groups, each with `lr_scale`, its learning rate over the schedule's.
     LoRA+ (Hayou et al. 2024): B learns `lora_plus_ratio` times faster than A (and a DoRA magnitude, as A)."""
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if lora_plus_ratio is None:
         return [{"params": [p for _, p in trainable], "lr_scale": 1.0}]
     return [{"params": [p for name, p in trainable if not name.endswith("lora_B")], "lr_scale": 1.0},
@@ -215,7 +218,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy adapter tensors into the model's LoRA parameters; names and shapes must match exactly."""
-    own = lora_state_dict(model)
+    copy_lora_tensors(lora_state_dict(model), state)
+
+
+def copy_lora_tensors(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the parameters `own` (by name), which it must match exactly."""
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise UserError(

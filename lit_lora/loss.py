@@ -77,6 +77,14 @@ def micro_batch_loss(model, batch: dict[str, torch.Tensor], chunk_size: int) -> 
     return target_loss_sum(hidden, model, batch["targets"], chunk_size)
 
 
+def segment_losses(model, batch: dict[str, torch.Tensor], rows: list[tuple], chunk_size: int) -> list[torch.Tensor]:
+    """One forward pass, and the summed loss of each run's rows (`rows`: its name, first row, end row, length) apart:
+    adapters trained together are each normalised by their own target tokens."""
+    hidden = model.hidden_states(batch["input_ids"], batch.get("input_pos"), batch.get("mask"))
+    return [target_loss_sum(hidden[start:stop], model, batch["targets"][start:stop], chunk_size)
+            for _, start, stop, _ in rows]
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 def eval_batches(lengths, limit: int | None, batch_size: int) -> list[list[int]]:
     """The first `limit` examples in file order (all with None), batched by similar length (less padding).

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from lit_lora.errors import UserError
 from lit_lora.presets import PRESETS
@@ -311,6 +311,8 @@ class LLaMA(nn.Module):
         self.tie_weights()
         self.inv_freq: dict = {}  # (local, long, device) -> fp32 tensor; plain attributes, never in the state dict
         self.gradient_checkpointing = False
+        # What a recomputed block must restore beyond torch's generator (several adapters' own, multi_lora).
+        self.recompute_context = noop_context_fn
         self.cache_len = 0  # >0 once set_kv_cache() has allocated caches
 
     def tie_weights(self) -> None:
@@ -383,7 +385,8 @@ class LLaMA(nn.Module):
         for block in self.layers:
             (cos, sin), block_mask = rope[block.local], masks[block.local]
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, block_mask, input_pos, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, block_mask, input_pos, use_reentrant=False,
+                               context_fn=self.recompute_context)
             else:
                 x = block(x, cos, sin, block_mask, input_pos)
         return self.norm(x)

@@ -9,8 +9,11 @@ paths exist and the numbers fit together is checked by `finetune` before trainin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
+import itertools
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -22,7 +25,7 @@ import yaml
 from lit_lora.device import check_precision
 from lit_lora.errors import UserError
 from lit_lora.fileio import read_yaml
-from lit_lora.lora import LoRAConfig
+from lit_lora.lora import VARIANTS, LoRAConfig
 from lit_lora.quantize import TRAIN_QUANTIZATIONS, check_quantize, torchao_nf4
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -63,6 +66,27 @@ class EvalSection:
 
 
 @dataclass
+class AdapterEntry:
+    """One of several adapters trained together over one base (`adapters:`): its name (its folder under out_dir)
+    and what it changes of the config's own lora section, learning rate, LoRA+ ratio and data (null: the same)."""
+
+    name: str = ""
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    targets: list[str] | None = None
+    use_rslora: bool | None = None
+    variant: str | None = None
+    learning_rate: float | None = None
+    lora_plus_ratio: float | None = None
+    data_dir: str | None = None
+
+
+LORA_FIELDS = ("r", "alpha", "dropout", "targets", "use_rslora", "variant")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name, and a module name (no dots)
+
+
+@dataclass
 class TrainConfig:
     checkpoint_dir: str = "checkpoints/model"
     data_dir: str = "data/prepared"
@@ -78,6 +102,8 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapter's own config, one definition
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    # several adapters trained together, each in out_dir/<name>/ as if trained alone; empty: the one adapter above
+    adapters: list[AdapterEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_precision(self.precision, what="precision")
@@ -94,6 +120,39 @@ class TrainConfig:
         if len(t.betas) != 2:
             raise UserError(f"train.betas must be two numbers, got {t.betas}")
         self._check_values()
+        self.solo_configs()  # each adapter's settings checked now, before anything runs
+
+    def solo_configs(self) -> dict[str, TrainConfig]:
+        """Each of `adapters` as the config of a run that trains it alone (in out_dir/<name>): a run of several
+        adapters gives each the tensors, metrics and checkpoints that run would."""
+        solos: dict[str, TrainConfig] = {}
+        for i, entry in enumerate(self.adapters):
+            where = f"adapters[{i}]" + (f" ({entry.name})" if entry.name else "")
+            if not ADAPTER_NAME.fullmatch(entry.name):
+                raise UserError(f"{where} needs a name of letters, digits, '_' and '-' (its folder under out_dir), "
+                                f"got {entry.name!r}")
+            if entry.name in solos:
+                raise UserError(f"two adapters are named {entry.name!r}; each needs its own name (its folder under "
+                                f"out_dir)")
+            try:
+                solos[entry.name] = self._solo(entry)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
+        if len(solos) > 1 and any("head" in solo.lora.targets for solo in solos.values()):
+            raise UserError("the head target cannot be trained by several adapters together (the head's loss runs a "
+                            "chunk of target tokens at a time, across the adapters' rows); train that adapter alone")
+        if solos and self.strategy == "fsdp":
+            raise UserError("strategy fsdp trains one adapter at a time; train several adapters (adapters:) with "
+                            "strategy auto or ddp")
+        return solos
+
+    def _solo(self, entry: AdapterEntry) -> TrainConfig:
+        lora = LoRAConfig(**{**self.lora.to_dict(),
+                             **{k: getattr(entry, k) for k in LORA_FIELDS if getattr(entry, k) is not None}})
+        train = dataclasses.replace(self.train, **{k: getattr(entry, k) for k in ("learning_rate", "lora_plus_ratio")
+                                                   if getattr(entry, k) is not None})
+        return dataclasses.replace(self, lora=lora, train=train, data_dir=entry.data_dir or self.data_dir,
+                                   out_dir=str(Path(self.out_dir) / entry.name), adapters=[])
 
     def _check_values(self) -> None:
         """Values of the right type that would train wrongly (or crash deep inside) are refused here."""
@@ -269,6 +328,10 @@ def check_type(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"config key {key} must be a list, got {value!r}")
         return [check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if is_dataclass(kind):  # an entry of a list of sections (adapters)
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key} must be a mapping of {', '.join(f.name for f in fields(kind))}")
+        return build(kind, value, prefix=f"{key}.")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):
@@ -279,6 +342,46 @@ def check_type(value: Any, kind: Any, key: str) -> Any:
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise UserError(f"config key {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+SWEEP_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "variant": "", "use_rslora": "",
+              "learning_rate": "lr", "lora_plus_ratio": "plus"}  # key -> its prefix in the adapters' names
+
+
+def sweep_adapters(specs: list[str]) -> list[AdapterEntry]:
+    """`--sweep r=1,2,4 --sweep variant=lora,dora` as adapters: one per combination, named by its values (r4-dora)."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or key not in SWEEP_KEYS or not values.strip():
+            raise UserError(f"--sweep {spec!r} is not KEY=V1,V2,...; KEY is one of {', '.join(SWEEP_KEYS)}")
+        if key in (k for k, _ in axes):
+            raise UserError(f"--sweep names {key} twice; give all its values in one --sweep {key}=...")
+        axes.append((key, [_sweep_value(key, text.strip()) for text in values.split(",")]))
+    entries = []
+    for combination in itertools.product(*(values for _, values in axes)):
+        parts = [_name_part(key, value) for (key, _), value in zip(axes, combination)]
+        entries.append(AdapterEntry(name="-".join(p for p in parts if p) or "lora", **dict(zip(dict(axes), combination))))
+    return entries
+
+
+def _sweep_value(key: str, text: str) -> Any:
+    what = {"r": "a rank (a whole number >= 1)", "use_rslora": "true or false",
+            "variant": f"one of {', '.join(VARIANTS)}"}.get(key, f"a value of {key}")
+    try:
+        value = check_type(yaml.safe_load(text) if key != "variant" else text, typing.get_type_hints(AdapterEntry)[key],
+                           key)
+        if (key == "r" and value < 1) or (key == "variant" and value not in VARIANTS):
+            raise UserError("")
+    except (UserError, yaml.YAMLError):
+        raise UserError(f"--sweep {key}: {text!r} is not {what}") from None
+    return value
+
+
+def _name_part(key: str, value: Any) -> str:
+    if key == "use_rslora":
+        return "rslora" if value else ""
+    return f"{SWEEP_KEYS[key]}{value:g}" if isinstance(value, float) else f"{SWEEP_KEYS[key]}{value}"
 
 
 def config_to_yaml(config: TrainConfig) -> str:

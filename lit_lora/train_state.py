@@ -34,7 +34,9 @@ from lit_lora.checkpoint import load_info
 from lit_lora.data.dataset import data_identity
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_dir, iter_safetensors, sha256_file
-from lit_lora.lora import load_lora_state_dict, lora_state_dict
+from lit_lora.device import rng_state, set_rng_state
+from lit_lora.lora import copy_lora_tensors
+from lit_lora.multi_lora import AdapterRNG, adapter_parameters
 from lit_lora.train_config import TrainConfig
 
 TRAINING_STATE = "training_state.pt"
@@ -75,13 +77,13 @@ def _shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _lora_tensors(model) -> dict[str, torch.Tensor]:
-    return {name: _full(p.detach()) for name, p in lora_state_dict(model.module).items()}
+def _lora_tensors(model, adapter: str | None) -> dict[str, torch.Tensor]:
+    return {name: _full(p.detach()) for name, p in adapter_parameters(model.module, adapter)}
 
 
-def _load_lora(model, lora: dict[str, torch.Tensor]) -> None:
-    own = lora_state_dict(model.module)  # a name or shape that does not fit is load_lora_state_dict's error
-    load_lora_state_dict(model.module, {k: _shard_like(t, own[k]) if k in own else t for k, t in lora.items()})
+def _load_lora(model, lora: dict[str, torch.Tensor], adapter: str | None) -> None:
+    own = dict(adapter_parameters(model.module, adapter))  # a name or shape that does not fit: copy_lora_tensors says
+    copy_lora_tensors(own, {k: _shard_like(t, own[k]) if k in own else t for k, t in lora.items()})
 
 
 def _optimizer_state(optimizer) -> dict:
@@ -96,28 +98,30 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- save, resume
-def _rng_states(fabric: L.Fabric) -> torch.Tensor:
-    """Every process's torch RNG state (dropout), (world_size, n) uint8."""
-    state = torch.get_rng_state()
+def _rng_states(fabric: L.Fabric, rng: AdapterRNG | None, adapter: str | None) -> torch.Tensor:
+    """Every process's state of the generator the adapter's dropout draws from, (world_size, n) uint8."""
+    state = rng_state(fabric.device) if rng is None else rng.states[adapter]
     return state[None] if fabric.world_size == 1 else fabric.all_gather(state).cpu()
 
 
 def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress, config: TrainConfig,
-         data_meta: dict[str, Any], max_steps: int) -> None:
+         data_meta: dict[str, Any], max_steps: int, adapter: str | None = None, rng: AdapterRNG | None = None) -> None:
     """step-XXXXXX/ or final/: the adapter and everything --resume needs. Rank 0 writes.
 
     `data_meta` is the training data's meta.json: the adapter records its format, the training state its identity.
+    `adapter` and `rng` name one of several adapters trained together (multi_lora) and hold its generator state.
 
     The directory is built under a temporary name and renamed when complete, so a failed save (a full disk)
     leaves the previous checkpoints as they were; it ends in one UserError naming both.
     """
-    lora, optim, rng = _lora_tensors(model), _optimizer_state(optimizer), _rng_states(fabric)  # collectives
+    lora, optim, rng_states = _lora_tensors(model, adapter), _optimizer_state(optimizer), _rng_states(fabric, rng, adapter)
     if fabric.global_rank == 0:
         try:
             with atomic_dir(directory, overwrite=True) as tmp:
-                write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), data_meta, tensors=lora)
+                write_adapter_files(tmp, model.module, Path(config.checkpoint_dir), data_meta, tensors=lora,
+                                    lora_config=config.lora)
                 _write_state(tmp / TRAINING_STATE, {
-                    "progress": vars(progress), "optimizer": optim, "rng": rng, "world_size": fabric.world_size,
+                    "progress": vars(progress), "optimizer": optim, "rng": rng_states, "world_size": fabric.world_size,
                     "global_batch_size": config.train.global_batch_size, "seed": config.seed,
                     "lora_plus_ratio": config.train.lora_plus_ratio, "max_steps": max_steps,
                     "data": data_identity(data_meta),
@@ -282,16 +286,22 @@ def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: di
                         f"({'; '.join(changed)}); resume with the same ones or choose another out_dir")
 
 
-def restore(fabric: L.Fabric, point: ResumePoint, model, optimizer) -> Progress:
-    """Put a checked checkpoint's LoRA tensors, optimizer state and RNG state into the run."""
-    _load_lora(model, point.lora)
+def restore(fabric: L.Fabric, point: ResumePoint, model, optimizer, adapter: str | None = None,
+            rng: AdapterRNG | None = None) -> Progress:
+    """Put a checked checkpoint's LoRA tensors, optimizer state and RNG state into the run (of adapter `adapter`
+    of several, its generator state into `rng`)."""
+    _load_lora(model, point.lora, adapter)
     _load_optimizer_state(optimizer, point.state["optimizer"])
-    if point.state["world_size"] == fabric.world_size:
-        # A copy: torch.set_rng_state segfaults on a row view past the first (rank 1's and on).
-        torch.set_rng_state(point.state["rng"][fabric.global_rank].clone())
+    saved = point.state["rng"]
+    if point.state["world_size"] == fabric.world_size and saved.shape[1] == rng_state(fabric.device).numel():
+        state = saved[fabric.global_rank].clone()  # a copy: set_rng_state segfaults on a row view past the first
+        if rng is None:
+            set_rng_state(state, fabric.device)
+        else:
+            rng.states[adapter] = state
     else:
-        fabric.print(f"note: {point.path} was saved by {point.state['world_size']} processes, not "
-                     f"{fabric.world_size}: dropout randomness will differ from an uninterrupted run")
+        fabric.print(f"note: {point.path} was saved by {point.state['world_size']} processes (now {fabric.world_size}) "
+                     f"or on another kind of device: dropout randomness will differ from an uninterrupted run")
     return Progress(**point.state["progress"])
 
 

@@ -183,15 +183,14 @@ def test_bad_inputs_fail_before_training(tiny_checkpoint, prepared, tmp_path):
 def test_non_finite_loss_stops_with_a_clear_message(tiny_checkpoint, prepared, tmp_path, monkeypatch):
     import lit_lora.finetune as ft
 
-    real, calls = ft.micro_batch_loss, []
+    real, calls = ft.segment_losses, []
 
-    def nan_from_the_second_step(model, batch, chunk_size):
-        loss = real(model, batch, chunk_size)
-        if torch.is_grad_enabled():
-            calls.append(1)
-        return loss * float("nan") if len(calls) >= 2 else loss
+    def nan_from_the_second_step(model, batch, rows, chunk_size):
+        losses = real(model, batch, rows, chunk_size)
+        calls.append(1)
+        return [loss * float("nan") for loss in losses] if len(calls) >= 2 else losses
 
-    monkeypatch.setattr(ft, "micro_batch_loss", nan_from_the_second_step)
+    monkeypatch.setattr(ft, "segment_losses", nan_from_the_second_step)
     with pytest.raises(UserError, match="training loss became nan at step 2.*the last good checkpoint is .*step-000001"):
         run(tiny_checkpoint, prepared, tmp_path / "out", "--train.micro_batch_size=8", "--train.save_interval=1",
             "--eval.interval=100")

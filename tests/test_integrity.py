@@ -148,7 +148,7 @@ def test_finetune_refuses_a_damaged_base(monkeypatch, capsys, tmp_path, damaged_
     from lit_lora.train_config import load_config
 
     config = load_config(TINY, [f"--checkpoint_dir={damaged_checkpoint}", "--verify=false"])
-    assert build_model(config) is not None
+    assert build_model(config)[0] is not None
 
 
 # ---------------------------------------------------------------------------------------------- adapter hashes

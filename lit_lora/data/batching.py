@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lit_lora.data.dataset import IGNORE_INDEX
 
@@ -121,3 +122,26 @@ def make_batch(examples: list[dict[str, torch.Tensor]], pad_id: int, packing: bo
     if packing:
         return pack(examples, pad_id, max_seq_length, pad_multiple)
     return collate(examples, pad_id, pad_multiple, max_seq_length)
+
+
+
+def concat_batches(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Micro-batches of several adapters as one, each right-padded to the longest (pad tokens are never targets,
+    and a real token never attends to a later one), rows in the order given."""
+    T = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "targets": IGNORE_INDEX}
+    out = {key: torch.cat([F.pad(b[key], (0, T - b[key].shape[1]), value=value) for b in batches])
+           for key, value in fill.items()}
+    if "input_pos" in batches[0]:  # packed: positions and block-diagonal masks too
+        out["input_pos"] = torch.cat([F.pad(b["input_pos"], (0, T - b["input_pos"].shape[1])) for b in batches])
+        out["mask"] = torch.cat([_padded_mask(b["mask"], T) for b in batches])
+    return out
+
+
+def _padded_mask(mask: torch.Tensor, T: int) -> torch.Tensor:
+    """A packed batch's (R, 1, t, t) mask as (R, 1, T, T): each added position attends only to itself."""
+    t = mask.shape[-1]
+    out = F.pad(mask, (0, T - t, 0, T - t))
+    added = torch.arange(t, T)
+    out[..., added, added] = True
+    return out

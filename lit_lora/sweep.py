@@ -1,0 +1,138 @@
+"""finetune-lora --sweep r=1,2,4,8 [--sweep variant=lora,dora]: one recipe as several adapters, and which one to keep.
+
+The combinations become `adapters:` (train_config.sweep_adapters), trained together over one base (in groups of
+`group` when memory asks for it), each in out_dir/<name>/ as if trained alone. Then `evaluate` scores the base and
+every final adapter on the validation split in one run over one loaded base (loss, and exact match of greedy
+answers against the references), and out_dir gets sweep.csv, sweep.md and sweep.png: validation loss, exact
+match and adapter size against r, one line per variant.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from lit_lora.errors import UserError
+from lit_lora.fileio import atomic_file, atomic_write_bytes, iter_safetensors, write_json
+from lit_lora.train_config import TrainConfig, sweep_adapters
+
+COLUMNS = ("name", "r", "variant", "use_rslora", "alpha", "learning_rate", "trainable_params", "adapter_bytes",
+           "val_loss", "exact_match", "exact_match_normalized", "train_wall_time_s")
+
+
+def expand(config: TrainConfig, specs: list[str]) -> TrainConfig:
+    """The config with the sweep's combinations as its adapters (each checked now)."""
+    if config.adapters:
+        raise UserError("the config already lists adapters:; give either adapters: or --sweep")
+    return dataclasses.replace(config, adapters=sweep_adapters(specs))
+
+
+def run_sweep(config: TrainConfig, resume: str | None, group: int | None) -> bool:
+    """Train every adapter of the sweep, then score and report them; True when interrupted (nothing reported)."""
+    from lit_lora.finetune import finetune
+
+    if group is not None and group < 1:
+        raise UserError(f"--sweep_group must be >= 1, got {group}")
+    size = group or len(config.adapters)
+    walls: dict[str, float] = {}
+    for start in range(0, len(config.adapters), size):
+        chunk = config.adapters[start : start + size]
+        began = time.perf_counter()
+        if finetune(dataclasses.replace(config, adapters=chunk), resume)["interrupted"]:
+            return True
+        walls.update({entry.name: round(time.perf_counter() - began, 1) for entry in chunk})
+    rows = score(config, walls)
+    write_report(Path(config.out_dir), rows)
+    print(f"sweep: {len(rows) - 1} adapters scored on the validation split; table and plot in {config.out_dir}/"
+          f"sweep.md, sweep.csv, sweep.png")
+    print(markdown(rows))
+    return False
+
+
+def score(config: TrainConfig, walls: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per adapter (and the base first): its settings, size and validation scores."""
+    from lit_lora.evaluate import evaluate
+
+    solos = config.solo_configs()
+    finals = {name: Path(solo.out_dir) / "final" for name, solo in solos.items()}
+    data_dirs = {solo.data_dir for solo in solos.values()}
+    if len(data_dirs) > 1:  # adapters on other data are scored each on its own
+        raise UserError("the sweep's adapters train on different data_dir; a sweep compares adapters on one data")
+    result = evaluate(Path(config.checkpoint_dir), Path(config.data_dir), list(finals.values()), split="val",
+                      metric="both", batch_size=config.train.micro_batch_size * 2,
+                      max_new_tokens=config.eval.max_new_tokens, precision=config.precision, verify=config.verify,
+                      quantize=config.quantize)
+    scores = {Path(m["name"]).parent.name if m["name"] != "base" else "base": m for m in result["models"]}
+    rows = [{"name": "base", "r": 0, "val_loss": scores["base"]["loss"], "exact_match": scores["base"]["exact_match"],
+             "exact_match_normalized": scores["base"]["exact_match_normalized"], "trainable_params": 0,
+             "adapter_bytes": 0}]
+    for name, solo in solos.items():
+        lora, s = solo.lora, scores[name]
+        rows.append({"name": name, "r": lora.r, "variant": lora.variant, "use_rslora": lora.use_rslora,
+                     "alpha": lora.alpha, "learning_rate": solo.train.learning_rate,
+                     "trainable_params": _trainable(finals[name]),
+                     "adapter_bytes": (finals[name] / "lora.safetensors").stat().st_size, "val_loss": s["loss"],
+                     "exact_match": s["exact_match"], "exact_match_normalized": s["exact_match_normalized"],
+                     "train_wall_time_s": walls.get(name)})
+    return rows
+
+
+def _trainable(final: Path) -> int:
+    return sum(t.numel() for _, t in iter_safetensors(final / "lora.safetensors"))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["adapter", "r", "variant", "val loss", "exact match", "normalised", "params", "size (KB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        variant = row.get("variant", "") + (" rsLoRA" if row.get("use_rslora") else "")
+        lines.append(f"| {row['name']} | {row['r']} | {variant} | {row['val_loss']:.4f} | "
+                     f"{row['exact_match']:.1%} | {row['exact_match_normalized']:.1%} | {row['trainable_params']:,} | "
+                     f"{row['adapter_bytes'] / 1e3:.0f} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out_dir / "sweep.csv", buffer.getvalue().encode())
+    atomic_write_bytes(out_dir / "sweep.md", (markdown(rows) + "\n").encode())
+    write_json(out_dir / "sweep.json", {"rows": rows})
+    plot(out_dir / "sweep.png", rows)
+
+
+def plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Validation loss, exact match and adapter size against r (log scale), one line per variant; the base dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed: no sweep.png")
+        return
+    base, adapters = rows[0], rows[1:]
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for row in adapters:
+        lines.setdefault(row["variant"] + (" + rsLoRA" if row["use_rslora"] else ""), []).append(row)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label in zip(axes, ("val_loss", "exact_match", "adapter_bytes"),
+                              ("validation loss", "exact match", "adapter size (bytes)")):
+        for variant, points in lines.items():
+            points = sorted(points, key=lambda p: p["r"])
+            ax.plot([p["r"] for p in points], [p[key] for p in points], marker="o", label=variant)
+        if key != "adapter_bytes":
+            ax.axhline(base[key], linestyle="--", color="gray", label="base")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("r")
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
