@@ -159,7 +159,7 @@ def compare_adapters(args) -> None:
               "--train.max_steps", str(args.steps), "--train.global_batch_size", str(args.batch),
               "--train.micro_batch_size", str(args.batch), "--train.warmup_steps", "1", "--lora.dropout", "0.05",
               "--train.save_interval", "100000", "--eval.interval", "100000", "--eval.max_batches", "1",
-              "--eval.max_new_tokens", "1"]
+              "--eval.max_new_tokens", "1", "--train.gradient_checkpointing", str(args.gradient_checkpointing).lower()]
     listed = ", ".join(f"{{name: a{i}, learning_rate: {lr}}}" for i, lr in enumerate(rates))
     together = timed_process([*common, "--out_dir", str(root / "together"), f"--adapters=[{listed}]"])
     apart = [timed_process([*common, "--out_dir", str(root / f"a{i}"), "--train.learning_rate", str(lr)])
@@ -169,7 +169,8 @@ def compare_adapters(args) -> None:
                for i in range(args.adapters) for k in load_file(root / f"a{i}/final/lora.safetensors"))
     wall_apart, rss_apart = sum(s for s, _ in apart), sum(r for _, r in apart)
     print(f"{args.adapters} adapters r=8 on attention+mlp, {args.steps} steps of {args.batch} examples each, "
-          f"precision {precision}, SmolLM2-135M on the extract task")
+          f"precision {precision}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"SmolLM2-135M on the extract task")
     print(f"  together, one run:        {together[0]:7.1f} s   peak RSS {together[1]:.2f} GB")
     print(f"  apart, one after another: {wall_apart:7.1f} s   peak RSS {max(r for _, r in apart):.2f} GB each, "
           f"{rss_apart:.2f} GB for {args.adapters} run at once")

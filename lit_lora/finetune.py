@@ -250,20 +250,31 @@ def plan_runs(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict
                         f"own folder with --resume auto")
     plans = {}
     for name, solo in solos.items():
-        train_data, val_data = load_datasets(solo)
-        check_inputs(solo, train_data, world_size)
-        max_steps = total_steps(solo, len(train_data))
-        point, warnings = find_resume(resume, Path(solo.out_dir))  # every check here comes before any write
-        if point is not None:
-            check_resume_settings(point, solo, train_data.meta)
-        if not run_is_complete(fabric, Path(solo.out_dir), resume, point, max_steps):
-            plans[name] = Plan(solo, train_data, val_data, max_steps, point, warnings)
+        try:
+            plan = plan_run(solo, fabric, resume, world_size)
+        except UserError as e:
+            raise UserError(f"adapter {name}: {e}" if name else str(e)) from None
+        if plan is not None:
+            plans[name] = plan
     remaining = {p.max_steps - (p.point.step if p.point else 0) for p in plans.values()}
     if world_size > 1 and len(remaining) > 1:  # DDP would wait for gradients of an adapter that has finished
         raise UserError(f"under {world_size} processes the adapters trained together must have as many steps left "
                         f"(here {', '.join(map(str, sorted(remaining)))}); set train.max_steps, or train them on "
                         f"one device")
     return plans
+
+
+def plan_run(config: TrainConfig, fabric: L.Fabric, resume: str | None, world_size: int) -> Plan | None:
+    """One adapter's plan; None (said so) when its out_dir holds its complete run."""
+    train_data, val_data = load_datasets(config)
+    check_inputs(config, train_data, world_size)
+    max_steps = total_steps(config, len(train_data))
+    point, warnings = find_resume(resume, Path(config.out_dir))  # every check here comes before any write
+    if point is not None:
+        check_resume_settings(point, config, train_data.meta)
+    if run_is_complete(fabric, Path(config.out_dir), resume, point, max_steps):
+        return None
+    return Plan(config, train_data, val_data, max_steps, point, warnings)
 
 
 def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> list[Run]:
@@ -478,7 +489,7 @@ def train(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str
                 log_step(run, loss, lr, elapsed)
             tokens_per_s = sum(run.progress.tokens - run.start_tokens for run in runs) / max(elapsed, 1e-9)
             shown = {run.name or "loss": f"{loss:.4f}" for run, loss in zip(active, losses)}
-            bar.set_postfix(**shown, lr=f"{lrs[0]:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            bar.set_postfix({**shown, "lr": f"{lrs[0]:.2e}", "tok_s": f"{tokens_per_s:.0f}"}, refresh=False)
             bar.update(1)
             if stopped_by_signal:  # some process got SIGINT/SIGTERM: all save and stop together
                 break

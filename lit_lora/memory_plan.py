@@ -131,6 +131,19 @@ DEFAULT_SEQ_LEN = 512  # prepare-*'s default max_seq_length: the plan's length w
 def dry_run_plan(config: TrainConfig) -> str:
     """The plan of a training config: its checkpoint (or a preset of that name, for a model not downloaded yet),
     its precision (auto: what this machine would run), and its data's longest padded micro-batch."""
+    result, notes = training_plan(config)
+    if result is None:
+        return notes[0]
+    if not config.wants_low_memory():
+        notes.append("train.low_memory is off: glibc may keep freed memory resident beyond this plan (SmolLM2 at "
+                     "4 x 256 peaked at 3.17 GiB, 2.11 with it on); train.low_memory true for a peak near the plan, at "
+                     "slower steps")
+    return "\n".join([result.format(), *(f"note: {n}" for n in notes)])
+
+
+def training_plan(config: TrainConfig, together: int | None = None) -> tuple[Plan | None, list[str]]:
+    """(the plan, notes) of a training config with `together` of its adapters at once (None: all of them); no plan,
+    and the note why, when the checkpoint is neither here nor a preset."""
     from lit_lora.checkpoint import MODEL_CONFIG, load_config
     from lit_lora.data.batching import padded_length
     from lit_lora.data.dataset import PreparedDataset
@@ -144,8 +157,8 @@ def dry_run_plan(config: TrainConfig) -> str:
         model_config = Config.from_name(path.name)
         notes.append(f"{path} is not a checkpoint: planned for the preset {path.name}")
     else:  # a config may be written for another machine: the plan is what is missing, not the config
-        return (f"note: no memory plan: checkpoint_dir {path} is neither a checkpoint here nor a preset "
-                f"({', '.join(PRESETS)})")
+        return None, [f"note: no memory plan: checkpoint_dir {path} is neither a checkpoint here nor a preset "
+                      f"({', '.join(PRESETS)})"]
     t, seq_len = config.train, DEFAULT_SEQ_LEN
     if (Path(config.data_dir) / "meta.json").is_file():
         data = PreparedDataset(config.data_dir, "train")
@@ -154,11 +167,11 @@ def dry_run_plan(config: TrainConfig) -> str:
                                                                                data.meta["max_seq_length"])
     else:
         notes.append(f"no prepared data in {config.data_dir}: planned for {seq_len}-token sequences")
-    if not config.wants_low_memory():
-        notes.append("train.low_memory is off: glibc may keep freed memory resident beyond this plan (SmolLM2 at "
-                     "4 x 256 peaked at 3.17 GiB, 2.11 with it on); train.low_memory true for a peak near the plan, at "
-                     "slower steps")
+    solos = list(config.solo_configs().values())[:together] or [config]
+    rows, lora = t.micro_batch_size * len(solos), max((s.lora for s in solos), key=lambda c: c.r * len(c.targets))
+    if len(solos) > 1:
+        notes.append(f"{len(solos)} adapters train together: planned for their micro-batches as one ({rows} rows) "
+                     f"and the largest adapter's LoRA tensors once (each adapter adds its own, small beside the rest)")
     precision = resolve_precision(config.precision, config.accelerator)
-    result = plan(model_config, config.lora, precision, config.quantize, t.micro_batch_size, seq_len,
-                  t.gradient_checkpointing, t.loss_chunk_size)
-    return "\n".join([result.format(), *(f"note: {n}" for n in notes)])
+    return plan(model_config, lora, precision, config.quantize, rows, seq_len, t.gradient_checkpointing,
+                t.loss_chunk_size), notes

@@ -36,7 +36,10 @@ def run_sweep(config: TrainConfig, resume: str | None, group: int | None) -> boo
 
     if group is not None and group < 1:
         raise UserError(f"--sweep_group must be >= 1, got {group}")
-    size = group or len(config.adapters)
+    size = group or fitting_group(config)
+    if size < len(config.adapters):
+        print(f"note: training the sweep's {len(config.adapters)} adapters {size} at a time"
+              + ("" if group else " (all at once would not fit in the memory available here; --sweep_group to choose)"))
     walls: dict[str, float] = {}
     for start in range(0, len(config.adapters), size):
         chunk = config.adapters[start : start + size]
@@ -50,6 +53,34 @@ def run_sweep(config: TrainConfig, resume: str | None, group: int | None) -> boo
           f"sweep.md, sweep.csv, sweep.png")
     print(markdown(rows))
     return False
+
+
+def fitting_group(config: TrainConfig) -> int:
+    """How many of the sweep's adapters to train at once: all, unless the memory plan (finetune-lora --dry-run) of
+    that many exceeds 80% of the memory available now; on a GPU, or where that is unknown, all."""
+    import torch
+
+    available = available_memory()
+    if available is None or (config.accelerator != "cpu" and torch.cuda.is_available()):
+        return len(config.adapters)
+    from lit_lora.memory_plan import training_plan
+
+    for together in range(len(config.adapters), 0, -1):
+        planned, _ = training_plan(config, together)
+        if planned is None or planned.total(config.train.gradient_checkpointing) <= 0.8 * available:
+            return together
+    return 1
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def score(config: TrainConfig, walls: dict[str, float]) -> list[dict[str, Any]]:

@@ -381,7 +381,9 @@ def _sweep_value(key: str, text: str) -> Any:
 def _name_part(key: str, value: Any) -> str:
     if key == "use_rslora":
         return "rslora" if value else ""
-    return f"{SWEEP_KEYS[key]}{value:g}" if isinstance(value, float) else f"{SWEEP_KEYS[key]}{value}"
+    if isinstance(value, float):  # a folder and module name: no dots (0.001 -> 0p001)
+        return SWEEP_KEYS[key] + f"{value:g}".replace(".", "p").replace("+", "")
+    return f"{SWEEP_KEYS[key]}{value}"
 
 
 def config_to_yaml(config: TrainConfig) -> str:

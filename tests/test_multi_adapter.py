@@ -93,6 +93,7 @@ def test_bad_adapters_are_one_line_and_write_nothing(tiny_checkpoint, prepared, 
         ("[{name: a}, {name: b, rank: 2}]", "unknown config key adapters[1].rank"),
         ("[{name: a}, {name: b, r: 0}]", "adapters[1] (b): LoRA rank r must be >= 1"),
         ("[{name: a}, {name: b, learning_rate: -1}]", "adapters[1] (b): train.learning_rate must be > 0"),
+        ("[{name: a}, {name: b, data_dir: nowhere}]", "adapter b: nowhere holds no prepared train data"),
     ]
     for adapters, message in cases:
         code, _, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY,
@@ -149,3 +150,11 @@ def test_ddp_two_processes_train_adapters_together_as_one_process(tiny_checkpoin
     for name in ("small", "wide"):
         assert_same_adapter(tmp_path / "ddp" / name / "final", tmp_path / "single" / name / "final", rtol=1e-5,
                             atol=1e-6)
+
+
+def test_sweep_names_are_folder_names():
+    from lit_lora.train_config import sweep_adapters
+
+    entries = sweep_adapters(["r=16", "learning_rate=0.001,2e-3", "use_rslora=false,true"])
+    assert [e.name for e in entries] == ["r16-lr0p001", "r16-lr0p001-rslora", "r16-lr0p002", "r16-lr0p002-rslora"]
+    assert [(e.r, e.learning_rate, e.use_rslora) for e in entries][1] == (16, 0.001, True)
