@@ -13,6 +13,9 @@ The out_dir holds config.yaml (the resolved config), metrics.csv, step-XXXXXX/ (
 --resume), final/ (the same at the end: a finished run can be continued with a higher max_steps), loss.png
 and summary.json. Everything a resume depends on is read and checked before anything in out_dir is written,
 and one run at a time uses an out_dir: it is locked (fileio.hold_lock) from before those checks to the end.
+With `adapters:` several adapters train together over one base: each has its own Run (its config, data, optimizer,
+progress and out_dir/<name>/ with all of the above), their micro-batches go through the model as one (multi_lora.py),
+and out_dir keeps the whole config and a summary of them all.
 The loss is in loss.py; checkpoints of the run, resuming and the complete-run check in train_state.py;
 metrics.csv and loss.png in metrics.py; Ctrl-C handling in stop.py.
 """
@@ -294,6 +297,8 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> list[Run
     skip_base_broadcast(fabric, model)
     model = fabric.setup_module(model)
     model.mark_forward_method("hidden_states")  # so DDP sees it as a forward pass (FSDP: shard_model hooks it)
+    if rng is not None:
+        rng.to(fabric.device)
     # Made after setup_module: FSDP replaces the parameters with sharded ones.
     optimizers = fabric.setup_optimizers(*(make_optimizer(model, name, plan.config) for name, plan in plans.items()))
     optimizers = [optimizers] if len(plans) == 1 else list(optimizers)

@@ -66,6 +66,12 @@ class AdapterRNG:
             self.states[name] = rng_state(self.device)
             set_rng_state(outside, self.device)
 
+    def to(self, device: torch.device) -> None:
+        """The model moved to a GPU: dropout draws from that device's own generator, untouched since seeding, as
+        each adapter's run alone there would (the tensors were initialised on the CPU, from its generator)."""
+        if device != self.device:
+            self.device, self.states = device, {name: rng_state(device) for name in self.states}
+
     def checkpoint_contexts(self):
         """torch.utils.checkpoint's context_fn: the recomputed block draws what its first forward did."""
         at_forward: dict[str, torch.Tensor] = {}

@@ -93,7 +93,7 @@ def score(config: TrainConfig, walls: dict[str, float]) -> list[dict[str, Any]]:
     if len(data_dirs) > 1:  # adapters on other data are scored each on its own
         raise UserError("the sweep's adapters train on different data_dir; a sweep compares adapters on one data")
     result = evaluate(Path(config.checkpoint_dir), Path(config.data_dir), list(finals.values()), split="val",
-                      metric="both", batch_size=config.train.micro_batch_size * 2,
+                      metric="both", batch_size=16,
                       max_new_tokens=config.eval.max_new_tokens, precision=config.precision, verify=config.verify,
                       quantize=config.quantize)
     scores = {Path(m["name"]).parent.name if m["name"] != "base" else "base": m for m in result["models"]}
@@ -138,7 +138,8 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Validation loss, exact match and adapter size against r (log scale), one line per variant; the base dashed."""
+    """Validation loss, exact match and adapter size against r (log scale), one line per variant; the base's scores
+    in the panels' titles."""
     try:
         import matplotlib
 
@@ -152,16 +153,21 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
     for row in adapters:
         lines.setdefault(row["variant"] + (" + rsLoRA" if row["use_rslora"] else ""), []).append(row)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label in zip(axes, ("val_loss", "exact_match", "adapter_bytes"),
-                              ("validation loss", "exact match", "adapter size (bytes)")):
+    panels = (("val_loss", "validation loss", f"base {base['val_loss']:.3f}", 1),
+              ("exact_match", "exact match", f"base {base['exact_match']:.1%}", 1),
+              ("adapter_bytes", "adapter size (MB)", None, 1e-6))
+    ranks = sorted({row["r"] for row in adapters})
+    for ax, (key, label, title, unit) in zip(axes, panels):
         for variant, points in lines.items():
             points = sorted(points, key=lambda p: p["r"])
-            ax.plot([p["r"] for p in points], [p[key] for p in points], marker="o", label=variant)
-        if key != "adapter_bytes":
-            ax.axhline(base[key], linestyle="--", color="gray", label="base")
+            ax.plot([p["r"] for p in points], [p[key] * unit for p in points], marker="o", label=variant)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set_xlabel("r")
         ax.set_ylabel(label)
+        if title:  # the base beside the adapters would flatten their differences: given as a number instead
+            ax.set_title(title, fontsize=9)
+    axes[2].set_yscale("log")
     axes[0].legend()
     fig.tight_layout()
     with atomic_file(path) as tmp:

@@ -361,7 +361,8 @@ def sweep_adapters(specs: list[str]) -> list[AdapterEntry]:
     entries = []
     for combination in itertools.product(*(values for _, values in axes)):
         parts = [_name_part(key, value) for (key, _), value in zip(axes, combination)]
-        entries.append(AdapterEntry(name="-".join(p for p in parts if p) or "lora", **dict(zip(dict(axes), combination))))
+        values = dict(zip((key for key, _ in axes), combination))
+        entries.append(AdapterEntry(name="-".join(p for p in parts if p) or "lora", **values))
     return entries
 
 

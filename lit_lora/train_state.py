@@ -114,7 +114,8 @@ def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress
     The directory is built under a temporary name and renamed when complete, so a failed save (a full disk)
     leaves the previous checkpoints as they were; it ends in one UserError naming both.
     """
-    lora, optim, rng_states = _lora_tensors(model, adapter), _optimizer_state(optimizer), _rng_states(fabric, rng, adapter)
+    lora, optim = _lora_tensors(model, adapter), _optimizer_state(optimizer)  # collectives
+    rng_states = _rng_states(fabric, rng, adapter)
     if fabric.global_rank == 0:
         try:
             with atomic_dir(directory, overwrite=True) as tmp:

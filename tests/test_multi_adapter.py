@@ -89,11 +89,12 @@ def test_bad_adapters_are_one_line_and_write_nothing(tiny_checkpoint, prepared, 
         ("[{name: a}, {name: a, r: 2}]", "two adapters are named 'a'"),
         ("[{name: a}, {name: b/c}]", "adapters[1] (b/c) needs a name of letters"),
         ("[{name: a}, {r: 2}]", "adapters[1] needs a name"),
-        ("[{name: a, variant: dora, targets: [query, head]}]", "adapters[0] (a): lora.variant dora cannot take the head"),
+        ("[{name: a, variant: dora, targets: [query, head]}]", "adapters[0] (a): lora.variant dora cannot take"),
         ("[{name: a}, {name: b, rank: 2}]", "unknown config key adapters[1].rank"),
         ("[{name: a}, {name: b, r: 0}]", "adapters[1] (b): LoRA rank r must be >= 1"),
         ("[{name: a}, {name: b, learning_rate: -1}]", "adapters[1] (b): train.learning_rate must be > 0"),
         ("[{name: a}, {name: b, data_dir: nowhere}]", "adapter b: nowhere holds no prepared train data"),
+        ("[{name: a, targets: [query, head]}, {name: b}]", "the head target cannot be trained by several adapters"),
     ]
     for adapters, message in cases:
         code, _, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY,
