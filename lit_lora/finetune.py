@@ -418,6 +418,8 @@ def train_step(runs: list[Run], stop: StopRequest) -> tuple[list[float], list[fl
         loss_sums += torch.stack([ce.detach().float() for ce in ces])
     stats = fabric.all_reduce(torch.cat([loss_sums.cpu(), torch.tensor([float(stop.requested)])]), reduce_op="sum")
     losses = (stats[:-1] / counts[:, 0].clamp(min=1)).tolist()
+    for run, loss in zip(runs, losses):  # before any adapter steps: every one stays at its last checkpoint
+        check_finite(run, loss)
     for run, loss, n in zip(runs, losses, counts):
         apply_step(run, loss, n)
     return losses, lrs, bool(stats[-1] > 0)
@@ -433,14 +435,17 @@ def row_parts(names: list[str | None], batches: list[dict[str, torch.Tensor]]) -
     return parts
 
 
+def check_finite(run: Run, loss: float) -> None:
+    if not math.isfinite(loss):
+        named = f" of adapter {run.name}" if run.name else ""
+        raise UserError(f"training loss{named} became {loss} at step {run.progress.step + 1}; stopped without "
+                        f"applying it ({last_checkpoint_note(Path(run.config.out_dir))}); lower train.learning_rate "
+                        f"or check the data")
+
+
 def apply_step(run: Run, loss: float, counts: torch.Tensor) -> None:
     """The run's clipped optimizer step on the gradient its rows gave, and its progress."""
     fabric, progress, t = run.fabric, run.progress, run.config.train
-    if not math.isfinite(loss):
-        named = f" of adapter {run.name}" if run.name else ""
-        raise UserError(f"training loss{named} became {loss} at step {progress.step + 1}; stopped without applying "
-                        f"it ({last_checkpoint_note(Path(run.config.out_dir))}); lower train.learning_rate or check "
-                        f"the data")
     if t.grad_clip is not None:
         fabric.clip_gradients(run.model, run.optimizer, max_norm=t.grad_clip)
     run.optimizer.step()
@@ -459,6 +464,9 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     out_dir/summary.json)."""
     check_hardware(config)  # before Fabric, whose own errors are tracebacks
     config.precision = resolve_precision(config.precision, config.accelerator)
+    if config.adapters and config.precision == "16-mixed":  # one loss scaler, updated after each optimizer's step
+        raise UserError("precision 16-mixed cannot train several adapters together (its loss scale would change "
+                        "between their optimizer steps); use bf16-mixed, bf16-true or 32-true, or train them alone")
     fabric = make_fabric(config)
     # Only global rank 0 locks out_dir (and each adapter's): the processes Fabric launches for the other ranks
     # run this too (and would find rank 0's lock), and under several nodes each node's first process does.
@@ -497,6 +505,9 @@ def train(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str
             bar.set_postfix({**shown, "lr": f"{lrs[0]:.2e}", "tok_s": f"{tokens_per_s:.0f}"}, refresh=False)
             bar.update(1)
             if stopped_by_signal:  # some process got SIGINT/SIGTERM: all save and stop together
+                for run in active:
+                    if not run.active:  # its last step ran: its final/, unvalidated
+                        run.save(Path(run.config.out_dir) / FINAL)
                 break
             for run in active:
                 end_of_step(run)
@@ -522,11 +533,14 @@ def log_step(run: Run, loss: float, lr: float, elapsed: float) -> None:
 
 
 def end_of_step(run: Run) -> None:
-    """Validate and save when the run's intervals say so."""
+    """Validate and save when the run's intervals say so; at its last step, final/ (at once: adapters trained
+    together may end at different steps)."""
     step = run.progress.step
     if step % run.config.eval.interval == 0 or step == run.max_steps:
         validate_and_sample(run)
-    if step % run.config.train.save_interval == 0 and step < run.max_steps:
+    if step == run.max_steps:  # final/ keeps the training state too, so raising max_steps later continues from here
+        run.save(Path(run.config.out_dir) / FINAL)
+    elif step % run.config.train.save_interval == 0:
         run.save(Path(run.config.out_dir) / f"step-{step:06d}")
 
 
@@ -535,8 +549,8 @@ def finish(run: Run, interrupted: bool, elapsed: float) -> dict[str, Any]:
     fabric, progress, out_dir = run.fabric, run.progress, Path(run.config.out_dir)
     stopped_early = interrupted and run.active
     adapter_dir = out_dir / (f"step-{progress.step:06d}" if stopped_early else FINAL)
-    run.save(adapter_dir)  # final/ keeps the training state too, so raising max_steps later continues from here
-    if stopped_early:
+    if stopped_early:  # else end_of_step saved final/
+        run.save(adapter_dir)
         fabric.print(f"interrupted at step {progress.step}: saved {adapter_dir}; continue with --resume auto")
     summary = summarize(run, adapter_dir, stopped_early, elapsed)
     if fabric.global_rank == 0:

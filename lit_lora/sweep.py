@@ -11,16 +11,66 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
+import json
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
 from lit_lora.errors import UserError
-from lit_lora.fileio import atomic_file, atomic_write_bytes, iter_safetensors, write_json
-from lit_lora.train_config import TrainConfig, sweep_adapters
+from lit_lora.fileio import atomic_file, atomic_write_bytes, iter_safetensors, write_json, write_yaml
+from lit_lora.lora import VARIANTS
+from lit_lora.train_config import AdapterEntry, TrainConfig, check_type
 
 COLUMNS = ("name", "r", "variant", "use_rslora", "alpha", "learning_rate", "trainable_params", "adapter_bytes",
            "val_loss", "exact_match", "exact_match_normalized", "train_wall_time_s")
+
+
+SWEEP_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "variant": "", "use_rslora": "",
+              "learning_rate": "lr", "lora_plus_ratio": "plus"}  # key -> its prefix in the adapters' names
+
+
+def sweep_adapters(specs: list[str]) -> list[AdapterEntry]:
+    """`--sweep r=1,2,4 --sweep variant=lora,dora` as adapters: one per combination, named by its values (r4-dora)."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or key not in SWEEP_KEYS or not values.strip():
+            raise UserError(f"--sweep {spec!r} is not KEY=V1,V2,...; KEY is one of {', '.join(SWEEP_KEYS)}")
+        if key in (k for k, _ in axes):
+            raise UserError(f"--sweep names {key} twice; give all its values in one --sweep {key}=...")
+        axes.append((key, [_sweep_value(key, text.strip()) for text in values.split(",")]))
+    entries = []
+    for combination in itertools.product(*(values for _, values in axes)):
+        parts = [_name_part(key, value) for (key, _), value in zip(axes, combination)]
+        values = dict(zip((key for key, _ in axes), combination))
+        entries.append(AdapterEntry(name="-".join(p for p in parts if p) or "lora", **values))
+    return entries
+
+
+def _sweep_value(key: str, text: str) -> Any:
+    what = {"r": "a rank (a whole number >= 1)", "use_rslora": "true or false",
+            "variant": f"one of {', '.join(VARIANTS)}"}.get(key, f"a value of {key}")
+    try:
+        value = check_type(yaml.safe_load(text) if key != "variant" else text, typing.get_type_hints(AdapterEntry)[key],
+                           key)
+        if (key == "r" and value < 1) or (key == "variant" and value not in VARIANTS):
+            raise UserError("")
+    except (UserError, yaml.YAMLError):
+        raise UserError(f"--sweep {key}: {text!r} is not {what}") from None
+    return value
+
+
+def _name_part(key: str, value: Any) -> str:
+    if key == "use_rslora":
+        return "rslora" if value else ""
+    if isinstance(value, float):  # a folder and module name: no dots (0.001 -> 0p001)
+        return SWEEP_KEYS[key] + f"{value:g}".replace(".", "p").replace("+", "")
+    return f"{SWEEP_KEYS[key]}{value}"
 
 
 def expand(config: TrainConfig, specs: list[str]) -> TrainConfig:
@@ -32,10 +82,14 @@ def expand(config: TrainConfig, specs: list[str]) -> TrainConfig:
 
 def run_sweep(config: TrainConfig, resume: str | None, group: int | None) -> bool:
     """Train every adapter of the sweep, then score and report them; True when interrupted (nothing reported)."""
+    from lit_lora.data.dataset import PreparedDataset
     from lit_lora.finetune import finetune
 
     if group is not None and group < 1:
         raise UserError(f"--sweep_group must be >= 1, got {group}")
+    if (Path(config.data_dir) / "meta.json").is_file() and len(PreparedDataset(config.data_dir, "val")) == 0:
+        raise UserError(f"{config.data_dir} has no validation examples (prepared with --val_size 0), and the sweep "
+                        f"scores each adapter on them; prepare it with a validation split")
     size = group or fitting_group(config)
     if size < len(config.adapters):
         print(f"note: training the sweep's {len(config.adapters)} adapters {size} at a time"
@@ -47,9 +101,16 @@ def run_sweep(config: TrainConfig, resume: str | None, group: int | None) -> boo
         if finetune(dataclasses.replace(config, adapters=chunk), resume)["interrupted"]:
             return True
         walls.update({entry.name: round(time.perf_counter() - began, 1) for entry in chunk})
-    rows = score(config, walls)
-    write_report(Path(config.out_dir), rows)
-    print(f"sweep: {len(rows) - 1} adapters scored on the validation split; table and plot in {config.out_dir}/"
+    if rank_zero_only.rank != 0:  # under DDP every process ran the training; one scores and writes
+        return False
+    out_dir = Path(config.out_dir)
+    write_yaml(out_dir / "config.yaml", config.to_dict())  # the whole sweep, not its last group
+    write_json(out_dir / "summary.json", {"adapters": {name: json.loads((Path(solo.out_dir) / "summary.json")
+                                                                        .read_text())
+                                                       for name, solo in config.solo_configs().items()}})
+    rows = score(config, walls, batch_size=min(16, config.train.micro_batch_size * size))
+    write_report(out_dir, rows)
+    print(f"sweep: {len(rows) - 1} adapters scored on the validation split; table and plot in {out_dir}/"
           f"sweep.md, sweep.csv, sweep.png")
     print(markdown(rows))
     return False
@@ -83,17 +144,15 @@ def available_memory() -> int | None:
     return None
 
 
-def score(config: TrainConfig, walls: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per adapter (and the base first): its settings, size and validation scores."""
+def score(config: TrainConfig, walls: dict[str, float], batch_size: int) -> list[dict[str, Any]]:
+    """One row per adapter (and the base first): its settings, size and validation scores (all on config.data_dir:
+    a sweep's adapters differ only in the swept keys)."""
     from lit_lora.evaluate import evaluate
 
     solos = config.solo_configs()
     finals = {name: Path(solo.out_dir) / "final" for name, solo in solos.items()}
-    data_dirs = {solo.data_dir for solo in solos.values()}
-    if len(data_dirs) > 1:  # adapters on other data are scored each on its own
-        raise UserError("the sweep's adapters train on different data_dir; a sweep compares adapters on one data")
     result = evaluate(Path(config.checkpoint_dir), Path(config.data_dir), list(finals.values()), split="val",
-                      metric="both", batch_size=16,
+                      metric="both", batch_size=batch_size,
                       max_new_tokens=config.eval.max_new_tokens, precision=config.precision, verify=config.verify,
                       quantize=config.quantize)
     scores = {Path(m["name"]).parent.name if m["name"] != "base" else "base": m for m in result["models"]}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import itertools
 import math
 import re
 import types
@@ -25,7 +24,7 @@ import yaml
 from lit_lora.device import check_precision
 from lit_lora.errors import UserError
 from lit_lora.fileio import read_yaml
-from lit_lora.lora import VARIANTS, LoRAConfig
+from lit_lora.lora import LoRAConfig
 from lit_lora.quantize import TRAIN_QUANTIZATIONS, check_quantize, torchao_nf4
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -82,6 +81,13 @@ class AdapterEntry:
     data_dir: str | None = None
 
 
+def reserved_names() -> set[str]:
+    """Names an adapter cannot have: attributes of the ModuleDict that holds the adapters, and out_dir's folders."""
+    import torch.nn as nn
+
+    return set(dir(nn.ModuleDict())) | {"tensorboard"}
+
+
 LORA_FIELDS = ("r", "alpha", "dropout", "targets", "use_rslora", "variant")
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name, and a module name (no dots)
 
@@ -131,6 +137,9 @@ class TrainConfig:
             if not ADAPTER_NAME.fullmatch(entry.name):
                 raise UserError(f"{where} needs a name of letters, digits, '_' and '-' (its folder under out_dir), "
                                 f"got {entry.name!r}")
+            if entry.name in reserved_names():
+                raise UserError(f"{where}: the name {entry.name!r} is taken (by the model's modules or by out_dir's "
+                                f"tensorboard folder); choose another")
             if entry.name in solos:
                 raise UserError(f"two adapters are named {entry.name!r}; each needs its own name (its folder under "
                                 f"out_dir)")
@@ -138,9 +147,9 @@ class TrainConfig:
                 solos[entry.name] = self._solo(entry)
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None
-        if len(solos) > 1 and any("head" in solo.lora.targets for solo in solos.values()):
-            raise UserError("the head target cannot be trained by several adapters together (the head's loss runs a "
-                            "chunk of target tokens at a time, across the adapters' rows); train that adapter alone")
+        if any("head" in solo.lora.targets for solo in solos.values()):
+            raise UserError("the head target cannot be trained in adapters: (the head's loss runs a chunk of target "
+                            "tokens at a time, across the adapters' rows); train that adapter alone, with lora:")
         if solos and self.strategy == "fsdp":
             raise UserError("strategy fsdp trains one adapter at a time; train several adapters (adapters:) with "
                             "strategy auto or ddp")
@@ -342,49 +351,6 @@ def check_type(value: Any, kind: Any, key: str) -> Any:
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise UserError(f"config key {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
-
-
-SWEEP_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "variant": "", "use_rslora": "",
-              "learning_rate": "lr", "lora_plus_ratio": "plus"}  # key -> its prefix in the adapters' names
-
-
-def sweep_adapters(specs: list[str]) -> list[AdapterEntry]:
-    """`--sweep r=1,2,4 --sweep variant=lora,dora` as adapters: one per combination, named by its values (r4-dora)."""
-    axes = []
-    for spec in specs:
-        key, sep, values = spec.partition("=")
-        if not sep or key not in SWEEP_KEYS or not values.strip():
-            raise UserError(f"--sweep {spec!r} is not KEY=V1,V2,...; KEY is one of {', '.join(SWEEP_KEYS)}")
-        if key in (k for k, _ in axes):
-            raise UserError(f"--sweep names {key} twice; give all its values in one --sweep {key}=...")
-        axes.append((key, [_sweep_value(key, text.strip()) for text in values.split(",")]))
-    entries = []
-    for combination in itertools.product(*(values for _, values in axes)):
-        parts = [_name_part(key, value) for (key, _), value in zip(axes, combination)]
-        values = dict(zip((key for key, _ in axes), combination))
-        entries.append(AdapterEntry(name="-".join(p for p in parts if p) or "lora", **values))
-    return entries
-
-
-def _sweep_value(key: str, text: str) -> Any:
-    what = {"r": "a rank (a whole number >= 1)", "use_rslora": "true or false",
-            "variant": f"one of {', '.join(VARIANTS)}"}.get(key, f"a value of {key}")
-    try:
-        value = check_type(yaml.safe_load(text) if key != "variant" else text, typing.get_type_hints(AdapterEntry)[key],
-                           key)
-        if (key == "r" and value < 1) or (key == "variant" and value not in VARIANTS):
-            raise UserError("")
-    except (UserError, yaml.YAMLError):
-        raise UserError(f"--sweep {key}: {text!r} is not {what}") from None
-    return value
-
-
-def _name_part(key: str, value: Any) -> str:
-    if key == "use_rslora":
-        return "rslora" if value else ""
-    if isinstance(value, float):  # a folder and module name: no dots (0.001 -> 0p001)
-        return SWEEP_KEYS[key] + f"{value:g}".replace(".", "p").replace("+", "")
-    return f"{SWEEP_KEYS[key]}{value}"
 
 
 def config_to_yaml(config: TrainConfig) -> str:

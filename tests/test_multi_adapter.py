@@ -94,7 +94,8 @@ def test_bad_adapters_are_one_line_and_write_nothing(tiny_checkpoint, prepared, 
         ("[{name: a}, {name: b, r: 0}]", "adapters[1] (b): LoRA rank r must be >= 1"),
         ("[{name: a}, {name: b, learning_rate: -1}]", "adapters[1] (b): train.learning_rate must be > 0"),
         ("[{name: a}, {name: b, data_dir: nowhere}]", "adapter b: nowhere holds no prepared train data"),
-        ("[{name: a, targets: [query, head]}, {name: b}]", "the head target cannot be trained by several adapters"),
+        ("[{name: a, targets: [query, head]}]", "the head target cannot be trained in adapters:"),
+        ("[{name: a}, {name: train}]", "adapters[1] (train): the name 'train' is taken"),
     ]
     for adapters, message in cases:
         code, _, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY,
@@ -154,8 +155,46 @@ def test_ddp_two_processes_train_adapters_together_as_one_process(tiny_checkpoin
 
 
 def test_sweep_names_are_folder_names():
-    from lit_lora.train_config import sweep_adapters
+    from lit_lora.sweep import sweep_adapters
 
     entries = sweep_adapters(["r=16", "learning_rate=0.001,2e-3", "use_rslora=false,true"])
     assert [e.name for e in entries] == ["r16-lr0p001", "r16-lr0p001-rslora", "r16-lr0p002", "r16-lr0p002-rslora"]
     assert [(e.r, e.learning_rate, e.use_rslora) for e in entries][1] == (16, 0.001, True)
+
+
+def test_adapters_ending_at_different_steps_each_end_as_alone(tiny_checkpoint, prepared, longer, tmp_path):
+    # One epoch: 32 examples are 4 steps of 8, the other data's 20 are 2; the shorter one then sits out.
+    config = together(tiny_checkpoint, prepared, longer, tmp_path / "together", "--train.max_steps=null",
+                      "--train.epochs=1")
+    summary = finetune(config)
+    assert {name: s["steps"] for name, s in summary["adapters"].items()} == {"small": 4, "wide": 2}
+    solo = config.solo_configs()["wide"]
+    solo.out_dir = str(tmp_path / "alone")
+    finetune(solo)
+    assert_same_adapter(tmp_path / "together/wide/final", tmp_path / "alone/final", rtol=1e-5, atol=1e-6)
+
+
+def test_a_diverging_adapter_stops_the_run_before_any_adapter_steps(tiny_checkpoint, prepared, longer, tmp_path,
+                                                                     monkeypatch):
+    import lit_lora.finetune as ft
+
+    real, calls = ft.segment_losses, []
+
+    def wide_nan_from_the_second_step(model, batch, rows, chunk_size):
+        losses = real(model, batch, rows, chunk_size)
+        calls.append(1)
+        return [loss * float("nan") if len(calls) > 4 and name == "wide" else loss
+                for loss, (name, *_) in zip(losses, rows)]
+
+    monkeypatch.setattr(ft, "segment_losses", wide_nan_from_the_second_step)
+    with pytest.raises(UserError, match="training loss of adapter wide became nan at step 2"):
+        finetune(together(tiny_checkpoint, prepared, longer, tmp_path / "out", "--train.save_interval=1"))
+    for name in ("small", "wide"):  # both stopped at their step-1 checkpoint, neither stepped again
+        assert sorted(p.name for p in (tmp_path / "out" / name).glob("step-*")) == ["step-000001"]
+        assert not (tmp_path / "out" / name / "final").exists()
+
+
+def test_16_mixed_is_refused_for_adapters_together(tiny_checkpoint, prepared, longer, tmp_path):
+    with pytest.raises(UserError, match="precision 16-mixed cannot train several adapters together"):
+        finetune(together(tiny_checkpoint, prepared, longer, tmp_path / "out", "--precision=16-mixed"))
+    assert_not_written(tmp_path / "out")

@@ -124,7 +124,6 @@ def make_batch(examples: list[dict[str, torch.Tensor]], pad_id: int, packing: bo
     return collate(examples, pad_id, pad_multiple, max_seq_length)
 
 
-
 def concat_batches(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Micro-batches of several adapters as one, each right-padded to the longest (pad tokens are never targets,
     and a real token never attends to a later one), rows in the order given."""
