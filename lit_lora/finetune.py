@@ -259,6 +259,14 @@ def plan_runs(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict
             raise UserError(f"adapter {name}: {e}" if name else str(e)) from None
         if plan is not None:
             plans[name] = plan
+    rope = load_config(config.checkpoint_dir).rope_scaling or {}
+    longest = max((p.train_data.meta["max_seq_length"] for p in plans.values()), default=0)
+    if len(solos) > 1 and rope.get("rope_type") == "longrope" and longest > rope["original_max_position_embeddings"]:
+        # LongRoPE picks its factors by the longest position in the forward pass: one adapter's long rows would
+        # change another's rotation
+        raise UserError(f"this model's LongRoPE changes its rotation past {rope['original_max_position_embeddings']} "
+                        f"positions, and the adapters' data reach {longest}; train them together on data prepared "
+                        f"with --max_seq_length {rope['original_max_position_embeddings']} or less, or alone")
     remaining = {p.max_steps - (p.point.step if p.point else 0) for p in plans.values()}
     if world_size > 1 and len(remaining) > 1:  # DDP would wait for gradients of an adapter that has finished
         raise UserError(f"under {world_size} processes the adapters trained together must have as many steps left "

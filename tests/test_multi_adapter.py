@@ -198,3 +198,15 @@ def test_16_mixed_is_refused_for_adapters_together(tiny_checkpoint, prepared, lo
     with pytest.raises(UserError, match="precision 16-mixed cannot train several adapters together"):
         finetune(together(tiny_checkpoint, prepared, longer, tmp_path / "out", "--precision=16-mixed"))
     assert_not_written(tmp_path / "out")
+
+
+def test_longrope_past_its_original_context_is_refused_together(prepared, tmp_path):
+    from conftest import make_tiny_checkpoint
+
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 32}
+    checkpoint = make_tiny_checkpoint(tmp_path / "phi", rope_scaling=longrope)
+    config = load_config(TINY, tiny_args(checkpoint, prepared, tmp_path / "out", "--adapters=[{name: a}, {name: b}]"))
+    with pytest.raises(UserError, match="LongRoPE changes its rotation past 32 positions, .* data reach 64"):
+        finetune(config)
+    assert_not_written(tmp_path / "out")
