@@ -418,8 +418,8 @@ def finetune_lora(
                                  "LoRA, optimizer state, activations with and without gradient checkpointing), "
                                  "then exit. checkpoint_dir may name a preset."),
     sweep: Optional[list[str]] = typer.Option(None, "--sweep", metavar="KEY=V1,V2", help="KEY=V1,V2,... (r, alpha, "
-                                              "dropout, variant, use_rslora, learning_rate, lora_plus_ratio; repeat for "
-                                              "a grid): train one adapter per combination together, then score each "
+                                              "dropout, variant, use_rslora, learning_rate, lora_plus_ratio; repeat "
+                                              "for a grid): train one adapter per combination together, then score each "
                                               "on the validation split into out_dir/sweep.md, .csv and .png."),
     sweep_group: Optional[int] = typer.Option(None, "--sweep_group", help="Train the sweep's adapters this many at "
                                               "a time (default: as many as the memory plan fits in 80% of the memory "
