@@ -419,8 +419,8 @@ def finetune_lora(
                                  "then exit. checkpoint_dir may name a preset."),
     sweep: Optional[list[str]] = typer.Option(None, "--sweep", metavar="KEY=V1,V2", help="KEY=V1,V2,... (r, alpha, "
                                               "dropout, variant, use_rslora, learning_rate, lora_plus_ratio; repeat "
-                                              "for a grid): train one adapter per combination together, then score each "
-                                              "on the validation split into out_dir/sweep.md, .csv and .png."),
+                                              "for a grid): train one adapter per combination together, then score "
+                                              "each on the validation split into out_dir/sweep.md, .csv and .png."),
     sweep_group: Optional[int] = typer.Option(None, "--sweep_group", help="Train the sweep's adapters this many at "
                                               "a time (default: as many as the memory plan fits in 80% of the memory "
                                               "available, all on a GPU)."),
