@@ -210,3 +210,13 @@ def test_longrope_past_its_original_context_is_refused_together(prepared, tmp_pa
     with pytest.raises(UserError, match="LongRoPE changes its rotation past 32 positions, .* data reach 64"):
         finetune(config)
     assert_not_written(tmp_path / "out")
+
+
+def test_a_ddp_sweep_is_scored_once(tiny_checkpoint, prepared, tmp_path):
+    cmd = [sys.executable, "-m", "lit_lora.cli", "finetune-lora", "--config", str(TINY),
+           *tiny_args(tiny_checkpoint, prepared, tmp_path / "sweep", "--train.max_steps=2", "--devices=2",
+                      "--strategy=ddp", "--train.micro_batch_size=4"), "--sweep", "r=1,2"]
+    done = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("adapters scored on the validation split") == 1
+    assert len(list(csv.DictReader(open(tmp_path / "sweep/sweep.csv")))) == 3  # the base and r1, r2
