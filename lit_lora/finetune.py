@@ -48,7 +48,7 @@ from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, o
 from lit_lora.loss import eval_batches, segment_losses, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA
-from lit_lora.multi_lora import AdapterRNG, adapter_parameters, alone, apply_adapters, split
+from lit_lora.multi_lora import AdapterRNG, adapter_parameters, alone, apply_adapters, row_parts, split
 from lit_lora.prompts.format import prompt_format, recorded_prompt
 from lit_lora.quantize import check_nf4_sharding
 from lit_lora.stop import StopRequest
@@ -431,16 +431,6 @@ def train_step(runs: list[Run], stop: StopRequest) -> tuple[list[float], list[fl
     for run, loss, n in zip(runs, losses, counts):
         apply_step(run, loss, n)
     return losses, lrs, bool(stats[-1] > 0)
-
-
-def row_parts(names: list[str | None], batches: list[dict[str, torch.Tensor]]) -> list[tuple]:
-    """(adapter, first row, end row, its length) of each run's micro-batch in their concatenation."""
-    parts, start = [], 0
-    for name, b in zip(names, batches):
-        rows, length = b["input_ids"].shape
-        parts.append((name, start, start + rows, length))
-        start += rows
-    return parts
 
 
 def check_finite(run: Run, loss: float) -> None:

@@ -152,6 +152,16 @@ def adapter_parameters(model: nn.Module, name: str | None) -> list[tuple[str, nn
     return [(key.replace(tag, ""), p) for key, p in lora if f".{tag}" in key]
 
 
+def row_parts(names: list[str | None], batches: list[dict[str, torch.Tensor]]) -> list[tuple]:
+    """`Routing.parts` of micro-batches concatenated in order: (adapter, first row, end row, its length) each."""
+    parts, start = [], 0
+    for name, b in zip(names, batches):
+        rows, length = b["input_ids"].shape
+        parts.append((name, start, start + rows, length))
+        start += rows
+    return parts
+
+
 def split(model: nn.Module, parts: list[tuple[str, int, int, int]]):
     """The model's rows going to their adapters as `parts` say (a model with one adapter: as it is). Held through
     the backward pass too: gradient checkpointing recomputes the blocks there."""

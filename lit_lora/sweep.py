@@ -22,7 +22,7 @@ import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from lit_lora.errors import UserError
-from lit_lora.fileio import atomic_file, atomic_write_bytes, iter_safetensors, write_json, write_yaml
+from lit_lora.fileio import atomic_file, atomic_write_bytes, write_json, write_yaml
 from lit_lora.lora import VARIANTS
 from lit_lora.train_config import AdapterEntry, TrainConfig, check_type
 
@@ -104,11 +104,11 @@ def run_sweep(config: TrainConfig, resume: str | None, group: int | None) -> boo
     if rank_zero_only.rank != 0:  # under DDP every process ran the training; one scores and writes
         return False
     out_dir = Path(config.out_dir)
+    summaries = {name: json.loads((Path(solo.out_dir) / "summary.json").read_text())
+                 for name, solo in config.solo_configs().items()}
     write_yaml(out_dir / "config.yaml", config.to_dict())  # the whole sweep, not its last group
-    write_json(out_dir / "summary.json", {"adapters": {name: json.loads((Path(solo.out_dir) / "summary.json")
-                                                                        .read_text())
-                                                       for name, solo in config.solo_configs().items()}})
-    rows = score(config, walls, batch_size=min(16, config.train.micro_batch_size * size))
+    write_json(out_dir / "summary.json", {"adapters": summaries})
+    rows = score(config, summaries, walls, batch_size=min(16, config.train.micro_batch_size * size))
     write_report(out_dir, rows)
     print(f"sweep: {len(rows) - 1} adapters scored on the validation split; table and plot in {out_dir}/"
           f"sweep.md, sweep.csv, sweep.png")
@@ -144,9 +144,10 @@ def available_memory() -> int | None:
     return None
 
 
-def score(config: TrainConfig, walls: dict[str, float], batch_size: int) -> list[dict[str, Any]]:
-    """One row per adapter (and the base first): its settings, size and validation scores (all on config.data_dir:
-    a sweep's adapters differ only in the swept keys)."""
+def score(config: TrainConfig, summaries: dict[str, dict[str, Any]], walls: dict[str, float],
+          batch_size: int) -> list[dict[str, Any]]:
+    """One row per adapter (and the base first): its settings, size (from its run's summary) and validation scores
+    (all on config.data_dir: a sweep's adapters differ only in the swept keys)."""
     from lit_lora.evaluate import evaluate
 
     solos = config.solo_configs()
@@ -163,15 +164,12 @@ def score(config: TrainConfig, walls: dict[str, float], batch_size: int) -> list
         lora, s = solo.lora, scores[name]
         rows.append({"name": name, "r": lora.r, "variant": lora.variant, "use_rslora": lora.use_rslora,
                      "alpha": lora.alpha, "learning_rate": solo.train.learning_rate,
-                     "trainable_params": _trainable(finals[name]),
-                     "adapter_bytes": (finals[name] / "lora.safetensors").stat().st_size, "val_loss": s["loss"],
+                     "trainable_params": summaries[name]["trainable_params"],
+                     "adapter_bytes": summaries[name]["adapter_bytes"], "val_loss": s["loss"],
                      "exact_match": s["exact_match"], "exact_match_normalized": s["exact_match_normalized"],
                      "train_wall_time_s": walls.get(name)})
     return rows
 
-
-def _trainable(final: Path) -> int:
-    return sum(t.numel() for _, t in iter_safetensors(final / "lora.safetensors"))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

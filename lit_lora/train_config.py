@@ -132,12 +132,13 @@ class TrainConfig:
         """Each of `adapters` as the config of a run that trains it alone (in out_dir/<name>): a run of several
         adapters gives each the tensors, metrics and checkpoints that run would."""
         solos: dict[str, TrainConfig] = {}
+        reserved = reserved_names() if self.adapters else set()
         for i, entry in enumerate(self.adapters):
             where = f"adapters[{i}]" + (f" ({entry.name})" if entry.name else "")
             if not ADAPTER_NAME.fullmatch(entry.name):
                 raise UserError(f"{where} needs a name of letters, digits, '_' and '-' (its folder under out_dir), "
                                 f"got {entry.name!r}")
-            if entry.name in reserved_names():
+            if entry.name in reserved:
                 raise UserError(f"{where}: the name {entry.name!r} is taken (by the model's modules or by out_dir's "
                                 f"tensorboard folder); choose another")
             if entry.name in solos:
