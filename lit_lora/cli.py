@@ -272,6 +272,7 @@ import_command("download", "download smollm2-135m-instruct --out checkpoints/smo
 PREPARE_MODULE = "lit_lora.data.prepare"
 PREPARE, PREPARE_CHAT = f"{PREPARE_MODULE}:prepare", "lit_lora.data.conversations:prepare_chat"
 PREPARE_TASK = "lit_lora.data.tasks:prepare_task"
+PREPARE_PREFERENCE = "lit_lora.data.preference:prepare_preference"
 
 
 def val_size_help(what: str) -> str:
@@ -380,6 +381,37 @@ def prepare_chat(
     print_summary(*summary(meta, destination))
 
 
+@subcommand("prepare-preference", "prepare-preference --checkpoint_dir checkpoints/smollm2-135m-instruct --data_file "
+                                  "pairs.json --destination data/pairs")
+def prepare_preference(
+    checkpoint_dir: Path = checkpoint_option("Checkpoint whose tokenizer (and chat template) to use."),
+    data_file: Path = typer.Option(..., "--data_file", help='JSON list or JSONL of chosen/rejected pairs: {"prompt", '
+                                   '"chosen", "rejected"} as strings or message lists (TRL), {"chosen": [messages], '
+                                   '"rejected": [messages]}, or ShareGPT {"conversations", "chosen": {"from", '
+                                   '"value"}, "rejected"} (LLaMA-Factory).'),
+    destination: Path = typer.Option(Path("data/pairs"), "--destination", help="Directory to write."),
+    template: str = option(PREPARE_PREFERENCE, "template", "auto (the checkpoint's own chat template), chatml, "
+                                                           "llama3, alpaca, plain, or a .jinja file."),
+    system: Optional[str] = option(PREPARE_PREFERENCE, "system", "System prompt for pairs that have none."),
+    max_seq_length: int = option(PREPARE_PREFERENCE, "max_seq_length", "Longest prompt + answer in tokens; longer "
+                                                                       "pairs lose their first exchanges, then have "
+                                                                       "their answers cut."),
+    val_size: Optional[int] = option(PREPARE_PREFERENCE, "val_size", "Pairs held out for validation; default 10%."),
+    val_fraction: Optional[float] = option(PREPARE_PREFERENCE, "val_fraction", "Fraction held out (instead of "
+                                                                               "--val_size)."),
+    val_file: Optional[Path] = option(PREPARE_PREFERENCE, "val_file", "A file of its own as the validation pairs."),
+    seed: int = option(PREPARE_PREFERENCE, "seed", "Seed of the train/val split."),
+    overwrite: bool = overwrite_option(PREPARE_PREFERENCE, "--destination"),
+) -> None:
+    """Render chosen/rejected pairs with the model's chat template, the loss on the answers, for method dpo/orpo."""
+    from lit_lora.data.preference import summary
+
+    meta = library(PREPARE_PREFERENCE)(checkpoint_dir, data_file, destination, template=template, system=system,
+                                       max_seq_length=max_seq_length, val_size=val_size, val_fraction=val_fraction,
+                                       val_file=val_file, seed=seed, overwrite=overwrite)
+    print_summary(*summary(meta, destination))
+
+
 @subcommand("prepare-task", "prepare-task extract --checkpoint_dir checkpoints/smollm2-135m-instruct "
                             "--destination data/task-extract")
 def prepare_task(
@@ -396,12 +428,19 @@ def prepare_task(
                                                            "tokenizers, else alpaca)."),
     max_seq_length: int = option(PREPARE_TASK, "max_seq_length", "Longest example in tokens."),
     overwrite: bool = overwrite_option(PREPARE_TASK, "--destination"),
+    preference: bool = flag(PREPARE_TASK, "preference", "The same prompts as chosen/rejected pairs for method "
+                                                        "dpo/orpo: the right answer chosen, a typical miss (day and "
+                                                        "month swapped, a distractor number as the amount) rejected."),
 ) -> None:
     """Generate a built-in task whose answers can be checked exactly, and prepare it (held-out split as val)."""
-    from lit_lora.data.prepare import summary
+    if preference:
+        from lit_lora.data.preference import summary
+    else:
+        from lit_lora.data.prepare import summary
 
     meta = library(PREPARE_TASK)(name, checkpoint_dir, destination, n_train=n_train, n_val=n_val, seed=seed,
-                                 template=template, max_seq_length=max_seq_length, overwrite=overwrite)
+                                 template=template, max_seq_length=max_seq_length, overwrite=overwrite,
+                                 preference=preference)
     print("\n".join(summary(meta, destination)[0]))
 
 
@@ -638,12 +677,15 @@ def evaluate(
                                              "(llama.cpp where installed); losses are always torch's."),
     device: str = device_option(EVALUATE, "the torch model runs"),
     quantize: Optional[str] = quantize_option(EVALUATE),
+    beta: float = option(EVALUATE, "beta", "On preference data (prepare-preference): the scale of the implicit DPO "
+                                           "reward beta * (log p - log p_base) behind the margin and the DPO loss."),
     verify: bool = verify_option(),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as one JSON object instead of a table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores and every prediction beside its "
                                                            "reference to this JSON file."),
 ) -> None:
-    """Score the base model and its adapters on the same examples: loss, perplexity and exact match."""
+    """Score the base model and its adapters on the same examples: loss, perplexity and exact match, and on
+    chosen/rejected pairs each adapter's reward accuracy and margin against the base."""
     import json
 
     from lit_lora.evaluate import format_table
@@ -651,7 +693,7 @@ def evaluate(
     result = library(EVALUATE)(checkpoint_dir, data, lora_paths=lora_path or [], split=split, metric=metric,
                                limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
                                precision=precision, verify=verify, baseline=baseline, progress=sys.stderr.isatty(),
-                               out=out, engine=engine, device=device, quantize=quantize)
+                               out=out, engine=engine, device=device, quantize=quantize, beta=beta)
     summary = {k: v for k, v in result.items() if k != "predictions"}
     print(json.dumps(summary, indent=2) if json_output else format_table(result))
 

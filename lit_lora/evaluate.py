@@ -3,6 +3,9 @@
     loss, perplexity   summed cross-entropy over target tokens through finetune-lora's own code and batches
                        (loss.eval_batches, loss.summed_loss), each adapter unmerged as in training, so the loss of
                        a run's final adapter equals the run's last validation loss on the same examples
+    preference         on chosen/rejected pairs (prepare-preference): each model's implicit DPO reward of both answers
+                       against the base as reference, beta * (log p_model - log p_base): reward accuracy, margin and
+                       DPO loss; the loss is the chosen answers', and exact match is against the chosen answer
     exact match        batched greedy generation (generate.complete), the answer cut at the template's stop,
                        equal to the reference after stripping surrounding whitespace; the normalised match also
                        folds case and runs of whitespace
@@ -39,6 +42,7 @@ from lit_lora.fileio import check_file_destination, write_json
 from lit_lora.generate import Sampling, TorchEngine, decoding_model
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
+from lit_lora.preference import PreferencePairs, dpo_losses, is_preference, pair_log_probs, pair_stats, stats_dict
 from lit_lora.prompts.chat_template import ChatTemplate
 from lit_lora.prompts.format import PromptFormat, prompt_format, recorded_prompt
 from lit_lora.quantize import decoding_quantize
@@ -58,6 +62,10 @@ class Score:
     exact_match: float | None = None
     exact_match_normalized: float | None = None
     stopped: float | None = None  # answers that ended at EOS / the end-of-turn marker, not at max_new_tokens
+    # preference data: the implicit DPO reward beta * (log p - log p_base) of each answer against the base's
+    reward_accuracy: float | None = None  # pairs whose chosen answer has the higher reward (ties count half)
+    reward_margin: float | None = None  # mean chosen reward - rejected reward
+    dpo_loss: float | None = None  # mean -log sigmoid(margin): log 2 for the base itself
     seconds: float = 0.0
     answers: list[str] = field(default_factory=list)
     stops: list[bool] = field(default_factory=list)
@@ -113,11 +121,11 @@ def examples_hash(dataset: PreparedDataset, n: int) -> str:
     return digest.hexdigest()
 
 
-def examples(dataset: PreparedDataset, n: int, eos_id: int | None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, reference ids) of the first n examples. The reference is the run of target tokens after the
+def examples(dataset: PreparedDataset, indices: range, eos_id: int | None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids) of the examples `indices`. The reference is the run of target tokens after the
     prompt (a conversation's last answer, not the template's text after it), without a final EOS."""
     out = []
-    for i in range(n):
+    for i in indices:
         start, end = dataset.offsets[i], dataset.offsets[i + 1]
         ids, targets = dataset.tokens[start:end].tolist(), dataset.targets[start:end]
         prompt_length = int(dataset.prompt_lengths[i])
@@ -133,6 +141,7 @@ def evaluate(
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 64, template: str = "auto",
     precision: str = "auto", verify: bool = True, baseline: Path | None = None, progress: bool = True,
     out: Path | None = None, engine: str = "torch", device: str = "auto", quantize: str | None = None,
+    beta: float = 0.1,
 ) -> dict[str, Any]:
     """Score the base and each adapter on the same examples; returns {"models": [...], "predictions": [...], ...}.
 
@@ -141,13 +150,15 @@ def evaluate(
     `engine`: what generates the answers for exact match (torch, llama.cpp or auto); losses are always torch's.
     `device`: where the torch model runs (auto: the first GPU, else the CPU). `quantize`: the base's weights, none,
     nf4 (losses and answers) or int8 (answers; losses over the full-precision weights); None: nf4 for adapters
-    trained over it, else none.
+    trained over it, else none. `beta`: the DPO reward's scale on preference data.
     """
     if metric not in METRICS:
         raise UserError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
     for name, value in (("--limit", limit), ("--batch_size", batch_size), ("--max_new_tokens", max_new_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise UserError(f"--beta must be > 0, got {beta}")
     check_precision(precision)
     where = resolve_device(device)
     if out is not None:
@@ -162,36 +173,41 @@ def evaluate(
                                         sys.stderr, where, quantize)
 
     with open_data(data, split, checkpoint_dir, tokenizer, chosen) as dataset:
-        n = len(dataset) if limit is None else min(limit, len(dataset))
+        pairs = PreferencePairs(dataset) if is_preference(dataset.meta) else None
+        size = len(pairs) if pairs else len(dataset)
+        n = size if limit is None else min(limit, size)
+        scored = range(0, 2 * n, 2) if pairs else range(n)  # the examples exact match asks (a pair's chosen)
         if n == 0:
             raise UserError(f"the {split} split of {data} is empty; choose another --split or prepare the data "
                             f"with a validation split (--val_size)")
-        if metric != "loss" and not dataset.prompt_lengths[:n].all():
+        if metric != "loss" and not dataset.prompt_lengths[scored].all():
             raise UserError(f"{data} holds conversations whose answers cannot be located (prepared with --train_on all "
                             f"and a template that hides its turns), so there is nothing to generate from; use "
                             f"--metric loss")
-        digest = examples_hash(dataset, n)
+        digest = examples_hash(dataset, 2 * n if pairs else n)
         earlier = read_baseline(baseline, digest, n, metric) if baseline else None
         precision = resolve_precision(precision, where.type)
         model = load_model(checkpoint_dir, PRECISIONS[precision][0], where, verify=verify, quantize=quantize).eval()
         # (score, adapter or None for the base); a base the baseline already scored is not scored again
         models = [(Score("base", n), None)] + [(Score(name, n), (cfg, state, Path(name)))
                                                  for name, cfg, state, _ in adapters]
-        if earlier and any(m["name"] == "base" for m in earlier["models"]):
+        if earlier and any(m["name"] == "base" for m in earlier["models"]) and not pairs:  # pairs: the reference
             models = models[1:]
         scores = [score for score, _ in models]
         units = len(models) * (math.ceil(n / batch_size) * (1 + (metric != "loss")))
         with tqdm(total=units, desc="evaluate", disable=not progress, leave=False) as bar:
-            if metric != "exact_match":
+            if metric != "exact_match" and pairs:
+                score_preferences(model, pairs, n, batch_size, precision, tokenizer.pad_id, models, bar, beta)
+            elif metric != "exact_match":
                 score_losses(model, dataset, n, batch_size, precision, tokenizer.pad_id, models, bar)
             if metric != "loss":
-                pairs = examples(dataset, n, tokenizer.eos_id)
+                questions = examples(dataset, scored, tokenizer.eos_id)
                 stop_strings = prompt_format("auto", dataset.meta, tokenizer).stop_strings
                 answerer = TorchEngine(decoding_model(model, quantize)) if engine == "torch" else \
                     llamacpp.LlamaCppEngine(checkpoint_dir, precision, verify, None)
-                score_answers(answerer, tokenizer, pairs, stop_strings, batch_size, max_new_tokens, models, bar)
-                references = [tokenizer.decode(ref) for _, ref in pairs]
-                prompts = [tokenizer.decode(prompt, skip_special=False) for prompt, _ in pairs]
+                score_answers(answerer, tokenizer, questions, stop_strings, batch_size, max_new_tokens, models, bar)
+                references = [tokenizer.decode(ref) for _, ref in questions]
+                prompts = [tokenizer.decode(prompt, skip_special=False) for prompt, _ in questions]
     if metric != "loss":
         for s in scores:
             s.exact_match = sum(a.strip() == r.strip() for a, r in zip(s.answers, references)) / n
@@ -240,18 +256,51 @@ def merge_baseline(earlier: dict[str, Any], result: dict[str, Any]) -> dict[str,
     return result
 
 
+def mixed_precision(model, precision: str):
+    """The autocast context of `precision` on the model's device, as Fabric's mixed precision (CPU: bf16 only)."""
+    device = model.embed_tokens.weight.device
+    low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    on = low is not None and (device.type != "cpu" or low == torch.bfloat16)
+    return lambda: torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=on)
+
+
+def score_preferences(model, pairs: PreferencePairs, n, batch_size, precision, pad_id, models, bar, beta) -> None:
+    """Per model, the chosen answers' loss, and both answers' implicit reward against the base (scored first, as
+    the reference, also when a baseline already holds its row)."""
+    batches = eval_batches(pairs.lengths, n, batch_size)
+    lora_dtype, t = PRECISIONS[precision][1], TrainSection()
+    device = model.embed_tokens.weight.device
+
+    def log_probs() -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_log_probs(model, pairs, batches, pad_id, t.pad_multiple, t.loss_chunk_size,
+                              lambda b: to_device(b, device), mixed_precision(model, precision))
+    start = time.perf_counter()
+    base, counts = log_probs()
+    base_seconds = time.perf_counter() - start
+    for score, adapter in models:
+        start = time.perf_counter()
+        if adapter is None:
+            logps = base
+        else:
+            with lora_applied(model, *adapter[:2], lora_dtype):
+                logps = log_probs()[0]
+        bar.update(len(batches))
+        losses, chosen, rejected = dpo_losses(logps[0::2], logps[1::2], base[0::2], base[1::2], beta)
+        means = stats_dict(pair_stats(chosen, rejected), len(losses))
+        score.reward_accuracy, score.reward_margin = means["accuracy"], means["margin"]
+        score.dpo_loss = losses.mean().item()
+        score.loss = (-logps[0::2].sum() / counts[0::2].sum().clamp(min=1)).item()
+        score.perplexity = math.exp(min(score.loss, 50))
+        score.seconds += time.perf_counter() - start + (base_seconds if adapter is None else 0)
+
+
 def score_losses(model, dataset, n, batch_size, precision, pad_id, models, bar) -> None:
     """Loss and perplexity of the base and each adapter (unmerged, in the LoRA dtype of `precision`)."""
     batches = eval_batches(dataset.lengths, n, batch_size)
     lora_dtype = PRECISIONS[precision][1]
     t = TrainSection()  # collated as a run with the default training settings collates its validation batches
-
     device = model.embed_tokens.weight.device
-    low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    on = low is not None and (device.type != "cpu" or low == torch.bfloat16)  # CPU autocast: bf16 only, as before
-
-    def autocast():  # as Fabric's mixed precision
-        return torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=on)
+    autocast = mixed_precision(model, precision)
     for score, adapter in models:
         start = time.perf_counter()
         with lora_applied(model, *adapter[:2], lora_dtype) if adapter else contextlib.nullcontext():
@@ -295,11 +344,14 @@ def format_table(result: dict[str, Any]) -> str:
         return cell(None if value is None else 100 * value, "6.1f", 6) + ("%" if value is not None else " ")
 
     width = max(len(m["name"]) for m in result["models"])
-    lines = [f"{'model':<{width}}  {'loss':>7}  {'ppl':>8}  {'exact':>7}  {'normed':>7}  {'stopped':>7}  {'n':>5}  "
-             f"{'seconds':>7}"]
+    pairs = any(m.get("reward_accuracy") is not None for m in result["models"])
+    lines = [f"{'model':<{width}}  {'loss':>7}  {'ppl':>8}  {'exact':>7}  {'normed':>7}  {'stopped':>7}  "
+             + (f"{'reward acc':>10}  {'margin':>8}  {'dpo loss':>8}  " if pairs else "") + f"{'n':>5}  {'seconds':>7}"]
     for m in result["models"]:
+        preference = (f"{percent(m.get('reward_accuracy')):>10}  {cell(m.get('reward_margin'), '8.4f', 8)}  "
+                      f"{cell(m.get('dpo_loss'), '8.4f', 8)}  ") if pairs else ""
         lines.append(f"{m['name']:<{width}}  {cell(m['loss'], '7.4f', 7)}  {cell(m['perplexity'], '8.2f', 8)}  "
                      f"{percent(m['exact_match'])}  {percent(m['exact_match_normalized'])}  "
-                     f"{percent(m.get('stopped'))}  {m['n']:>5}  "
+                     f"{percent(m.get('stopped'))}  {preference}{m['n']:>5}  "
                      f"{m['seconds']:>7.1f}")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ metrics.csv and loss.png in metrics.py; Ctrl-C handling in stop.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -36,7 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lit_lora.adapter import ADAPTER_WEIGHTS
+from lit_lora.adapter import ADAPTER_WEIGHTS, load_checked_adapter
 from lit_lora.checkpoint import check_checkpoint_dir, load_config, load_model, stored_shapes
 from lit_lora.data.batching import concat_batches, epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
@@ -44,11 +45,13 @@ from lit_lora.device import PRECISIONS, peak_memory_bytes, resolve_precision, un
 from lit_lora.errors import UserError
 from lit_lora.fileio import hold_lock, write_json, write_yaml
 from lit_lora.generate import Sampling, complete
-from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, optimizer_groups
+from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict, mark_only_lora_as_trainable, optimizer_groups
 from lit_lora.loss import eval_batches, segment_losses, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA
 from lit_lora.multi_lora import AdapterRNG, adapter_parameters, alone, apply_adapters, row_parts, split
+from lit_lora.preference import (PREFERENCE_STATS, PreferencePairs, batch_log_probs, check_method, pair_log_probs,
+                                  pair_stats, preference_terms, reference_weights, rows, snapshot, stats_dict)
 from lit_lora.prompts.format import prompt_format, recorded_prompt
 from lit_lora.quantize import check_nf4_sharding
 from lit_lora.stop import StopRequest
@@ -59,8 +62,28 @@ from lit_lora.train_state import (FINAL, Progress, ResumePoint, check_resume_set
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def load_datasets(config: TrainConfig) -> tuple[PreparedDataset, PreparedDataset]:
-    return PreparedDataset(config.data_dir, "train"), PreparedDataset(config.data_dir, "val")
+def load_datasets(config: TrainConfig) -> tuple[Any, Any]:
+    """The train and val splits: examples, or with method dpo/orpo chosen/rejected pairs (refused on the other
+    kind of data)."""
+    train, val = PreparedDataset(config.data_dir, "train"), PreparedDataset(config.data_dir, "val")
+    check_method(config.method, train.meta, config.data_dir)
+    return (train, val) if config.method == "sft" else (PreferencePairs(train), PreferencePairs(val))
+
+
+def init_adapter(config: TrainConfig) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """init_lora's LoRA config (with the run's dropout) and tensors, checked against the base."""
+    try:
+        lora, state, _ = load_checked_adapter(Path(config.init_lora), Path(config.checkpoint_dir),
+                                              load_config(config.checkpoint_dir), verify=config.verify)
+    except UserError as e:
+        raise UserError(f"init_lora: {e}") from None
+    return LoRAConfig(**{**lora.to_dict(), "dropout": config.lora.dropout}), state
+
+
+def with_init_lora(config: TrainConfig) -> TrainConfig:
+    """The config with init_lora's r, alpha, targets, variant and scaling in place of lora:'s (its tensors fit
+    no other shape), so config.yaml and the checkpoints record what is trained."""
+    return config if config.init_lora is None else dataclasses.replace(config, lora=init_adapter(config)[0])
 
 
 def check_inputs(config: TrainConfig, train_data, world_size: int) -> None:
@@ -149,6 +172,8 @@ def build_model(config: TrainConfig, adapters: dict[str, LoRAConfig] | None = No
         rng = apply_adapters(model, adapters, dtype=lora_dtype)
     else:
         apply_lora(model, config.lora, dtype=lora_dtype)
+        if config.init_lora is not None:
+            load_lora_state_dict(model, init_adapter(config)[1])
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = config.train.gradient_checkpointing
     return model, rng
@@ -174,6 +199,43 @@ def validation_loss(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
 
+@torch.no_grad()
+def validation_preference(fabric: L.Fabric, model, val_data: PreferencePairs, config: TrainConfig, pad_id: int,
+                          reference: dict[str, torch.Tensor] | None) -> tuple[float, dict[str, float]]:
+    """The preference loss and PREFERENCE_STATS per pair over (part of) the validation pairs, all processes
+    together; the DPO reference is the run's starting point, as in training."""
+    model.eval()
+    t = config.train
+    limit = config.eval.max_batches * t.micro_batch_size if config.eval.max_batches else None
+    batches = eval_batches(val_data.lengths, limit, t.micro_batch_size)
+    mine = batches[fabric.global_rank :: fabric.world_size]
+    if is_sharded(fabric):  # every process runs as many forward passes (they all-gather); the extra ones uncounted
+        mine += [[]] * (-(-len(batches) // fabric.world_size) - len(mine))
+
+    def log_probs(indices: list[list[int]]):
+        return pair_log_probs(model, val_data, indices, pad_id, t.pad_multiple, t.loss_chunk_size, fabric.to_device,
+                              fabric.autocast)
+    counted = [b for b in mine if b]
+    extra = [batches[0]] * (len(mine) - len(counted))
+    logps, counts = log_probs(counted)
+    log_probs(extra)  # for FSDP's collectives only
+    ref = None
+    if config.method == "dpo":
+        with reference_weights(model.module, reference):
+            ref = log_probs(counted)[0]
+            log_probs(extra)
+    p = config.preference
+    losses, chosen, rejected, nll = preference_terms(config.method, logps, counts, ref, p.beta, p.label_smoothing)
+    sums = torch.cat([torch.stack([losses.sum(), nll if nll is not None else torch.tensor(0.0),
+                                   counts[0::2].sum().float(), torch.tensor(float(len(losses)))]),
+                      pair_stats(chosen, rejected)])
+    sums = fabric.all_reduce(sums, reduce_op="sum").cpu()
+    model.train()
+    pairs = sums[3].clamp(min=1)
+    loss = sums[0] / pairs + (sums[1] / sums[2].clamp(min=1) if config.method == "orpo" else 0)
+    return float(loss), stats_dict(sums[4:], float(pairs))
+
+
 def sample_answer(model: LLaMA, tokenizer: Tokenizer, prompt_meta: dict[str, Any], prompt: str,
                   max_new_tokens: int) -> str:
     """Greedy answer of the unwrapped model to one prompt, in the data's format, through the generation code."""
@@ -196,8 +258,8 @@ class Run:
     fabric: L.Fabric
     model: Any  # the Fabric-wrapped LLaMA with LoRA
     optimizer: Any
-    train_data: PreparedDataset
-    val_data: PreparedDataset
+    train_data: Any  # PreparedDataset, or PreferencePairs
+    val_data: Any
     tokenizer: Tokenizer
     progress: Progress
     max_steps: int
@@ -212,6 +274,8 @@ class Run:
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     no_val_noted: bool = False  # the data has no validation split and the user was told so
+    reference: dict[str, torch.Tensor] | None = None  # method dpo: the trainable tensors the run started from
+    pair_means: dict[str, float] = field(default_factory=dict)  # method dpo/orpo: the last step's PREFERENCE_STATS
 
     @property
     def active(self) -> bool:
@@ -236,8 +300,8 @@ class Plan:
     """An adapter to train, read and checked before anything starts."""
 
     config: TrainConfig
-    train_data: PreparedDataset
-    val_data: PreparedDataset
+    train_data: Any
+    val_data: Any
     max_steps: int
     point: ResumePoint | None
     warnings: list[str]
@@ -307,6 +371,8 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> list[Run
     model.mark_forward_method("hidden_states")  # so DDP sees it as a forward pass (FSDP: shard_model hooks it)
     if rng is not None:
         rng.to(fabric.device)
+    # Before any checkpoint is restored: the tensors the run started from (fresh, or init_lora's)
+    reference = snapshot(model.module) if config.method == "dpo" else None
     # Made after setup_module: FSDP replaces the parameters with sharded ones.
     optimizers = fabric.setup_optimizers(*(make_optimizer(model, name, plan.config) for name, plan in plans.items()))
     optimizers = [optimizers] if len(plans) == 1 else list(optimizers)
@@ -317,8 +383,10 @@ def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> list[Run
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
         write_yaml(Path(config.out_dir) / "config.yaml", config.to_dict())
     tokenizer = Tokenizer(config.checkpoint_dir)
-    return [start_run(fabric, plan, name, model, optimizer, rng, tokenizer)
+    runs = [start_run(fabric, plan, name, model, optimizer, rng, tokenizer)
             for (name, plan), optimizer in zip(plans.items(), optimizers)]
+    runs[0].reference = reference
+    return runs
 
 
 def make_optimizer(model, name: str | None, config: TrainConfig) -> torch.optim.AdamW:
@@ -343,7 +411,8 @@ def start_run(fabric: L.Fabric, plan: Plan, name: str | None, model, optimizer, 
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(out_dir / "config.yaml", plan.config.to_dict())
-    metrics = MetricsLog(fabric, out_dir / "metrics.csv", resume_step=progress.step if point else None)
+    metrics = MetricsLog(fabric, out_dir / "metrics.csv", resume_step=progress.step if point else None,
+                         extra=PREFERENCE_STATS if plan.config.method != "sft" else ())
     return Run(plan.config, fabric, model, optimizer, plan.train_data, plan.val_data, tokenizer, progress,
                plan.max_steps, metrics, recorded_prompt(plan.train_data.meta), name, rng,
                start_step=progress.step, start_tokens=progress.tokens)
@@ -372,10 +441,17 @@ def validate_and_sample(run: Run) -> float | None:
             run.no_val_noted = True
         return None
     with alone(run.model.module, run.name):
-        loss = validation_loss(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
-        run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss,
-                        perplexity=math.exp(min(loss, 50)))
-        line = f"\nstep {progress.step}{named}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}"
+        if config.method == "sft":
+            loss = validation_loss(fabric, run.model, run.val_data, config, run.tokenizer.pad_id)
+            run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss,
+                            perplexity=math.exp(min(loss, 50)))
+            line = f"\nstep {progress.step}{named}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}"
+        else:
+            loss, means = validation_preference(fabric, run.model, run.val_data, config, run.tokenizer.pad_id,
+                                                run.reference)
+            run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss, **means)
+            line = (f"\nstep {progress.step}: val {config.method} loss {loss:.4f}, reward accuracy "
+                    f"{means['accuracy']:.1%}, margin {means['margin']:.4f}")
         if is_sharded(fabric):  # generating needs the whole model in one process (setup said so)
             fabric.print(line)
         elif fabric.global_rank == 0:
@@ -395,7 +471,7 @@ def step_batches(run: Run) -> list[dict[str, torch.Tensor]]:
         run.order_epoch = progress.epoch
     micro = step_micro_batches(run.order, progress.step_in_epoch, t.global_batch_size, t.micro_batch_size,
                                run.fabric.global_rank, run.fabric.world_size)
-    return [make_batch([run.train_data[i] for i in m], run.tokenizer.pad_id, t.packing,
+    return [make_batch(rows(run.train_data, m), run.tokenizer.pad_id, t.packing,
                        run.train_data.meta["max_seq_length"], t.pad_multiple) for m in micro]
 
 
@@ -406,31 +482,64 @@ def train_step(runs: list[Run], stop: StopRequest) -> tuple[list[float], list[fl
     fabric, model, t = runs[0].fabric, runs[0].model, runs[0].config.train
     pad_id = runs[0].tokenizer.pad_id
     batches = [step_batches(run) for run in runs]
-    # Per run: target tokens, tokens, padded tokens of this step over all processes; the first normalise its loss.
+    # Per run: target tokens, tokens, padded tokens, and the chosen answers' target tokens (rows 0, 2, ... of a batch
+    # of pairs) of this step over all processes; the first (the last with ORPO) normalise its loss.
     counts = torch.tensor([[[(b["targets"] != IGNORE_INDEX).sum(), (b["input_ids"] != pad_id).sum(),
-                             b["input_ids"].numel()] for b in run_batches] for run_batches in batches]).sum(1).float()
+                             b["input_ids"].numel(), (b["targets"][0::2] != IGNORE_INDEX).sum()]
+                            for b in run_batches] for run_batches in batches]).sum(1).float()
     counts = fabric.all_reduce(counts, reduce_op="sum")
     lrs = [learning_rate(run.progress.step, run.config, run.max_steps) for run in runs]
     for run, lr in zip(runs, lrs):
         for group in run.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # saved before LoRA+ existed: none
 
-    loss_sums = torch.zeros(len(runs), device=fabric.device)
+    shares, pair_sums = torch.zeros(len(runs)), torch.zeros(len(PREFERENCE_STATS))
     for j in range(len(batches[0])):
         parts = [b[j] for b in batches]
         batch = fabric.to_device(parts[0] if len(parts) == 1 else concat_batches(parts, pad_id))
-        rows = row_parts([run.name for run in runs], parts)
-        with fabric.no_backward_sync(model, enabled=j < len(batches[0]) - 1), split(model.module, rows):
-            ces = segment_losses(model, batch, rows, t.loss_chunk_size)  # the backward pass inside: recomputed
-            fabric.backward(sum(ce * fabric.world_size / n.clamp(min=1) for ce, n in zip(ces, counts[:, 0])))
-        loss_sums += torch.stack([ce.detach().float() for ce in ces])
-    stats = fabric.all_reduce(torch.cat([loss_sums.cpu(), torch.tensor([float(stop.requested)])]), reduce_op="sum")
-    losses = (stats[:-1] / counts[:, 0].clamp(min=1)).tolist()
+        parts = row_parts([run.name for run in runs], parts)
+        with fabric.no_backward_sync(model, enabled=j < len(batches[0]) - 1), split(model.module, parts):
+            # the backward pass inside: recomputed
+            objective, share, pairs = micro_objective(runs, batch, parts, counts)
+            fabric.backward(objective)
+        shares += share.cpu()
+        pair_sums += pairs if pairs is not None else 0
+    stats = fabric.all_reduce(torch.cat([shares, pair_sums, torch.tensor([float(stop.requested)])]), reduce_op="sum")
+    # sft: summed cross-entropy, normalised here; dpo/orpo: already a share of the step's mean
+    norm = counts[:, 0].clamp(min=1) if runs[0].config.method == "sft" else torch.ones(len(runs))
+    losses = (stats[: len(runs)] / norm).tolist()
+    if runs[0].config.method != "sft":
+        runs[0].pair_means = stats_dict(stats[len(runs):-1], t.global_batch_size)
     for run, loss in zip(runs, losses):  # before any adapter steps: every one stays at its last checkpoint
         check_finite(run, loss)
     for run, loss, n in zip(runs, losses, counts):
         apply_step(run, loss, n)
     return losses, lrs, bool(stats[-1] > 0)
+
+
+def micro_objective(runs: list[Run], batch: dict[str, torch.Tensor], parts: list[tuple], counts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(what this process backpropagates for a micro-batch, times the world size as DDP averages; each run's summed
+    loss (sft) or share of its step loss (dpo/orpo); sums of the PREFERENCE_STATS or None), normalised by the step's
+    global counts.
+
+    sft: each run's summed cross-entropy over its own target tokens. dpo/orpo (one run): the preference loss per
+    pair over the step's pairs, plus for ORPO the chosen answers' NLL over their target tokens."""
+    run, model, t = runs[0], runs[0].model, runs[0].config.train
+    if run.config.method == "sft":
+        ces = segment_losses(model, batch, parts, t.loss_chunk_size)
+        objective = sum(ce * run.fabric.world_size / n.clamp(min=1) for ce, n in zip(ces, counts[:, 0]))
+        return objective, torch.stack([ce.detach().float() for ce in ces]), None
+    ref, p = None, run.config.preference
+    if run.config.method == "dpo":  # first: its activations are gone before the policy's are kept for backward
+        with reference_weights(model.module, run.reference):
+            ref, _ = batch_log_probs(model, batch, t.loss_chunk_size)
+    logps, n = batch_log_probs(model, batch, t.loss_chunk_size)
+    losses, chosen, rejected, nll = preference_terms(run.config.method, logps, n, ref, p.beta, p.label_smoothing)
+    share = losses.sum() / t.global_batch_size
+    if nll is not None:
+        share = share + nll / counts[0, 3].clamp(min=1)
+    return share * run.fabric.world_size, share.detach().float()[None], pair_stats(chosen, rejected)
 
 
 def check_finite(run: Run, loss: float) -> None:
@@ -465,6 +574,7 @@ def finetune(config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     if config.adapters and config.precision == "16-mixed":  # one loss scaler, updated after each optimizer's step
         raise UserError("precision 16-mixed cannot train several adapters together (its loss scale would change "
                         "between their optimizer steps); use bf16-mixed, bf16-true or 32-true, or train them alone")
+    config = with_init_lora(config)
     fabric = make_fabric(config)
     # Only global rank 0 locks out_dir (and each adapter's): the processes Fabric launches for the other ranks
     # run this too (and would find rank 0's lock), and under several nodes each node's first process does.
@@ -527,7 +637,7 @@ def log_step(run: Run, loss: float, lr: float, elapsed: float) -> None:
                         tokens=progress.tokens,
                         tokens_per_s=round((progress.tokens - run.start_tokens) / max(elapsed, 1e-9), 1),
                         elapsed_s=round(elapsed, 2),
-                        peak_memory_gb=round(peak_memory_bytes(run.fabric.device)[1] / 1e9, 3))
+                        peak_memory_gb=round(peak_memory_bytes(run.fabric.device)[1] / 1e9, 3), **run.pair_means)
 
 
 def end_of_step(run: Run) -> None:

@@ -72,6 +72,24 @@ def target_loss_sum(hidden: torch.Tensor, model: nn.Module, targets: torch.Tenso
     return total
 
 
+def row_log_probs(hidden: torch.Tensor, model: nn.Module, targets: torch.Tensor, chunk_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's target tokens (B,), target tokens per row (B,)): the sequence
+    log-likelihoods preference losses compare. A packed row holds several examples, so rows must be padded ones.
+    The head runs a chunk of target tokens at a time, each chunk's logits recomputed in the backward pass."""
+    keep = targets != IGNORE_INDEX
+    h, y = hidden[keep], targets[keep]
+
+    def chunk_loss(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model.logits(h_chunk).float(), y_chunk, reduction="none")
+
+    chunks = [checkpoint(chunk_loss, h[i : i + chunk_size], y[i : i + chunk_size], use_reentrant=False)
+              for i in range(0, len(y), chunk_size)]
+    token_losses = torch.cat(chunks) if chunks else h.sum(1).float() * 0  # part of the graph even when empty
+    logps = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
+    return logps.index_add(0, keep.nonzero()[:, 0], -token_losses), keep.sum(1)
+
+
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     hidden = model.hidden_states(batch["input_ids"], batch.get("input_pos"), batch.get("mask"))
     return target_loss_sum(hidden, model, batch["targets"], chunk_size)

@@ -22,15 +22,16 @@ class MetricsLog:
     COLUMNS = ["step", "epoch", "split", "loss", "perplexity", "lr", "tokens", "tokens_per_s", "elapsed_s",
                "peak_memory_gb"]
 
-    def __init__(self, fabric: L.Fabric, path: Path, resume_step: int | None) -> None:
-        """A new file, or on a resume the existing one cut back to the rows up to `resume_step`."""
-        self.fabric, self.path = fabric, path
+    def __init__(self, fabric: L.Fabric, path: Path, resume_step: int | None, extra: tuple[str, ...] = ()) -> None:
+        """A new file, or on a resume the existing one cut back to the rows up to `resume_step`; `extra` columns
+        after the usual ones (preference tuning's rewards)."""
+        self.fabric, self.path, self.columns = fabric, path, [*self.COLUMNS, *extra]
         self.rows: list[dict[str, Any]] = []
         if fabric.global_rank != 0:
             return
         if resume_step is None or not path.is_file():
             with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(self.COLUMNS)
+                csv.writer(f).writerow(self.columns)
         else:
             self.truncate(path, resume_step)
 
@@ -53,12 +54,13 @@ class MetricsLog:
             return
         try:
             with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.COLUMNS).writerow(row)
+                csv.DictWriter(f, self.columns).writerow(row)
         except OSError as e:  # a full disk: the checkpoints are what matters
             raise UserError(f"could not write {self.path}: {e.strerror or e}; "
                             f"{last_checkpoint_note(self.path.parent)}; free some space, then continue with "
                             f"--resume auto") from None
-        values = {f"{row['split']}/{k}": v for k, v in row.items() if k in ("loss", "perplexity", "lr", "tokens_per_s")}
+        shown = ("loss", "perplexity", "lr", "tokens_per_s", *self.columns[len(self.COLUMNS):])
+        values = {f"{row['split']}/{k}": v for k, v in row.items() if k in shown}
         self.fabric.log_dict(values, step=row["step"])
 
 

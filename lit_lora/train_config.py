@@ -65,6 +65,14 @@ class EvalSection:
 
 
 @dataclass
+class PreferenceSection:
+    """method dpo and orpo (preference.py)."""
+
+    beta: float = 0.1  # DPO: how far the policy may stray from the reference (lower: further); ORPO: odds weight
+    label_smoothing: float = 0.0  # DPO: the probability that a pair's labels are flipped (conservative DPO)
+
+
+@dataclass
 class AdapterEntry:
     """One of several adapters trained together over one base (`adapters:`): its name (its folder under out_dir)
     and what it changes of the config's own lora section, learning rate, LoRA+ ratio and data (null: the same)."""
@@ -105,9 +113,14 @@ class TrainConfig:
     quantize: str = "none"  # nf4: QLoRA, the frozen base's linear weights in 4-bit NormalFloat (needs torchao)
     seed: int = 1337
     verify: bool = True  # check the checkpoint's weights files against checkpoint.json's sha256 while loading them
+    method: str = "sft"  # sft: demonstrations; dpo or orpo: chosen/rejected pairs (prepare-preference)
+    # an adapter to start from (e.g. out/sft/final), its r, alpha, targets and variant replacing lora:'s; with dpo it
+    # is also the reference. null: a fresh adapter (the reference is then the base)
+    init_lora: str | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapter's own config, one definition
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
     # several adapters trained together, each in out_dir/<name>/ as if trained alone; empty: the one adapter above
     adapters: list[AdapterEntry] = field(default_factory=list)
 
@@ -126,6 +139,7 @@ class TrainConfig:
         if len(t.betas) != 2:
             raise UserError(f"train.betas must be two numbers, got {t.betas}")
         self._check_values()
+        self._check_method()
         self.solo_configs()  # each adapter's settings checked now, before anything runs
 
     def solo_configs(self) -> dict[str, TrainConfig]:
@@ -195,6 +209,26 @@ class TrainConfig:
         for key, value, allowed, must in ranges:
             if not allowed:
                 raise UserError(f"{key} must be {must}, got {value}")
+
+    def _check_method(self) -> None:
+        from lit_lora.preference import METHODS
+
+        p = self.preference
+        if self.method not in METHODS:
+            raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if not (math.isfinite(p.beta) and p.beta > 0):
+            raise UserError(f"preference.beta must be > 0, got {p.beta}")
+        if not 0 <= p.label_smoothing < 0.5:
+            raise UserError(f"preference.label_smoothing must be in [0, 0.5), got {p.label_smoothing}")
+        if self.method == "sft":
+            return
+        if self.adapters:
+            raise UserError(f"method {self.method} trains one adapter at a time; drop adapters: (or use method sft)")
+        if self.train.packing:
+            raise UserError(f"method {self.method} compares whole answers row by row, so it cannot pack several "
+                            f"examples into a row; set train.packing: false")
+        if self.init_lora is not None and not self.init_lora.strip():
+            raise UserError("init_lora is empty; give an adapter directory or null")
 
     def wants_low_memory(self) -> bool:
         """train.low_memory, or (null) whether the run chose to save memory: quantize nf4 or checkpointing."""

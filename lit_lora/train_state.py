@@ -125,6 +125,7 @@ def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress
                     "progress": vars(progress), "optimizer": optim, "rng": rng_states, "world_size": fabric.world_size,
                     "global_batch_size": config.train.global_batch_size, "seed": config.seed,
                     "lora_plus_ratio": config.train.lora_plus_ratio, "max_steps": max_steps,
+                    **method_settings(config),
                     "data": data_identity(data_meta),
                     "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)})
         except Exception as e:
@@ -260,6 +261,16 @@ def find_resume(resume: str | None, out_dir: Path) -> tuple[ResumePoint | None, 
     return None, []
 
 
+def method_settings(config: TrainConfig | None) -> dict[str, Any]:
+    """What a resume must keep of the training objective (None: what a checkpoint from before methods trained)."""
+    if config is None:
+        return {"method": "sft", "init_lora": None, "preference.beta": None, "preference.label_smoothing": None}
+    preference = config.method != "sft"
+    return {"method": config.method, "init_lora": config.init_lora,
+            "preference.beta": config.preference.beta if preference else None,
+            "preference.label_smoothing": config.preference.label_smoothing if preference else None}
+
+
 def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: dict[str, Any]) -> None:
     """A UserError naming every setting that differs from the checkpoint's and that a resume must keep, the
     training data (`data_meta`, its meta.json) among them."""
@@ -267,6 +278,8 @@ def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: di
         ("train.global_batch_size", "global_batch_size", config.train.global_batch_size),
         ("seed", "seed", config.seed),
         ("train.lora_plus_ratio", "lora_plus_ratio", config.train.lora_plus_ratio)) if point.state.get(k) != new]
+    saved_method = {**method_settings(None), **{k: point.state[k] for k in method_settings(None) if k in point.state}}
+    changed += [f"{k} {saved_method[k]} -> {v}" for k, v in method_settings(config).items() if saved_method[k] != v]
     ours = config.lora.to_dict()
     changed += [f"lora.{k} {point.adapter_config[k]} -> {ours[k]}" for k in _LORA_KEYS
                 if k in point.adapter_config and point.adapter_config[k] != ours[k]]

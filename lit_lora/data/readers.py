@@ -146,26 +146,29 @@ def normalize_conversation(record: Any) -> list[dict[str, str]]:
         turns = record.get("messages", record.get("conversations"))
     if not isinstance(turns, list) or not turns:
         raise UserError('a conversation must be {"messages": [...]} or {"conversations": [...]} with at least one turn')
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise UserError(f"turn {i} of the conversation is not an object: {turn!r:.80}")
-        sharegpt = "role" not in turn and "from" in turn
-        role = SHAREGPT_ROLES.get(turn.get("from")) if sharegpt else turn.get("role")
-        content = turn.get("value") if sharegpt else turn.get("content")
-        if role not in ROLES:
-            given = turn.get("from") if sharegpt else turn.get("role")
-            raise UserError(f"turn {i} has role {given!r}; expected one of system, user, assistant "
-                            "(ShareGPT: system, human, gpt)")
-        if isinstance(content, list):
-            raise UserError(f"turn {i} ({role}) has a list of content parts; lit-lora trains on text: give the "
-                            "content as one string")
-        if not isinstance(content, str):
-            raise UserError(f"turn {i} ({role}) has no text content")
-        messages.append({"role": role, "content": content})
+    messages = [normalize_turn(turn, f"turn {i}") for i, turn in enumerate(turns)]
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError("the conversation has no assistant turn, so there is nothing to train on")
     return messages
+
+
+def normalize_turn(turn: Any, where: str) -> dict[str, str]:
+    """{"role", "content"} from an OpenAI-style {"role", "content"} or a ShareGPT-style {"from", "value"} turn."""
+    if not isinstance(turn, dict):
+        raise UserError(f"{where} of the conversation is not an object: {turn!r:.80}")
+    sharegpt = "role" not in turn and "from" in turn
+    role = SHAREGPT_ROLES.get(turn.get("from")) if sharegpt else turn.get("role")
+    content = turn.get("value") if sharegpt else turn.get("content")
+    if role not in ROLES:
+        given = turn.get("from") if sharegpt else turn.get("role")
+        raise UserError(f"{where} has role {given!r}; expected one of system, user, assistant "
+                        "(ShareGPT: system, human, gpt)")
+    if isinstance(content, list):
+        raise UserError(f"{where} ({role}) has a list of content parts; lit-lora trains on text: give the "
+                        "content as one string")
+    if not isinstance(content, str):
+        raise UserError(f"{where} ({role}) has no text content")
+    return {"role": role, "content": content}
 
 
 def is_conversation(record: Any) -> bool:

@@ -31,6 +31,7 @@ from lit_lora.checkpoint import check_checkpoint_dir
 from lit_lora.data.dataset import SPLITS
 from lit_lora.errors import UserError
 from lit_lora.fileio import write_json
+from lit_lora.prompts.format import instruction_turn
 
 MAX_EXAMPLES = 100_000  # per split; far more than a quick fine-tune needs
 
@@ -227,23 +228,49 @@ def person(rng: random.Random, split: str) -> str:
 
 def make_extract_example(rng: random.Random, split: str) -> dict[str, str]:
     """One Alpaca record of the extract task, drawn only from `split`'s templates, names and values."""
+    return extract_example(rng, split)[0]
+
+
+def extract_example(rng: random.Random, split: str) -> tuple[dict[str, str], list[int]]:
+    """make_extract_example's record, and the distractor numbers its sentence holds."""
     currency = rng.choice(sorted(MONEY))
     date, cents = sample_date(rng, split), sample_cents(rng, split, currency)
     payer = person(rng, split)
     other = person(rng, split)
     while other.split()[0] == payer.split()[0]:
         other = person(rng, split)
-    sentence = rng.choice(TEMPLATES[split]).format(
+    template = rng.choice(TEMPLATES[split])
+    numbers = {"n": rng.randint(2, 9), "ref": rng.randint(1000, 999999), "card": rng.randint(0, 9999)}
+    sentence = template.format(
         date=DATE_FORMATS[rng.choice(list(DATE_FORMATS))](date),
         money=rng.choice(MONEY[currency]).format(n=rng.choice(amount_texts(cents, currency))),
         person=payer, other=other, merchant=rng.choice(MERCHANTS[split]),
-        n=rng.randint(2, 9), ref=rng.randint(1000, 999999), card=f"{rng.randint(0, 9999):04d}",
+        n=numbers["n"], ref=numbers["ref"], card=f"{numbers['card']:04d}",
     )
-    return {"instruction": rng.choice(INSTRUCTIONS), "input": sentence,
-            "output": f"{date.isoformat()};{amount_key(cents)};{currency}"}
+    record = {"instruction": rng.choice(INSTRUCTIONS), "input": sentence,
+              "output": f"{date.isoformat()};{amount_key(cents)};{currency}"}
+    return record, [value for key, value in numbers.items() if "{" + key + "}" in template]
+
+
+def make_extract_pair(rng: random.Random, split: str) -> dict[str, str]:
+    """make_extract_example's record (the same draws: the same prompts) with a `rejected` answer: the kind of miss a
+    tuned small model still makes, a day/month swap or a distractor number (an order number, a count) taken for the
+    amount; where the sentence allows neither, the cents dropped or, for whole amounts, the currency mistaken."""
+    record, distractors = extract_example(rng, split)
+    date, cents, currency = parse_answer(record["output"])
+    misses = []
+    if date.day <= 12 and date.day != date.month:
+        misses.append(f"{date.replace(month=date.day, day=date.month).isoformat()};{amount_key(cents)};{currency}")
+    misses += [f"{date.isoformat()};{amount_key(d * 100)};{currency}" for d in distractors if d * 100 != cents]
+    if not misses and cents % 100:
+        misses.append(f"{date.isoformat()};{amount_key(cents - cents % 100)};{currency}")
+    if not misses:
+        misses.append(f"{date.isoformat()};{amount_key(cents)};{'EUR' if currency == 'USD' else 'USD'}")
+    return {**record, "rejected": random.Random(record["input"]).choice(misses)}
 
 
 TASKS: dict[str, Callable[[random.Random, str], dict[str, str]]] = {"extract": make_extract_example}
+PAIRS = {"extract": make_extract_pair}  # each task's records with a rejected answer, for preference tuning
 
 
 def check_size(name: str, value: object, minimum: int) -> int:
@@ -252,8 +279,10 @@ def check_size(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def make_task(name: str, n_train: int, n_val: int, seed: int = 42) -> dict[str, list[dict[str, str]]]:
-    """{"train": [...], "val": [...]} Alpaca records of task `name`; the same seed gives the same records.
+def make_task(name: str, n_train: int, n_val: int, seed: int = 42, pairs: bool = False
+              ) -> dict[str, list[dict[str, str]]]:
+    """{"train": [...], "val": [...]} Alpaca records of task `name`; the same seed gives the same records (`pairs`:
+    the same ones, each with a `rejected` answer).
 
     Each split has its own random stream, so changing one split's size leaves the other's records unchanged.
     """
@@ -262,7 +291,7 @@ def make_task(name: str, n_train: int, n_val: int, seed: int = 42) -> dict[str, 
     sizes = {"train": check_size("n_train", n_train, 1), "val": check_size("n_val", n_val, 0)}
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be a whole number, got {seed!r}")
-    make = TASKS[name]
+    make = (PAIRS if pairs else TASKS)[name]
     splits = {}
     for split in SPLITS:
         rng = random.Random(f"{name}:{split}:{seed}")  # string seeds hash the same on every run and machine
@@ -270,9 +299,14 @@ def make_task(name: str, n_train: int, n_val: int, seed: int = 42) -> dict[str, 
     return splits
 
 
-def write_task(name: str, directory: Path, n_train: int, n_val: int, seed: int = 42) -> dict[str, Path]:
-    """Write task `name` as `train.json` and `val.json` (Alpaca record lists) in `directory`; returns the paths."""
-    splits = make_task(name, n_train, n_val, seed)
+def write_task(name: str, directory: Path, n_train: int, n_val: int, seed: int = 42, pairs: bool = False
+               ) -> dict[str, Path]:
+    """Write task `name` as `train.json` and `val.json` (Alpaca record lists; with `pairs` preference records,
+    {"prompt": [user turn], "chosen", "rejected"}) in `directory`; returns the paths."""
+    splits = make_task(name, n_train, n_val, seed, pairs)
+    if pairs:
+        splits = {split: [{"prompt": [instruction_turn(r["instruction"], r["input"])], "chosen": r["output"],
+                           "rejected": r["rejected"]} for r in records] for split, records in splits.items()}
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory")
@@ -285,11 +319,14 @@ def write_task(name: str, directory: Path, n_train: int, n_val: int, seed: int =
 
 # ------------------------------------------------------------------------------------------------- prepared data
 def prepare_task(name: str, checkpoint_dir: Path, destination: Path, n_train: int = 3000, n_val: int = 200,
-                 seed: int = 42, template: str = "auto", max_seq_length: int = 256, overwrite: bool = False) -> dict:
-    """Generate task `name` and prepare it like any instruction data, its held-out records as the val split.
+                 seed: int = 42, template: str = "auto", max_seq_length: int = 256, overwrite: bool = False,
+                 preference: bool = False) -> dict:
+    """Generate task `name` and prepare it like any instruction data, its held-out records as the val split; with
+    `preference`, the same prompts as chosen/rejected pairs (prepare-preference), the right answer chosen.
 
     `auto` asks in the checkpoint's chat format when it has ChatML markers (an instruct model such as
     SmolLM2-Instruct), else in the Alpaca format; returns the meta.json written."""
+    from lit_lora.data.preference import prepare_preference
     from lit_lora.data.prepare import prepare
     from lit_lora.prompts.builtin import BUILTINS
     from lit_lora.tokenizer import Tokenizer
@@ -297,11 +334,16 @@ def prepare_task(name: str, checkpoint_dir: Path, destination: Path, n_train: in
     check_size("--n_val", n_val, 1)
     if template == "auto":
         template = "chatml" if BUILTINS["chatml"].fits(Tokenizer(check_checkpoint_dir(checkpoint_dir))) else "alpaca"
+    data_name = f"lit-lora task {name} (seed {seed}, {n_train} train, {n_val} held-out)"
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_task(name, Path(tmp), n_train, n_val, seed)
+        paths = write_task(name, Path(tmp), n_train, n_val, seed, preference)
+        if preference:  # the built-in as a chat template: the same prompt tokens as the instruction data's
+            return prepare_preference(checkpoint_dir, paths["train"], destination, template=template,
+                                      max_seq_length=max_seq_length, seed=seed, overwrite=overwrite,
+                                      data_name=f"{data_name}, pairs", val_file=paths["val"])
         return prepare(checkpoint_dir, destination, data_file=paths["train"], val_file=paths["val"], format="alpaca",
                        template=template, max_seq_length=max_seq_length, seed=seed, overwrite=overwrite,
-                       data_name=f"lit-lora task {name} (seed {seed}, {n_train} train, {n_val} held-out)")
+                       data_name=data_name)
 
 
 ANSWER = re.compile(r"(\d{4}-\d{2}-\d{2});(\d+\.\d{2});([A-Z]{3})")

@@ -1,0 +1,175 @@
+"""Preference tuning on chosen/rejected pairs: DPO and ORPO losses, the pairs on disk, and the reference model.
+
+    DPO  (Rafailov et al. 2023)  z = beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))
+                                 loss = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)    (eps: label smoothing)
+                                 rewards: beta * (log pi - log ref) of each answer, summed over its tokens
+    ORPO (Hong et al. 2024)      loss = NLL(chosen) - beta * log sigmoid(log odds(c) - log odds(r)),
+                                 odds(y) = p / (1 - p) with p = exp(mean token log-prob of y); no reference
+                                 rewards: beta * mean token log-prob of each answer
+
+With LoRA the reference costs no second model: it is the policy with the LoRA tensors the run started from (zero B:
+the base; or init_lora's adapter), swapped in for a forward pass without gradients (`reference_weights`).
+A prepared preference split stores pair i as examples 2i (chosen) and 2i + 1 (rejected), whose prompt tokens are
+the same; a batch of pairs is collated as those rows in that order, so both answers go through the model together.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lit_lora.data.batching import make_batch
+from lit_lora.data.dataset import PreparedDataset
+from lit_lora.errors import UserError
+from lit_lora.loss import row_log_probs
+
+METHODS = ("sft", "dpo", "orpo")
+PREFERENCE_STATS = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")  # metrics.csv columns, per pair
+
+
+def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward) per pair, from summed answer log-probabilities (P,)."""
+    chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    z = chosen - rejected
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, chosen.detach(), rejected.detach()
+
+
+def orpo_losses(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, beta: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(odds-ratio term, chosen reward, rejected reward) per pair, from mean token log-probabilities (P,); the
+    caller adds the chosen answers' NLL. log odds(p) = log p - log(1 - p), with log(1 - p) = log1p(-exp(log p))."""
+    log_odds = (mean_chosen - mean_rejected) - (torch.log1p(-mean_chosen.exp()) - torch.log1p(-mean_rejected.exp()))
+    return -beta * F.logsigmoid(log_odds), beta * mean_chosen.detach(), beta * mean_rejected.detach()
+
+
+def preference_terms(method: str, logps: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None, beta: float,
+                     label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss per pair, chosen rewards, rejected rewards, the chosen answers' summed NLL for ORPO, else None) from the
+    summed log-probabilities `logps` and target tokens `counts` of rows chosen, rejected, chosen... (`ref`: the
+    reference's, for DPO)."""
+    if method == "dpo":
+        return (*dpo_losses(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta, label_smoothing), None)
+    mean = logps / counts.clamp(min=1)
+    return (*orpo_losses(mean[0::2], mean[1::2], beta), -logps[0::2].sum())
+
+
+def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Sums over pairs of PREFERENCE_STATS: the rewards, their margin, and reward accuracy (ties count half: equal
+    rewards, as at the start, are a coin toss)."""
+    accuracy = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    return torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum(), accuracy.sum()]).float().cpu()
+
+
+def stats_dict(sums: torch.Tensor, pairs: int | float) -> dict[str, float]:
+    return {key: float(v) / max(pairs, 1) for key, v in zip(PREFERENCE_STATS, sums)}
+
+
+def batch_log_probs(model, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed target log-probability, target tokens) of each row of a padded batch."""
+    hidden = model.hidden_states(batch["input_ids"], batch.get("input_pos"), batch.get("mask"))
+    return row_log_probs(hidden, model, batch["targets"], chunk_size)
+
+
+@torch.no_grad()
+def pair_log_probs(model, pairs: PreferencePairs, batches: list[list[int]], pad_id: int, pad_multiple: int,
+                   chunk_size: int, to_device=lambda b: b, autocast=contextlib.nullcontext
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_log_probs of the rows of every pair in `batches` (chosen, rejected per pair, batch after batch), on
+    the CPU."""
+    logps, counts = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
+    for indices in batches:
+        batch = to_device(make_batch(pairs.rows(indices), pad_id, False, pairs.meta["max_seq_length"], pad_multiple))
+        with autocast():
+            lp, n = batch_log_probs(model, batch, chunk_size)
+        logps.append(lp.float().cpu())
+        counts.append(n.cpu())
+    return torch.cat(logps), torch.cat(counts)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def is_preference(meta: dict[str, Any]) -> bool:
+    return bool(meta.get("preference"))
+
+
+class PreferencePairs:
+    """One split of prepared preference data: `pairs[i]` is [chosen, rejected], each {"input_ids", "labels"}.
+
+    `lengths` is the longer answer's per pair (for length-grouped batching and eval batches)."""
+
+    def __init__(self, examples: PreparedDataset) -> None:
+        self.examples, self.meta, self.directory, self.split = examples, examples.meta, examples.directory, \
+            examples.split
+        n = len(examples)
+        lengths, prompts = examples.lengths, examples.prompt_lengths
+        if n % 2 or (prompts[0::2] != prompts[1::2]).any() or not all(
+                np.array_equal(examples.tokens[examples.offsets[i]:examples.offsets[i] + prompts[i]],
+                               examples.tokens[examples.offsets[i + 1]:examples.offsets[i + 1] + prompts[i]])
+                for i in range(0, n, 2)):
+            raise UserError(f"the preference data in {self.directory} is damaged: its {self.split} examples are not "
+                            f"pairs sharing a prompt; prepare it again (prepare-preference --destination "
+                            f"{self.directory} --overwrite)")
+        self.lengths = np.maximum(lengths[0::2], lengths[1::2])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair {i} out of range for {len(self)} pairs")
+        i = int(i) % len(self)
+        return [self.examples[2 * i], self.examples[2 * i + 1]]
+
+    def rows(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The examples of pairs `indices` as batch rows: chosen, rejected, chosen, rejected..."""
+        return [example for i in indices for example in self[i]]
+
+
+def rows(dataset: PreparedDataset | PreferencePairs, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+    """The batch rows of `indices`: examples, or the two answers of each pair."""
+    return dataset.rows(indices) if isinstance(dataset, PreferencePairs) else [dataset[i] for i in indices]
+
+
+def check_method(method: str, meta: dict[str, Any], data_dir: Any) -> None:
+    """Refuse preference methods on SFT data and SFT on pairs: each would train on the wrong thing."""
+    if method not in METHODS:
+        raise UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if method != "sft" and not is_preference(meta):
+        raise UserError(f"method {method} trains on chosen/rejected pairs, and {data_dir} holds SFT data; prepare "
+                        f"pairs with prepare-preference (or prepare-task extract --preference), or use method: sft")
+    if method == "sft" and is_preference(meta):
+        raise UserError(f"{data_dir} holds chosen/rejected pairs (prepare-preference); train on them with method: dpo "
+                        f"or orpo, or prepare SFT data for method: sft")
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors: taken before training (and before a resume restores any), they are the
+    reference model's."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def reference_weights(model: torch.nn.Module, reference: dict[str, torch.Tensor]):
+    """Inside: the model is the reference (its trainable tensors swapped for `reference`), in eval mode (no dropout),
+    without gradients; after: the policy again, in the mode it was in."""
+    own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {name: p.detach().clone() for name, p in own.items()}
+    training = model.training
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(reference[name])
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(saved[name])
+        model.train(training)
