@@ -208,15 +208,13 @@ def validation_preference(fabric: L.Fabric, model, val_data: PreferencePairs, co
     t = config.train
     limit = config.eval.max_batches * t.micro_batch_size if config.eval.max_batches else None
     batches = eval_batches(val_data.lengths, limit, t.micro_batch_size)
-    mine = batches[fabric.global_rank :: fabric.world_size]
-    if is_sharded(fabric):  # every process runs as many forward passes (they all-gather); the extra ones uncounted
-        mine += [[]] * (-(-len(batches) // fabric.world_size) - len(mine))
+    counted = batches[fabric.global_rank :: fabric.world_size]
+    # FSDP: every process runs as many forward passes (they all-gather); the extra ones are not counted
+    extra = [batches[0]] * (-(-len(batches) // fabric.world_size) - len(counted)) if is_sharded(fabric) else []
 
     def log_probs(indices: list[list[int]]):
         return pair_log_probs(model, val_data, indices, pad_id, t.pad_multiple, t.loss_chunk_size, fabric.to_device,
                               fabric.autocast)
-    counted = [b for b in mine if b]
-    extra = [batches[0]] * (len(mine) - len(counted))
     logps, counts = log_probs(counted)
     log_probs(extra)  # for FSDP's collectives only
     ref = None
