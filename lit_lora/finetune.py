@@ -51,7 +51,8 @@ from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA
 from lit_lora.multi_lora import AdapterRNG, adapter_parameters, alone, apply_adapters, row_parts, split
 from lit_lora.preference import (PREFERENCE_STATS, PreferencePairs, batch_log_probs, check_method, pair_log_probs,
-                                  pair_stats, preference_terms, reference_weights, rows, snapshot, stats_dict)
+                                  pair_stats, preference_terms, reference_weights, rows, sft_weight, snapshot,
+                                  stats_dict)
 from lit_lora.prompts.format import prompt_format, recorded_prompt
 from lit_lora.quantize import check_nf4_sharding
 from lit_lora.stop import StopRequest
@@ -224,13 +225,12 @@ def validation_preference(fabric: L.Fabric, model, val_data: PreferencePairs, co
             log_probs(extra)
     p = config.preference
     losses, chosen, rejected, nll = preference_terms(config.method, logps, counts, ref, p.beta, p.label_smoothing)
-    sums = torch.cat([torch.stack([losses.sum(), nll if nll is not None else torch.tensor(0.0),
-                                   counts[0::2].sum().float(), torch.tensor(float(len(losses)))]),
+    sums = torch.cat([torch.stack([losses.sum(), nll, counts[0::2].sum().float(), torch.tensor(float(len(losses)))]),
                       pair_stats(chosen, rejected)])
     sums = fabric.all_reduce(sums, reduce_op="sum").cpu()
     model.train()
     pairs = sums[3].clamp(min=1)
-    loss = sums[0] / pairs + (sums[1] / sums[2].clamp(min=1) if config.method == "orpo" else 0)
+    loss = sums[0] / pairs + sft_weight(config.method, p.sft_weight) * sums[1] / sums[2].clamp(min=1)
     return float(loss), stats_dict(sums[4:], float(pairs))
 
 
@@ -522,7 +522,7 @@ def micro_objective(runs: list[Run], batch: dict[str, torch.Tensor], parts: list
     global counts.
 
     sft: each run's summed cross-entropy over its own target tokens. dpo/orpo (one run): the preference loss per
-    pair over the step's pairs, plus for ORPO the chosen answers' NLL over their target tokens."""
+    pair over the step's pairs, plus the chosen answers' NLL over their target tokens times sft_weight (ORPO: 1)."""
     run, model, t = runs[0], runs[0].model, runs[0].config.train
     if run.config.method == "sft":
         ces = segment_losses(model, batch, parts, t.loss_chunk_size)
@@ -535,8 +535,9 @@ def micro_objective(runs: list[Run], batch: dict[str, torch.Tensor], parts: list
     logps, n = batch_log_probs(model, batch, t.loss_chunk_size)
     losses, chosen, rejected, nll = preference_terms(run.config.method, logps, n, ref, p.beta, p.label_smoothing)
     share = losses.sum() / t.global_batch_size
-    if nll is not None:
-        share = share + nll / counts[0, 3].clamp(min=1)
+    weight = sft_weight(run.config.method, p.sft_weight)
+    if weight:
+        share = share + weight * nll / counts[0, 3].clamp(min=1)
     return share * run.fabric.world_size, share.detach().float()[None], pair_stats(chosen, rejected)
 
 

@@ -6,6 +6,7 @@
     ORPO (Hong et al. 2024)      loss = NLL(chosen) - beta * log sigmoid(log odds(c) - log odds(r)),
                                  odds(y) = p / (1 - p) with p = exp(mean token log-prob of y); no reference
                                  rewards: beta * mean token log-prob of each answer
+    RPO  (Pang et al. 2024)      DPO + w * NLL(chosen), `preference.sft_weight` w; the NLL is per chosen token
 
 With LoRA the reference costs no second model: it is the policy with the LoRA tensors the run started from (zero B:
 the base; or init_lora's adapter), swapped in for a forward pass without gradients (`reference_weights`).
@@ -49,14 +50,23 @@ def orpo_losses(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, beta: fl
 
 
 def preference_terms(method: str, logps: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None, beta: float,
-                     label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss per pair, chosen rewards, rejected rewards, the chosen answers' summed NLL for ORPO, else None) from the
-    summed log-probabilities `logps` and target tokens `counts` of rows chosen, rejected, chosen... (`ref`: the
-    reference's, for DPO)."""
+                     label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair, chosen rewards, rejected rewards, the chosen answers' summed NLL) from the summed
+    log-probabilities `logps` and target tokens `counts` of rows chosen, rejected, chosen... (`ref`: the
+    reference's, for DPO). The step's loss adds the NLL per chosen token times `sft_weight`."""
+    nll = -logps[0::2].sum()
     if method == "dpo":
-        return (*dpo_losses(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta, label_smoothing), None)
+        return (*dpo_losses(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta, label_smoothing), nll)
     mean = logps / counts.clamp(min=1)
-    return (*orpo_losses(mean[0::2], mean[1::2], beta), -logps[0::2].sum())
+    return (*orpo_losses(mean[0::2], mean[1::2], beta), nll)
+
+
+def sft_weight(method: str, weight: float | None) -> float:
+    """The weight of the chosen answers' NLL per token in the loss: ORPO's own SFT term is 1; DPO has none unless
+    set (RPO: DPO plus that term, against the chosen answers' likelihood falling with the rejected ones')."""
+    if weight is not None:
+        return weight
+    return 1.0 if method == "orpo" else 0.0
 
 
 def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,9 @@ class PreferenceSection:
 
     beta: float = 0.1  # DPO: how far the policy may stray from the reference (lower: further); ORPO: odds weight
     label_smoothing: float = 0.0  # DPO: the probability that a pair's labels are flipped (conservative DPO)
+    # the weight of the chosen answers' NLL per token added to the loss: null = the method's own (ORPO 1, DPO 0);
+    # DPO with a weight > 0 is RPO (Pang et al. 2024; TRL's rpo_alpha), which keeps the chosen answers likely
+    sft_weight: float | None = None
 
 
 @dataclass
@@ -220,6 +223,8 @@ class TrainConfig:
             raise UserError(f"preference.beta must be > 0, got {p.beta}")
         if not 0 <= p.label_smoothing < 0.5:
             raise UserError(f"preference.label_smoothing must be in [0, 0.5), got {p.label_smoothing}")
+        if p.sft_weight is not None and not (math.isfinite(p.sft_weight) and p.sft_weight >= 0):
+            raise UserError(f"preference.sft_weight must be >= 0 (or null: the method's own), got {p.sft_weight}")
         if self.method == "sft":
             return
         if self.adapters:

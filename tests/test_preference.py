@@ -18,7 +18,7 @@ from lit_lora.evaluate import evaluate
 from lit_lora.finetune import finetune
 from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from lit_lora.preference import (PreferencePairs, batch_log_probs, dpo_losses, orpo_losses, preference_terms,
-                                 reference_weights, snapshot as lora_snapshot)
+                                 reference_weights, sft_weight, snapshot as lora_snapshot)
 from lit_lora.data.batching import collate
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import load_config
@@ -71,8 +71,8 @@ def reference_log_probs(model, batch) -> torch.Tensor:
     return (logp * mask).sum(1)
 
 
-@pytest.mark.parametrize("method", ["dpo", "orpo"])
-def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint, pairs_dir, method):
+@pytest.mark.parametrize("method, weight", [("dpo", None), ("dpo", 0.5), ("orpo", None), ("orpo", 0.25)])
+def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint, pairs_dir, method, weight):
     model = load_model(tiny_checkpoint, torch.float32)
     apply_lora(model, LoRAConfig(r=4, dropout=0.0, targets=["attention", "mlp"]))
     mark_only_lora_as_trainable(model)
@@ -89,7 +89,7 @@ def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint,
         ref, _ = batch_log_probs(model, batch, chunk_size=3)
     logps, counts = batch_log_probs(model, batch, chunk_size=3)  # the chunked head of training
     losses, chosen, _, nll = preference_terms(method, logps, counts, ref, beta, eps)
-    ours = losses.mean() + (nll / counts[0::2].sum() if nll is not None else 0)
+    ours = losses.mean() + sft_weight(method, weight) * nll / counts[0::2].sum()
     ours.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -107,13 +107,15 @@ def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint,
                 p.copy_(base[name])
     policy = reference_log_probs(model, batch)
     pc, pr = policy[0::2], policy[1::2]
-    if method == "dpo":
+    chosen_nll = -pc.sum() / n[0::2].sum()
+    if method == "dpo":  # RPO with a weight: DPO plus the chosen answers' NLL per token times it
         z = beta * ((pc - ref_plain[0::2]) - (pr - ref_plain[1::2]))
-        theirs = (-(1 - eps) * torch.log(torch.sigmoid(z)) - eps * torch.log(torch.sigmoid(-z))).mean()
-    else:
+        dpo = (-(1 - eps) * torch.log(torch.sigmoid(z)) - eps * torch.log(torch.sigmoid(-z))).mean()
+        theirs = dpo + (weight or 0) * chosen_nll
+    else:  # the paper's NLL + beta * odds-ratio term, the NLL reweighted when asked
         p_c, p_r = torch.exp(pc / n[0::2]), torch.exp(pr / n[1::2])
         ratio = torch.log(p_c / (1 - p_c)) - torch.log(p_r / (1 - p_r))
-        theirs = -pc.sum() / n[0::2].sum() - beta * torch.log(torch.sigmoid(ratio)).mean()
+        theirs = (1 if weight is None else weight) * chosen_nll - beta * torch.log(torch.sigmoid(ratio)).mean()
     theirs.backward()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert any(g.abs().max() > 1e-4 for g in grads.values())
@@ -288,6 +290,7 @@ def prepared_sft(tiny_checkpoint, tmp_path_factory) -> Path:
     (["--method=dpo", "--train.packing=true"], ["packing"]),
     (["--method=ipo"], ["method 'ipo'"]),
     (["--method=dpo", "--preference.beta=0"], ["preference.beta"]),
+    (["--method=dpo", "--preference.sft_weight=-1"], ["preference.sft_weight", ">= 0"]),
     (["--method=dpo", "--init_lora=nowhere"], ["init_lora", "nowhere"]),
 ])
 def test_wrong_data_or_settings_are_refused_before_anything_is_written(tiny_checkpoint, pairs_dir, prepared_sft,
@@ -300,6 +303,16 @@ def test_wrong_data_or_settings_are_refused_before_anything_is_written(tiny_chec
     assert_error(code, err, *words)
     assert_not_written(tmp_path / "out")
     assert snapshot(data) == before
+
+
+def test_rpo_adds_the_chosen_answers_loss_times_its_weight(tiny_checkpoint, pairs_dir, tmp_path):
+    finetune(dpo_config(tiny_checkpoint, pairs_dir, tmp_path / "out", "--train.max_steps=1",
+                        "--preference.sft_weight=0.5"))
+    step0 = rows(tmp_path / "out" / "metrics.csv")[0]
+    # the policy is the base at step 0: its chosen answers' loss on the pairs the run validates on (see below)
+    base = evaluate(tiny_checkpoint, pairs_dir, [], metric="loss", progress=False, batch_size=3, limit=4)
+    assert float(step0["loss"]) == pytest.approx(math.log(2) + 0.5 * base["models"][0]["loss"], abs=1e-5)
+    assert load_config(tmp_path / "out" / "config.yaml").preference.sft_weight == 0.5
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
