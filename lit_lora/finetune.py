@@ -50,7 +50,7 @@ from lit_lora.loss import eval_batches, segment_losses, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA
 from lit_lora.multi_lora import AdapterRNG, adapter_parameters, alone, apply_adapters, row_parts, split
-from lit_lora.preference import (PREFERENCE_STATS, PreferencePairs, batch_log_probs, check_method, pair_log_probs,
+from lit_lora.preference import (PREFERENCE_COLUMNS, PREFERENCE_STATS, PreferencePairs, batch_log_probs, check_method, pair_log_probs,
                                   pair_stats, preference_terms, reference_weights, rows, sft_weight, snapshot,
                                   stats_dict)
 from lit_lora.prompts.format import prompt_format, recorded_prompt
@@ -181,20 +181,29 @@ def build_model(config: TrainConfig, adapters: dict[str, LoRAConfig] | None = No
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def validation_batches(fabric: L.Fabric, lengths, config: TrainConfig) -> tuple[list[list[int]], list[list[int]]]:
+    """(this process's share of the validation micro-batches, the extra ones it runs uncounted): under FSDP each
+    forward all-gathers the shards, so a process with a batch fewer runs one more for the collectives' sake."""
+    t = config.train
+    limit = config.eval.max_batches * t.micro_batch_size if config.eval.max_batches else None
+    batches = eval_batches(lengths, limit, t.micro_batch_size)
+    mine = batches[fabric.global_rank :: fabric.world_size]
+    extra = [batches[0]] * (-(-len(batches) // fabric.world_size) - len(mine)) if is_sharded(fabric) else []
+    return mine, extra
+
+
 @torch.no_grad()
 def validation_loss(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_id: int) -> float:
     """Mean cross-entropy per target token over (part of) the validation split, all processes together."""
     model.eval()
     t = config.train
-    limit = config.eval.max_batches * t.micro_batch_size if config.eval.max_batches else None
-    batches = eval_batches(val_data.lengths, limit, t.micro_batch_size)
-    mine = batches[fabric.global_rank :: fabric.world_size]
-    loss_sum = summed_loss(model, val_data, mine, pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
+    mine, extra = validation_batches(fabric, val_data.lengths, config)
+
+    def losses(batches: list[list[int]]) -> torch.Tensor:
+        return summed_loss(model, val_data, batches, pad_id, t.packing, t.pad_multiple, t.loss_chunk_size,
                            fabric.to_device, fabric.autocast)
-    if is_sharded(fabric):  # each forward all-gathers the shards: a process with a batch fewer runs one, uncounted
-        extra = [batches[0]] * (-(-len(batches) // fabric.world_size) - len(mine))
-        summed_loss(model, val_data, extra, pad_id, t.packing, t.pad_multiple, t.loss_chunk_size, fabric.to_device,
-                    fabric.autocast)
+    loss_sum = losses(mine)
+    losses(extra)  # for FSDP's collectives only
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
     model.train()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
@@ -203,25 +212,21 @@ def validation_loss(fabric: L.Fabric, model, val_data, config: TrainConfig, pad_
 @torch.no_grad()
 def validation_preference(fabric: L.Fabric, model, val_data: PreferencePairs, config: TrainConfig, pad_id: int,
                           reference: dict[str, torch.Tensor] | None) -> tuple[float, dict[str, float]]:
-    """The preference loss and PREFERENCE_STATS per pair over (part of) the validation pairs, all processes
-    together; the DPO reference is the run's starting point, as in training."""
+    """The preference loss and PREFERENCE_STATS per pair, and the chosen answers' loss per token, over (part of) the
+    validation pairs, all processes together; the DPO reference is the run's starting point, as in training."""
     model.eval()
     t = config.train
-    limit = config.eval.max_batches * t.micro_batch_size if config.eval.max_batches else None
-    batches = eval_batches(val_data.lengths, limit, t.micro_batch_size)
-    counted = batches[fabric.global_rank :: fabric.world_size]
-    # FSDP: every process runs as many forward passes (they all-gather); the extra ones are not counted
-    extra = [batches[0]] * (-(-len(batches) // fabric.world_size) - len(counted)) if is_sharded(fabric) else []
+    mine, extra = validation_batches(fabric, val_data.lengths, config)
 
     def log_probs(indices: list[list[int]]):
         return pair_log_probs(model, val_data, indices, pad_id, t.pad_multiple, t.loss_chunk_size, fabric.to_device,
                               fabric.autocast)
-    logps, counts = log_probs(counted)
+    logps, counts = log_probs(mine)
     log_probs(extra)  # for FSDP's collectives only
     ref = None
     if config.method == "dpo":
         with reference_weights(model.module, reference):
-            ref = log_probs(counted)[0]
+            ref = log_probs(mine)[0]
             log_probs(extra)
     p = config.preference
     losses, chosen, rejected, nll = preference_terms(config.method, logps, counts, ref, p.beta, p.label_smoothing)
@@ -229,9 +234,9 @@ def validation_preference(fabric: L.Fabric, model, val_data: PreferencePairs, co
                       pair_stats(chosen, rejected)])
     sums = fabric.all_reduce(sums, reduce_op="sum").cpu()
     model.train()
-    pairs = sums[3].clamp(min=1)
-    loss = sums[0] / pairs + sft_weight(config.method, p.sft_weight) * sums[1] / sums[2].clamp(min=1)
-    return float(loss), stats_dict(sums[4:], float(pairs))
+    pairs, chosen_loss = sums[3].clamp(min=1), sums[1] / sums[2].clamp(min=1)
+    loss = sums[0] / pairs + sft_weight(config.method, p.sft_weight) * chosen_loss
+    return float(loss), {**stats_dict(sums[4:], float(pairs)), "chosen_loss": float(chosen_loss)}
 
 
 def sample_answer(model: LLaMA, tokenizer: Tokenizer, prompt_meta: dict[str, Any], prompt: str,
@@ -410,7 +415,7 @@ def start_run(fabric: L.Fabric, plan: Plan, name: str | None, model, optimizer, 
         out_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(out_dir / "config.yaml", plan.config.to_dict())
     metrics = MetricsLog(fabric, out_dir / "metrics.csv", resume_step=progress.step if point else None,
-                         extra=PREFERENCE_STATS if plan.config.method != "sft" else ())
+                         extra=PREFERENCE_COLUMNS if plan.config.method != "sft" else ())
     return Run(plan.config, fabric, model, optimizer, plan.train_data, plan.val_data, tokenizer, progress,
                plan.max_steps, metrics, recorded_prompt(plan.train_data.meta), name, rng,
                start_step=progress.step, start_tokens=progress.tokens)
@@ -448,8 +453,11 @@ def validate_and_sample(run: Run) -> float | None:
             loss, means = validation_preference(fabric, run.model, run.val_data, config, run.tokenizer.pad_id,
                                                 run.reference)
             run.metrics.log(step=progress.step, epoch=progress.epoch, split="val", loss=loss, **means)
-            line = (f"\nstep {progress.step}: val {config.method} loss {loss:.4f}, reward accuracy "
-                    f"{means['accuracy']:.1%}, margin {means['margin']:.4f}")
+            weight = sft_weight(config.method, config.preference.sft_weight)
+            with_sft = f" (with {weight:g} x the chosen loss)" if config.method == "dpo" and weight else ""
+            line = (f"\nstep {progress.step}: val {config.method} loss {loss:.4f}{with_sft}, chosen loss "
+                    f"{means['chosen_loss']:.4f}, reward accuracy {means['accuracy']:.1%}, margin "
+                    f"{means['margin']:.4f}")
         if is_sharded(fabric):  # generating needs the whole model in one process (setup said so)
             fabric.print(line)
         elif fabric.global_rank == 0:

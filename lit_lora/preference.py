@@ -29,6 +29,8 @@ from lit_lora.loss import row_log_probs
 
 METHODS = ("sft", "dpo", "orpo")
 PREFERENCE_STATS = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")  # metrics.csv columns, per pair
+# validation's too: the chosen answers' loss per token, which DPO can raise while it widens the margin
+PREFERENCE_COLUMNS = (*PREFERENCE_STATS, "chosen_loss")
 
 
 def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

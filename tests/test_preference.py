@@ -312,7 +312,22 @@ def test_rpo_adds_the_chosen_answers_loss_times_its_weight(tiny_checkpoint, pair
     # the policy is the base at step 0: its chosen answers' loss on the pairs the run validates on (see below)
     base = evaluate(tiny_checkpoint, pairs_dir, [], metric="loss", progress=False, batch_size=3, limit=4)
     assert float(step0["loss"]) == pytest.approx(math.log(2) + 0.5 * base["models"][0]["loss"], abs=1e-5)
+    assert float(step0["chosen_loss"]) == pytest.approx(base["models"][0]["loss"], abs=1e-5)
     assert load_config(tmp_path / "out" / "config.yaml").preference.sft_weight == 0.5
+
+
+def test_a_resume_that_changes_the_objective_is_refused(tiny_checkpoint, pairs_dir, tmp_path, monkeypatch, capsys):
+    dpo = ["--method=dpo", "--lora.dropout=0", "--train.learning_rate=0.01", "--train.warmup_steps=1"]
+    finetune(load_config(TINY, tiny_args(tiny_checkpoint, pairs_dir, tmp_path / "out", *dpo, "--train.max_steps=2",
+                                         "--train.save_interval=2")))
+    capsys.readouterr()  # the first run's progress
+    before = snapshot(tmp_path / "out")
+    for changed, word in (("--preference.sft_weight=0.5", "preference.sft_weight"),
+                          ("--preference.beta=0.5", "preference.beta")):
+        args = tiny_args(tiny_checkpoint, pairs_dir, tmp_path / "out", *dpo, "--train.max_steps=4", changed)
+        code, _, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, *args, "--resume", "auto")
+        assert_error(code, err, word)
+        assert snapshot(tmp_path / "out") == before
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

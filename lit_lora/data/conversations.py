@@ -156,21 +156,29 @@ def prepare_chat(
                         f"the shortest is {min(full_lengths)} tokens")
     groups, duplicates = identical_groups([json.dumps(conversations[i], sort_keys=True) for i in kept])
     splits = split_indices(len(examples), val_size, val_fraction, seed, groups)
-    meta = {
+    source = {"path": str(data_file), "sha256": sha256_file(data_file), "kind": read.pop("kind")}
+    counts = {**read, "duplicates": duplicates, **cut, "examples": len(examples), "train": len(splits["train"]),
+              "val": len(splits["val"])}
+    meta = chat_meta(chat_template, tokenizer, train_on, system, max_seq_length, seed, source, counts, full_lengths)
+    return write_prepared(destination, overwrite, inputs, examples, splits, meta)
+
+
+def chat_meta(template: ChatTemplate, tokenizer: Tokenizer, train_on: str, system: str | None, max_seq_length: int,
+              seed: int, source: dict[str, Any], counts: dict[str, Any], full_lengths: list[int]) -> dict[str, Any]:
+    """meta.json of data rendered with a chat template: prepare-chat's, and prepare-preference's with its flag."""
+    return {
         "format_version": DATA_FORMAT_VERSION,
         "template": "chat",
-        "chat_template": chat_template.record(),
+        "chat_template": template.record(),
         "train_on": train_on,
         "system": system,
         "tokenizer": tokenizer.identity(),
         "max_seq_length": max_seq_length,
         "seed": seed,
-        "source": {"path": str(data_file), "sha256": sha256_file(data_file), "kind": read.pop("kind")},
-        "counts": {**read, "duplicates": duplicates, **cut, "examples": len(examples),
-                   "train": len(splits["train"]), "val": len(splits["val"])},
+        "source": source,
+        "counts": counts,
         "lengths_before_truncation": length_stats(full_lengths),
     }
-    return write_prepared(destination, overwrite, inputs, examples, splits, meta)
 
 
 def summary(meta: dict[str, Any], destination: Path) -> tuple[list[str], list[str]]:

@@ -24,9 +24,8 @@ from typing import Any
 from tqdm import tqdm
 
 from lit_lora.checkpoint import check_checkpoint_dir
-from lit_lora.data.conversations import shorter_versions
-from lit_lora.data.dataset import DATA_FORMAT_VERSION
-from lit_lora.data.prepare import Example, check_split_options, identical_groups, length_stats, lengths_line, \
+from lit_lora.data.conversations import chat_meta, shorter_versions
+from lit_lora.data.prepare import Example, check_split_options, identical_groups, lengths_line, \
     split_indices, write_prepared
 from lit_lora.data.readers import load_json_records, normalize_turn
 from lit_lora.errors import UserError
@@ -210,21 +209,10 @@ def prepare_preference(
     source = {"path": data_name or str(data_file), "sha256": sha256_file(data_file), "kind": read.pop("kind")}
     if val_file is not None:
         source["val_file"] = {"path": data_name or str(val_file), "sha256": sha256_file(val_file)}
-    meta = {
-        "format_version": DATA_FORMAT_VERSION,
-        "preference": True,
-        "template": "chat",
-        "chat_template": chat_template.record(),
-        "train_on": "last",
-        "system": system,
-        "tokenizer": tokenizer.identity(),
-        "max_seq_length": max_seq_length,
-        "seed": seed,
-        "source": source,
-        "counts": {**read, "duplicates": duplicates, **cut, "pairs": len(kept), "examples": len(examples),
-                   "train": len(splits["train"]), "val": len(splits["val"])},
-        "lengths_before_truncation": length_stats(full_lengths),
-    }
+    counts = {**read, "duplicates": duplicates, **cut, "pairs": len(kept), "examples": len(examples),
+              "train": len(splits["train"]), "val": len(splits["val"])}
+    meta = {**chat_meta(chat_template, tokenizer, "last", system, max_seq_length, seed, source, counts, full_lengths),
+            "preference": True}
     return write_prepared(destination, overwrite, inputs, examples, splits, meta)
 
 
