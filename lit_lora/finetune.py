@@ -50,9 +50,9 @@ from lit_lora.loss import eval_batches, segment_losses, summed_loss
 from lit_lora.metrics import MetricsLog, plot_losses
 from lit_lora.model import LLaMA
 from lit_lora.multi_lora import AdapterRNG, adapter_parameters, alone, apply_adapters, row_parts, split
-from lit_lora.preference import (PREFERENCE_COLUMNS, PREFERENCE_STATS, PreferencePairs, batch_log_probs, check_method, pair_log_probs,
-                                  pair_stats, preference_terms, reference_weights, rows, sft_weight, snapshot,
-                                  stats_dict)
+from lit_lora.preference import (PREFERENCE_COLUMNS, PREFERENCE_STATS, PreferencePairs, batch_log_probs,
+                                  check_method, pair_log_probs, pair_stats, preference_terms, reference_weights, rows,
+                                  sft_weight, snapshot, stats_dict)
 from lit_lora.prompts.format import prompt_format, recorded_prompt
 from lit_lora.quantize import check_nf4_sharding
 from lit_lora.stop import StopRequest

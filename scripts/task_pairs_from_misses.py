@@ -12,16 +12,16 @@ The prompts are prepare-task's default training split (seed 42, 3,000 examples; 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tqdm import tqdm
 
 from lit_lora.adapter import load_checked_adapter
 from lit_lora.checkpoint import load_config
-from lit_lora.data.tasks import make_task
+from lit_lora.data.tasks import make_task, pair_record
+from lit_lora.fileio import write_json
 from lit_lora.generate import Sampling, TorchEngine
-from lit_lora.prompts.format import instruction_turn, prompt_format
+from lit_lora.prompts.format import prompt_format
 from lit_lora.tokenizer import Tokenizer
 
 
@@ -53,11 +53,8 @@ def main() -> None:
         parser.error(f"{args.out} exists; choose another --out")
     records = make_task("extract", 3000, 200)["train"][: args.limit]
     answers = own_answers(args.checkpoint_dir, args.lora_path, records, args.batch_size)
-    pairs = [{"prompt": [instruction_turn(r["instruction"], r["input"])], "chosen": r["output"],
-              "rejected": a.strip()} for r, a in zip(records, answers) if a.strip() != r["output"]]
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(pairs, indent=1, ensure_ascii=False))
-    tmp.rename(args.out)
+    pairs = [pair_record(r, a.strip()) for r, a in zip(records, answers) if a.strip() != r["output"]]
+    write_json(args.out, pairs)
     print(f"{len(pairs)} of {len(records)} answers missed ({len(pairs) / len(records):.1%}); wrote them as pairs "
           f"to {args.out}")
 

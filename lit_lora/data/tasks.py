@@ -299,14 +299,19 @@ def make_task(name: str, n_train: int, n_val: int, seed: int = 42, pairs: bool =
     return splits
 
 
+def pair_record(record: dict[str, str], rejected: str) -> dict:
+    """A task record as a prepare-preference record: its user turn, its answer chosen, `rejected` rejected."""
+    return {"prompt": [instruction_turn(record["instruction"], record["input"])], "chosen": record["output"],
+            "rejected": rejected}
+
+
 def write_task(name: str, directory: Path, n_train: int, n_val: int, seed: int = 42, pairs: bool = False
                ) -> dict[str, Path]:
     """Write task `name` as `train.json` and `val.json` (Alpaca record lists; with `pairs` preference records,
     {"prompt": [user turn], "chosen", "rejected"}) in `directory`; returns the paths."""
     splits = make_task(name, n_train, n_val, seed, pairs)
     if pairs:
-        splits = {split: [{"prompt": [instruction_turn(r["instruction"], r["input"])], "chosen": r["output"],
-                           "rejected": r["rejected"]} for r in records] for split, records in splits.items()}
+        splits = {split: [pair_record(r, r["rejected"]) for r in records] for split, records in splits.items()}
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory")
