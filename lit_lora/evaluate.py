@@ -42,7 +42,8 @@ from lit_lora.fileio import check_file_destination, write_json
 from lit_lora.generate import Sampling, TorchEngine, decoding_model
 from lit_lora.lora import lora_applied
 from lit_lora.loss import eval_batches, summed_loss
-from lit_lora.preference import PreferencePairs, dpo_losses, is_preference, pair_log_probs, pair_stats, stats_dict
+from lit_lora.preference import (PreferencePairs, RowLogProbs, dpo_losses, is_preference, pair_log_probs, pair_stats,
+                                 stats_dict)
 from lit_lora.prompts.chat_template import ChatTemplate
 from lit_lora.prompts.format import PromptFormat, prompt_format, recorded_prompt
 from lit_lora.quantize import decoding_quantize
@@ -271,11 +272,11 @@ def score_preferences(model, pairs: PreferencePairs, n, batch_size, precision, p
     lora_dtype, t = PRECISIONS[precision][1], TrainSection()
     device = model.embed_tokens.weight.device
 
-    def log_probs() -> tuple[torch.Tensor, torch.Tensor]:
+    def log_probs() -> RowLogProbs:  # over whole answers: the reported rewards are the standard ones
         return pair_log_probs(model, pairs, batches, pad_id, t.pad_multiple, t.loss_chunk_size,
                               lambda b: to_device(b, device), mixed_precision(model, precision))
     start = time.perf_counter()
-    base, counts = log_probs()
+    base, counts = log_probs()[:2]
     base_seconds = time.perf_counter() - start
     for score, adapter in models:
         start = time.perf_counter()
@@ -283,7 +284,7 @@ def score_preferences(model, pairs: PreferencePairs, n, batch_size, precision, p
             logps = base
         else:
             with lora_applied(model, *adapter[:2], lora_dtype):
-                logps = log_probs()[0]
+                logps = log_probs().logps
         bar.update(len(batches))
         losses, chosen, rejected = dpo_losses(logps[0::2], logps[1::2], base[0::2], base[1::2], beta)
         means = stats_dict(pair_stats(chosen, rejected), len(losses))

@@ -218,19 +218,21 @@ def validation_preference(fabric: L.Fabric, model, val_data: PreferencePairs, co
     t = config.train
     mine, extra = validation_batches(fabric, val_data.lengths, config)
 
+    p = config.preference
+
     def log_probs(indices: list[list[int]]):
         return pair_log_probs(model, val_data, indices, pad_id, t.pad_multiple, t.loss_chunk_size, fabric.to_device,
-                              fabric.autocast)
-    logps, counts = log_probs(mine)
+                              fabric.autocast, p.compare)
+    rows = log_probs(mine)
     log_probs(extra)  # for FSDP's collectives only
     ref = None
     if config.method == "dpo":
         with reference_weights(model.module, reference):
-            ref = log_probs(mine)[0]
+            ref = log_probs(mine).logps
             log_probs(extra)
-    p = config.preference
-    losses, chosen, rejected, nll = preference_terms(config.method, logps, counts, ref, p.beta, p.label_smoothing)
-    sums = torch.cat([torch.stack([losses.sum(), nll, counts[0::2].sum().float(), torch.tensor(float(len(losses)))]),
+    losses, chosen, rejected, nll = preference_terms(config.method, rows, ref, p.beta, p.label_smoothing)
+    chosen_tokens = rows.whole_counts[0::2].sum().float()
+    sums = torch.cat([torch.stack([losses.sum(), nll, chosen_tokens, torch.tensor(float(len(losses)))]),
                       pair_stats(chosen, rejected)])
     sums = fabric.all_reduce(sums, reduce_op="sum").cpu()
     model.train()
@@ -539,9 +541,9 @@ def micro_objective(runs: list[Run], batch: dict[str, torch.Tensor], parts: list
     ref, p = None, run.config.preference
     if run.config.method == "dpo":  # first: its activations are gone before the policy's are kept for backward
         with reference_weights(model.module, run.reference):
-            ref, _ = batch_log_probs(model, batch, t.loss_chunk_size)
-    logps, n = batch_log_probs(model, batch, t.loss_chunk_size)
-    losses, chosen, rejected, nll = preference_terms(run.config.method, logps, n, ref, p.beta, p.label_smoothing)
+            ref = batch_log_probs(model, batch, t.loss_chunk_size, p.compare).logps
+    rows = batch_log_probs(model, batch, t.loss_chunk_size, p.compare)
+    losses, chosen, rejected, nll = preference_terms(run.config.method, rows, ref, p.beta, p.label_smoothing)
     share = losses.sum() / t.global_batch_size
     weight = sft_weight(run.config.method, p.sft_weight)
     if weight:

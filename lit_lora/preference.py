@@ -8,6 +8,11 @@
                                  rewards: beta * mean token log-prob of each answer
     RPO  (Pang et al. 2024)      DPO + w * NLL(chosen), `preference.sft_weight` w; the NLL is per chosen token
 
+`preference.compare: first_difference` compares the two answers only up to and including their first different token
+(as Step-DPO compares only the first wrong step): after it, the rejected answer's tokens are predicted from a prefix
+that is already wrong, and pushing them down also pushes down the same tokens where they are right. The SFT term
+always covers the whole chosen answer.
+
 With LoRA the reference costs no second model: it is the policy with the LoRA tensors the run started from (zero B:
 the base; or init_lora's adapter), swapped in for a forward pass without gradients (`reference_weights`).
 A prepared preference split stores pair i as examples 2i (chosen) and 2i + 1 (rejected), whose prompt tokens are
@@ -16,18 +21,19 @@ the same; a batch of pairs is collated as those rows in that order, so both answ
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lit_lora.data.batching import make_batch
-from lit_lora.data.dataset import PreparedDataset
+from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.errors import UserError
 from lit_lora.loss import row_log_probs
 
 METHODS = ("sft", "dpo", "orpo")
+COMPARE = ("whole", "first_difference")  # preference.compare: which answer tokens the preference term compares
 PREFERENCE_STATS = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")  # metrics.csv columns, per pair
 # validation's too: the chosen answers' loss per token, which DPO can raise while it widens the margin
 PREFERENCE_COLUMNS = (*PREFERENCE_STATS, "chosen_loss")
@@ -51,15 +57,25 @@ def orpo_losses(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, beta: fl
     return -beta * F.logsigmoid(log_odds), beta * mean_chosen.detach(), beta * mean_rejected.detach()
 
 
-def preference_terms(method: str, logps: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None, beta: float,
-                     label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per pair, chosen rewards, rejected rewards, the chosen answers' summed NLL) from the summed
-    log-probabilities `logps` and target tokens `counts` of rows chosen, rejected, chosen... (`ref`: the
-    reference's, for DPO). The step's loss adds the NLL per chosen token times `sft_weight`."""
-    nll = -logps[0::2].sum()
+class RowLogProbs(NamedTuple):
+    """Per batch row: the summed log-probability of the compared answer tokens and their number, and the same over
+    the whole answer (the same tensors unless compare is first_difference)."""
+    logps: torch.Tensor
+    counts: torch.Tensor
+    whole: torch.Tensor
+    whole_counts: torch.Tensor
+
+
+def preference_terms(method: str, rows: RowLogProbs, ref: torch.Tensor | None, beta: float, label_smoothing: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair, chosen rewards, rejected rewards, the chosen answers' summed NLL over their whole answers) from
+    the rows chosen, rejected, chosen... (`ref`: the reference's compared log-probabilities, for DPO). The step's
+    loss adds the NLL per chosen token times `sft_weight`."""
+    nll = -rows.whole[0::2].sum()
+    logps = rows.logps
     if method == "dpo":
         return (*dpo_losses(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta, label_smoothing), nll)
-    mean = logps / counts.clamp(min=1)
+    mean = logps / rows.counts.clamp(min=1)
     return (*orpo_losses(mean[0::2], mean[1::2], beta), nll)
 
 
@@ -82,26 +98,41 @@ def stats_dict(sums: torch.Tensor, pairs: int | float) -> dict[str, float]:
     return {key: float(v) / max(pairs, 1) for key, v in zip(PREFERENCE_STATS, sums)}
 
 
-def batch_log_probs(model, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed target log-probability, target tokens) of each row of a padded batch."""
+def first_difference(targets: torch.Tensor) -> torch.Tensor:
+    """The targets of pair rows (chosen, rejected, ...; right-padded, so both answers start at the same position)
+    with every token after the pair's first different one ignored in both rows."""
+    differ = targets[0::2] != targets[1::2]
+    first = torch.where(differ.any(1), differ.int().argmax(1), targets.shape[1])
+    after = torch.arange(targets.shape[1], device=targets.device)[None] > first[:, None]
+    out = targets.clone()
+    out[0::2] = out[0::2].masked_fill(after, IGNORE_INDEX)
+    out[1::2] = out[1::2].masked_fill(after, IGNORE_INDEX)
+    return out
+
+
+def batch_log_probs(model, batch: dict[str, torch.Tensor], chunk_size: int, compare: str = "whole") -> RowLogProbs:
+    """RowLogProbs of a padded batch of pair rows, from one pass through the body."""
     hidden = model.hidden_states(batch["input_ids"], batch.get("input_pos"), batch.get("mask"))
-    return row_log_probs(hidden, model, batch["targets"], chunk_size)
+    whole = row_log_probs(hidden, model, batch["targets"], chunk_size)
+    if compare == "whole":
+        return RowLogProbs(*whole, *whole)
+    return RowLogProbs(*row_log_probs(hidden, model, first_difference(batch["targets"]), chunk_size), *whole)
 
 
 @torch.no_grad()
 def pair_log_probs(model, pairs: PreferencePairs, batches: list[list[int]], pad_id: int, pad_multiple: int,
-                   chunk_size: int, to_device=lambda b: b, autocast=contextlib.nullcontext
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int, to_device=lambda b: b, autocast=contextlib.nullcontext, compare: str = "whole"
+                   ) -> RowLogProbs:
     """batch_log_probs of the rows of every pair in `batches` (chosen, rejected per pair, batch after batch), on
     the CPU."""
-    logps, counts = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
+    parts = [RowLogProbs(torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                         torch.zeros(0, dtype=torch.long))]
     for indices in batches:
         batch = to_device(make_batch(pairs.rows(indices), pad_id, False, pairs.meta["max_seq_length"], pad_multiple))
         with autocast():
-            lp, n = batch_log_probs(model, batch, chunk_size)
-        logps.append(lp.float().cpu())
-        counts.append(n.cpu())
-    return torch.cat(logps), torch.cat(counts)
+            rows = batch_log_probs(model, batch, chunk_size, compare)
+        parts.append(RowLogProbs(*(t.float().cpu() if t.is_floating_point() else t.cpu() for t in rows)))
+    return RowLogProbs(*(torch.cat(column) for column in zip(*parts)))
 
 
 # ---------------------------------------------------------------------------------------------- data

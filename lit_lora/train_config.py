@@ -73,6 +73,9 @@ class PreferenceSection:
     # the weight of the chosen answers' NLL per token added to the loss: null = the method's own (ORPO 1, DPO 0);
     # DPO with a weight > 0 is RPO (Pang et al. 2024; TRL's rpo_alpha), which keeps the chosen answers likely
     sft_weight: float | None = None
+    # which answer tokens the preference term compares: whole (the papers'), or first_difference (up to and
+    # including the pair's first different token; preference.py says why)
+    compare: str = "whole"
 
 
 @dataclass
@@ -214,7 +217,7 @@ class TrainConfig:
                 raise UserError(f"{key} must be {must}, got {value}")
 
     def _check_method(self) -> None:
-        from lit_lora.preference import METHODS
+        from lit_lora.preference import COMPARE, METHODS
 
         p = self.preference
         if self.method not in METHODS:
@@ -225,6 +228,8 @@ class TrainConfig:
             raise UserError(f"preference.label_smoothing must be in [0, 0.5), got {p.label_smoothing}")
         if p.sft_weight is not None and not (math.isfinite(p.sft_weight) and p.sft_weight >= 0):
             raise UserError(f"preference.sft_weight must be >= 0 (or null: the method's own), got {p.sft_weight}")
+        if p.compare not in COMPARE:
+            raise UserError(f"preference.compare must be one of {', '.join(COMPARE)}, got {p.compare!r}")
         if self.method == "sft":
             return
         if self.adapters:

@@ -17,8 +17,8 @@ from lit_lora.data.preference import prepare_preference
 from lit_lora.evaluate import evaluate
 from lit_lora.finetune import finetune
 from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
-from lit_lora.preference import (PreferencePairs, batch_log_probs, dpo_losses, orpo_losses, preference_terms,
-                                 reference_weights, sft_weight, snapshot as lora_snapshot)
+from lit_lora.preference import (PreferencePairs, batch_log_probs, dpo_losses, first_difference, orpo_losses,
+                                 preference_terms, reference_weights, sft_weight, snapshot as lora_snapshot)
 from lit_lora.data.batching import collate
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_config import load_config
@@ -62,17 +62,38 @@ def test_dpo_and_orpo_equal_the_papers_formulas():
         assert chosen[i].item() == pytest.approx(beta * mc[i].item())
 
 
-def reference_log_probs(model, batch) -> torch.Tensor:
-    """Summed target log-probabilities per row, the plain way: full logits, log_softmax, gather, masked sum."""
+def test_first_difference_keeps_each_pair_up_to_its_first_different_token():
+    I = IGNORE_INDEX
+    targets = torch.tensor([[I, 5, 6, 7, 2], [I, 5, 9, 7, 2],   # differ at position 2, the same after it
+                            [I, 5, 2, I, I], [I, 5, 6, 2, I],   # chosen a prefix of rejected: its end marker differs
+                            [I, I, 4, 2, I], [I, I, 8, 8, 2]])  # differ at the first answer token
+    before = targets.clone()
+    assert first_difference(targets).tolist() == [[I, 5, 6, I, I], [I, 5, 9, I, I], [I, 5, 2, I, I],
+                                                   [I, 5, 6, I, I], [I, I, 4, I, I], [I, I, 8, I, I]]
+    assert torch.equal(targets, before)  # the batch's own targets are untouched: the SFT term reads them
+
+
+def reference_log_probs(model, batch, compare: str = "whole") -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed target log-probabilities per row, their number), the plain way: full logits, log_softmax, gather,
+    masked sum; with first_difference, each pair's tokens cut after the first position, found by a loop, where its
+    targets differ."""
     logits = model(batch["input_ids"]).float()
     targets = batch["targets"]
     mask = targets != IGNORE_INDEX
+    if compare == "first_difference":
+        for i in range(0, len(targets), 2):
+            where = [t for t in range(targets.shape[1]) if targets[i, t] != targets[i + 1, t]]
+            if where:
+                mask[i:i + 2, where[0] + 1:] = False
     logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return (logp * mask).sum(1)
+    return (logp * mask).sum(1), mask.sum(1)
 
 
-@pytest.mark.parametrize("method, weight", [("dpo", None), ("dpo", 0.5), ("orpo", None), ("orpo", 0.25)])
-def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint, pairs_dir, method, weight):
+@pytest.mark.parametrize("method, weight, compare", [("dpo", None, "whole"), ("dpo", 0.5, "whole"),
+                                                     ("orpo", None, "whole"), ("orpo", 0.25, "whole"),
+                                                     ("dpo", 0.5, "first_difference"),
+                                                     ("orpo", None, "first_difference")])
+def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint, pairs_dir, method, weight, compare):
     model = load_model(tiny_checkpoint, torch.float32)
     apply_lora(model, LoRAConfig(r=4, dropout=0.0, targets=["attention", "mlp"]))
     mark_only_lora_as_trainable(model)
@@ -86,28 +107,29 @@ def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint,
     beta, eps = 0.2, 0.05
 
     with reference_weights(model, reference):
-        ref, _ = batch_log_probs(model, batch, chunk_size=3)
-    logps, counts = batch_log_probs(model, batch, chunk_size=3)  # the chunked head of training
-    losses, chosen, _, nll = preference_terms(method, logps, counts, ref, beta, eps)
-    ours = losses.mean() + sft_weight(method, weight) * nll / counts[0::2].sum()
+        ref = batch_log_probs(model, batch, chunk_size=3, compare=compare).logps
+    rows = batch_log_probs(model, batch, chunk_size=3, compare=compare)  # the chunked head of training
+    losses, chosen, _, nll = preference_terms(method, rows, ref, beta, eps)
+    ours = losses.mean() + sft_weight(method, weight) * nll / rows.whole_counts[0::2].sum()
+    assert (rows.counts < rows.whole_counts).all() == (compare == "first_difference")
     ours.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
-    n = (batch["targets"] != IGNORE_INDEX).sum(1)
     with torch.no_grad():
         base = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
                 base[name] = p.clone()
                 p.copy_(reference[name])
-        ref_plain = reference_log_probs(model, batch)
+        ref_plain = reference_log_probs(model, batch, compare)[0]
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(base[name])
-    policy = reference_log_probs(model, batch)
+    policy, n = reference_log_probs(model, batch, compare)
     pc, pr = policy[0::2], policy[1::2]
-    chosen_nll = -pc.sum() / n[0::2].sum()
+    whole, whole_n = reference_log_probs(model, batch)
+    chosen_nll = -whole[0::2].sum() / whole_n[0::2].sum()  # always over the whole chosen answers
     if method == "dpo":  # RPO with a weight: DPO plus the chosen answers' NLL per token times it
         z = beta * ((pc - ref_plain[0::2]) - (pr - ref_plain[1::2]))
         dpo = (-(1 - eps) * torch.log(torch.sigmoid(z)) - eps * torch.log(torch.sigmoid(-z))).mean()
@@ -291,6 +313,7 @@ def prepared_sft(tiny_checkpoint, tmp_path_factory) -> Path:
     (["--method=ipo"], ["method 'ipo'"]),
     (["--method=dpo", "--preference.beta=0"], ["preference.beta"]),
     (["--method=dpo", "--preference.sft_weight=-1"], ["preference.sft_weight", ">= 0"]),
+    (["--method=dpo", "--preference.compare=prefix"], ["preference.compare", "first_difference"]),
     (["--method=dpo", "--init_lora=nowhere"], ["init_lora", "nowhere"]),
 ])
 def test_wrong_data_or_settings_are_refused_before_anything_is_written(tiny_checkpoint, pairs_dir, prepared_sft,
@@ -323,7 +346,8 @@ def test_a_resume_that_changes_the_objective_is_refused(tiny_checkpoint, pairs_d
     capsys.readouterr()  # the first run's progress
     before = snapshot(tmp_path / "out")
     for changed, word in (("--preference.sft_weight=0.5", "preference.sft_weight"),
-                          ("--preference.beta=0.5", "preference.beta")):
+                          ("--preference.beta=0.5", "preference.beta"),
+                          ("--preference.compare=first_difference", "preference.compare")):
         args = tiny_args(tiny_checkpoint, pairs_dir, tmp_path / "out", *dpo, "--train.max_steps=4", changed)
         code, _, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, *args, "--resume", "auto")
         assert_error(code, err, word)
