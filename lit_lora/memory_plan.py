@@ -169,6 +169,9 @@ def training_plan(config: TrainConfig, together: int | None = None) -> tuple[Pla
         notes.append(f"no prepared data in {config.data_dir}: planned for {seq_len}-token sequences")
     solos = list(config.solo_configs().values())[:together] or [config]
     rows, lora = t.micro_batch_size * len(solos), max((s.lora for s in solos), key=lambda c: c.r * len(c.targets))
+    if config.method != "sft":  # DPO's reference pass runs first, without gradients: it keeps no activations
+        rows *= 2
+        notes.append(f"method {config.method}: planned for {rows} rows, a chosen and a rejected answer per pair")
     if len(solos) > 1:
         notes.append(f"{len(solos)} adapters train together: planned for their micro-batches as one ({rows} rows) "
                      f"and the largest adapter's LoRA tensors once (each adapter adds its own, small beside the rest)")

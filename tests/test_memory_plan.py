@@ -11,10 +11,10 @@ import torch.nn as nn
 from conftest import run_cli
 from lit_lora.checkpoint import load_config, load_model
 from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
-from lit_lora.memory_plan import block_saved_bytes, plan
+from lit_lora.memory_plan import block_saved_bytes, plan, training_plan
 from lit_lora.model import LLaMA, Config
 from lit_lora.quantize import is_nf4
-from lit_lora.train_config import TrainConfig
+from lit_lora.train_config import TrainConfig, load_config as load_train_config
 from test_integrity import TINY
 
 
@@ -92,6 +92,16 @@ def test_dry_run_prints_the_plan_of_a_preset_and_says_when_there_is_none(monkeyp
     code, out, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, "--checkpoint_dir",
                              tmp_path / "nothing", "--dry-run")
     assert code == 0 and "checkpoint_dir:" in out and "no memory plan" in out and "neither a checkpoint" in out
+
+
+def test_a_preference_plan_holds_two_rows_per_pair(tmp_path):
+    args = ["--checkpoint_dir=tinyllama-1.1b", f"--data_dir={tmp_path}", "--train.micro_batch_size=2",
+            "--train.global_batch_size=4"]
+    sft, doubled = (training_plan(load_train_config(TINY, args + extra))[0]
+                    for extra in ([], ["--train.micro_batch_size=4"]))
+    dpo, notes = training_plan(load_train_config(TINY, args + ["--method=dpo"]))
+    assert dpo.total(False) == doubled.total(False) > sft.total(False)
+    assert any("4 rows, a chosen and a rejected answer per pair" in note for note in notes)
 
 
 FRAGMENTING = """
