@@ -72,10 +72,9 @@ def target_loss_sum(hidden: torch.Tensor, model: nn.Module, targets: torch.Tenso
     return total
 
 
-def row_log_probs(hidden: torch.Tensor, model: nn.Module, targets: torch.Tensor, chunk_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each row's target tokens (B,), target tokens per row (B,)): the sequence
-    log-likelihoods preference losses compare. A packed row holds several examples, so rows must be padded ones.
+def token_log_probs(hidden: torch.Tensor, model: nn.Module, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The log-probability of each target token (B, T), 0 where there is none: summed over a row, the sequence
+    log-likelihood preference losses compare. A packed row holds several examples, so rows must be padded ones.
     The head runs a chunk of target tokens at a time, each chunk's logits recomputed in the backward pass."""
     keep = targets != IGNORE_INDEX
     h, y = hidden[keep], targets[keep]
@@ -86,8 +85,8 @@ def row_log_probs(hidden: torch.Tensor, model: nn.Module, targets: torch.Tensor,
     chunks = [checkpoint(chunk_loss, h[i : i + chunk_size], y[i : i + chunk_size], use_reentrant=False)
               for i in range(0, len(y), chunk_size)]
     token_losses = torch.cat(chunks) if chunks else h.sum(1).float() * 0  # part of the graph even when empty
-    logps = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
-    return logps.index_add(0, keep.nonzero()[:, 0], -token_losses), keep.sum(1)
+    logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    return logps.index_put(tuple(keep.nonzero().T), -token_losses)
 
 
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lit_lora.data.batching import make_batch
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.errors import UserError
-from lit_lora.loss import row_log_probs
+from lit_lora.loss import token_log_probs
 
 METHODS = ("sft", "dpo", "orpo")
 COMPARE = ("whole", "first_difference")  # preference.compare: which answer tokens the preference term compares
@@ -111,12 +111,15 @@ def first_difference(targets: torch.Tensor) -> torch.Tensor:
 
 
 def batch_log_probs(model, batch: dict[str, torch.Tensor], chunk_size: int, compare: str = "whole") -> RowLogProbs:
-    """RowLogProbs of a padded batch of pair rows, from one pass through the body."""
+    """RowLogProbs of a padded batch of pair rows, from one pass through the body and the head."""
     hidden = model.hidden_states(batch["input_ids"], batch.get("input_pos"), batch.get("mask"))
-    whole = row_log_probs(hidden, model, batch["targets"], chunk_size)
+    targets = batch["targets"]
+    tokens = token_log_probs(hidden, model, targets, chunk_size)
+    whole = (tokens.sum(1), (targets != IGNORE_INDEX).sum(1))
     if compare == "whole":
         return RowLogProbs(*whole, *whole)
-    return RowLogProbs(*row_log_probs(hidden, model, first_difference(batch["targets"]), chunk_size), *whole)
+    compared = first_difference(targets) != IGNORE_INDEX
+    return RowLogProbs((tokens * compared).sum(1), compared.sum(1), *whole)
 
 
 @torch.no_grad()
