@@ -6,6 +6,10 @@
     ORPO (Hong et al. 2024)      loss = NLL(chosen) - beta * log sigmoid(log odds(c) - log odds(r)),
                                  odds(y) = p / (1 - p) with p = exp(mean token log-prob of y); no reference
                                  rewards: beta * mean token log-prob of each answer
+    IPO  (Azar et al. 2023)      loss = (z / beta - 1 / (2 beta))^2, `preference.loss: ipo`; DPO's rewards. Its target
+                                 margin stops the push once a pair is separated: DPO's loss keeps falling as the
+                                 rejected answer's log-probability goes to minus infinity, and so takes the shared
+                                 tokens down with it (the IPO paper's overfitting argument)
     RPO  (Pang et al. 2024)      DPO + w * NLL(chosen), `preference.sft_weight` w; the NLL is per chosen token
 
 `preference.compare: first_difference` compares the two answers only up to and including their first different token
@@ -33,6 +37,7 @@ from lit_lora.errors import UserError
 from lit_lora.loss import token_log_probs
 
 METHODS = ("sft", "dpo", "orpo")
+LOSSES = ("sigmoid", "ipo")  # preference.loss, for method dpo: DPO's own, or IPO's squared distance to a target
 COMPARE = ("whole", "first_difference")  # preference.compare: which answer tokens the preference term compares
 PREFERENCE_STATS = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")  # metrics.csv columns, per pair
 # validation's too: the chosen answers' loss per token, which DPO can raise while it widens the margin
@@ -40,12 +45,15 @@ PREFERENCE_COLUMNS = (*PREFERENCE_STATS, "chosen_loss")
 
 
 def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-               ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0
+               ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, chosen reward, rejected reward) per pair, from summed answer log-probabilities (P,)."""
     chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
     z = chosen - rejected
-    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    if loss == "ipo":  # the log-ratio margin itself, z / beta, held near 1 / (2 beta) rather than pushed up forever
+        losses = ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected) - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return losses, chosen.detach(), rejected.detach()
 
 
@@ -66,15 +74,15 @@ class RowLogProbs(NamedTuple):
     whole_counts: torch.Tensor
 
 
-def preference_terms(method: str, rows: RowLogProbs, ref: torch.Tensor | None, beta: float, label_smoothing: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def preference_terms(method: str, rows: RowLogProbs, ref: torch.Tensor | None, beta: float, label_smoothing: float,
+                     loss: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen rewards, rejected rewards, the chosen answers' summed NLL over their whole answers) from
-    the rows chosen, rejected, chosen... (`ref`: the reference's compared log-probabilities, for DPO). The step's
-    loss adds the NLL per chosen token times `sft_weight`."""
+    the rows chosen, rejected, chosen... (`ref`: the reference's compared log-probabilities, and `loss` sigmoid or
+    ipo, for DPO). The step's loss adds the NLL per chosen token times `sft_weight`."""
     nll = -rows.whole[0::2].sum()
     logps = rows.logps
     if method == "dpo":
-        return (*dpo_losses(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta, label_smoothing), nll)
+        return (*dpo_losses(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta, label_smoothing, loss), nll)
     mean = logps / rows.counts.clamp(min=1)
     return (*orpo_losses(mean[0::2], mean[1::2], beta), nll)
 

@@ -76,6 +76,9 @@ class PreferenceSection:
     # which answer tokens the preference term compares: whole (the papers'), or first_difference (up to and
     # including the pair's first different token; preference.py says why)
     compare: str = "whole"
+    # DPO's loss: sigmoid (the DPO paper's), or ipo (Azar et al. 2023: the squared distance of the log-ratio margin
+    # from 1 / (2 beta), which stops pushing a pair apart once it is separated)
+    loss: str = "sigmoid"
 
 
 @dataclass
@@ -217,11 +220,12 @@ class TrainConfig:
                 raise UserError(f"{key} must be {must}, got {value}")
 
     def _check_method(self) -> None:
-        from lit_lora.preference import COMPARE, METHODS
+        from lit_lora.preference import COMPARE, LOSSES, METHODS
 
         p = self.preference
         if self.method not in METHODS:
-            raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+            raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)} "
+                            f"(IPO is method dpo with preference.loss ipo)")
         if not (math.isfinite(p.beta) and p.beta > 0):
             raise UserError(f"preference.beta must be > 0, got {p.beta}")
         if not 0 <= p.label_smoothing < 0.5:
@@ -230,6 +234,12 @@ class TrainConfig:
             raise UserError(f"preference.sft_weight must be >= 0 (or null: the method's own), got {p.sft_weight}")
         if p.compare not in COMPARE:
             raise UserError(f"preference.compare must be one of {', '.join(COMPARE)}, got {p.compare!r}")
+        if p.loss not in LOSSES:
+            raise UserError(f"preference.loss must be one of {', '.join(LOSSES)}, got {p.loss!r}")
+        if p.loss == "ipo" and self.method != "dpo":
+            raise UserError(f"preference.loss ipo is a loss for method dpo, not {self.method}; set method: dpo")
+        if p.loss == "ipo" and p.label_smoothing:
+            raise UserError("preference.label_smoothing is for the sigmoid loss; with preference.loss ipo set it to 0")
         if self.method == "sft":
             return
         if self.adapters:

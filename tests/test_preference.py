@@ -53,6 +53,13 @@ def test_dpo_and_orpo_equal_the_papers_formulas():
         sig = 1 / (1 + math.exp(-z))
         assert losses[i].item() == pytest.approx(-(1 - eps) * math.log(sig) - eps * math.log(1 - sig), abs=1e-9)
         assert chosen[i].item() == pytest.approx(beta * (pc[i] - rc[i]).item(), abs=1e-12)
+    losses, chosen, rejected = dpo_losses(pc, pr, rc, rr, beta, loss="ipo")  # the IPO paper's eq. 17, on sums
+    for i in range(6):
+        h = ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+        assert losses[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, abs=1e-9)
+        assert rejected[i].item() == pytest.approx(beta * (pr[i] - rr[i]).item(), abs=1e-12)
+    at_start, _, _ = dpo_losses(pc, pr, pc, pr, beta, loss="ipo")
+    assert torch.allclose(at_start, torch.full_like(pc, 1 / (4 * beta ** 2)))
     mc, mr = pc / 40, pr / 40  # mean token log-probs
     terms, chosen, _ = orpo_losses(mc, mr, beta)
     for i in range(6):
@@ -92,8 +99,10 @@ def reference_log_probs(model, batch, compare: str = "whole") -> tuple[torch.Ten
 @pytest.mark.parametrize("method, weight, compare", [("dpo", None, "whole"), ("dpo", 0.5, "whole"),
                                                      ("orpo", None, "whole"), ("orpo", 0.25, "whole"),
                                                      ("dpo", 0.5, "first_difference"),
-                                                     ("orpo", None, "first_difference")])
+                                                     ("orpo", None, "first_difference"),
+                                                     ("ipo", None, "whole"), ("ipo", 0.5, "first_difference")])
 def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint, pairs_dir, method, weight, compare):
+    method, loss = ("dpo", "ipo") if method == "ipo" else (method, "sigmoid")
     model = load_model(tiny_checkpoint, torch.float32)
     apply_lora(model, LoRAConfig(r=4, dropout=0.0, targets=["attention", "mlp"]))
     mark_only_lora_as_trainable(model)
@@ -104,12 +113,12 @@ def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint,
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     pairs = PreferencePairs(PreparedDataset(pairs_dir, "train"))
     batch = collate(pairs.rows([0, 3, 5]), pad_id=2)
-    beta, eps = 0.2, 0.05
+    beta, eps = 0.2, 0.05 if loss == "sigmoid" else 0.0
 
     with reference_weights(model, reference):
         ref = batch_log_probs(model, batch, chunk_size=3, compare=compare).logps
     rows = batch_log_probs(model, batch, chunk_size=3, compare=compare)  # the chunked head of training
-    losses, chosen, _, nll = preference_terms(method, rows, ref, beta, eps)
+    losses, chosen, _, nll = preference_terms(method, rows, ref, beta, eps, loss)
     ours = losses.mean() + sft_weight(method, weight) * nll / rows.whole_counts[0::2].sum()
     assert (rows.counts < rows.whole_counts).all() == (compare == "first_difference")
     ours.backward()
@@ -130,8 +139,11 @@ def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint,
     pc, pr = policy[0::2], policy[1::2]
     whole, whole_n = reference_log_probs(model, batch)
     chosen_nll = -whole[0::2].sum() / whole_n[0::2].sum()  # always over the whole chosen answers
-    if method == "dpo":  # RPO with a weight: DPO plus the chosen answers' NLL per token times it
-        z = beta * ((pc - ref_plain[0::2]) - (pr - ref_plain[1::2]))
+    h = (pc - ref_plain[0::2]) - (pr - ref_plain[1::2])
+    if loss == "ipo":  # the squared distance of the log-ratio margin from 1 / (2 beta)
+        theirs = ((h - 1 / (2 * beta)) ** 2).mean() + (weight or 0) * chosen_nll
+    elif method == "dpo":  # RPO with a weight: DPO plus the chosen answers' NLL per token times it
+        z = beta * h
         dpo = (-(1 - eps) * torch.log(torch.sigmoid(z)) - eps * torch.log(torch.sigmoid(-z))).mean()
         theirs = dpo + (weight or 0) * chosen_nll
     else:  # the paper's NLL + beta * odds-ratio term, the NLL reweighted when asked
@@ -262,6 +274,18 @@ def test_dpo_starts_at_log_2_with_zero_rewards_and_learns_the_preference(tiny_ch
     assert summary["val_loss_last"] == pytest.approx(float(last_val["loss"]))
 
 
+def test_ipo_starts_at_its_squared_target_and_moves_the_margin_towards_it(tiny_checkpoint, pairs_dir, tmp_path):
+    beta = 0.5  # target margin 1 / (2 beta) = 1 nat: the loss starts at its square
+    finetune(dpo_config(tiny_checkpoint, pairs_dir, tmp_path / "out", "--train.max_steps=8", "--preference.loss=ipo",
+                        f"--preference.beta={beta}"))
+    logged = rows(tmp_path / "out" / "metrics.csv")
+    assert float(logged[0]["loss"]) == pytest.approx(1 / (4 * beta ** 2), abs=1e-6)
+    assert float(logged[0]["margin"]) == 0
+    last_val = [r for r in logged if r["split"] == "val"][-1]
+    assert float(last_val["loss"]) < 0.5 and 0 < float(last_val["margin"])
+    assert load_config(tmp_path / "out" / "config.yaml").preference.loss == "ipo"
+
+
 def test_dpo_accumulation_and_resume_give_the_same_adapter(tiny_checkpoint, pairs_dir, tmp_path):
     finetune(dpo_config(tiny_checkpoint, pairs_dir, tmp_path / "one", "--train.max_steps=4",
                         "--train.micro_batch_size=8", "--train.global_batch_size=8"))
@@ -310,7 +334,10 @@ def prepared_sft(tiny_checkpoint, tmp_path_factory) -> Path:
     (["--method=dpo", "DATA=sft"], ["method dpo", "prepare-preference"]),
     (["--method=sft"], ["chosen/rejected pairs", "method: dpo"]),
     (["--method=dpo", "--train.packing=true"], ["packing"]),
-    (["--method=ipo"], ["method 'ipo'"]),
+    (["--method=ipo"], ["method 'ipo'", "preference.loss ipo"]),
+    (["--method=dpo", "--preference.loss=hinge"], ["preference.loss", "ipo"]),
+    (["--method=orpo", "--preference.loss=ipo"], ["preference.loss ipo", "method dpo"]),
+    (["--method=dpo", "--preference.loss=ipo", "--preference.label_smoothing=0.1"], ["label_smoothing", "ipo"]),
     (["--method=dpo", "--preference.beta=0"], ["preference.beta"]),
     (["--method=dpo", "--preference.sft_weight=-1"], ["preference.sft_weight", ">= 0"]),
     (["--method=dpo", "--preference.compare=prefix"], ["preference.compare", "first_difference"]),
@@ -347,7 +374,8 @@ def test_a_resume_that_changes_the_objective_is_refused(tiny_checkpoint, pairs_d
     before = snapshot(tmp_path / "out")
     for changed, word in (("--preference.sft_weight=0.5", "preference.sft_weight"),
                           ("--preference.beta=0.5", "preference.beta"),
-                          ("--preference.compare=first_difference", "preference.compare")):
+                          ("--preference.compare=first_difference", "preference.compare"),
+                          ("--preference.loss=ipo", "preference.loss")):
         args = tiny_args(tiny_checkpoint, pairs_dir, tmp_path / "out", *dpo, "--train.max_steps=4", changed)
         code, _, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, *args, "--resume", "auto")
         assert_error(code, err, word)
