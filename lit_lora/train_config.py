@@ -225,7 +225,7 @@ class TrainConfig:
         p = self.preference
         if self.method not in METHODS:
             raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)} "
-                            f"(IPO is method dpo with preference.loss ipo)")
+                            "(IPO is method dpo with preference.loss ipo)")
         if not (math.isfinite(p.beta) and p.beta > 0):
             raise UserError(f"preference.beta must be > 0, got {p.beta}")
         if not 0 <= p.label_smoothing < 0.5:
