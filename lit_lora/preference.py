@@ -48,13 +48,14 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_c
                ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, chosen reward, rejected reward) per pair, from summed answer log-probabilities (P,)."""
-    chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
-    z = chosen - rejected
-    if loss == "ipo":  # the log-ratio margin itself, z / beta, held near 1 / (2 beta) rather than pushed up forever
-        losses = ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected) - 1 / (2 * beta)) ** 2
+    chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected  # each answer's log-ratio
+    margin = chosen - rejected
+    if loss == "ipo":  # the log-ratio margin held near 1 / (2 beta), rather than pushed up forever
+        losses = (margin - 1 / (2 * beta)) ** 2
     else:
+        z = beta * margin
         losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-    return losses, chosen.detach(), rejected.detach()
+    return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
 def orpo_losses(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, beta: float

@@ -265,8 +265,7 @@ def method_settings(config: TrainConfig | None) -> dict[str, Any]:
     """What a resume must keep of the training objective (None: what a checkpoint from before methods trained)."""
     if config is None:
         return {"method": "sft", "init_lora": None, "preference.beta": None, "preference.label_smoothing": None,
-                "preference.sft_weight": None, "preference.compare": None,
-                "preference.loss": None}
+                "preference.sft_weight": None, "preference.compare": None, "preference.loss": None}
     p, preference = config.preference, config.method != "sft"
     return {"method": config.method, "init_lora": config.init_lora,
             "preference.beta": p.beta if preference else None,
