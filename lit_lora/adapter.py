@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import save_file
 
 from lit_lora.checkpoint import load_info
-from lit_lora.convert.peft import is_peft_adapter, load_peft_adapter, split_fused_lora
+from lit_lora.convert.peft import PEFT_WEIGHTS, is_peft_adapter, load_peft_adapter, split_fused_lora
 from lit_lora.errors import UserError
 from lit_lora.fileio import iter_safetensors, sha256_file, write_yaml
 from lit_lora.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merged_weight
@@ -93,6 +93,16 @@ def load_adapter(path: Path, verify: bool = True) -> tuple[LoRAConfig, dict[str,
     state = dict(iter_safetensors(weights, sha256=recorded, hint="; the adapter cannot be trusted: train or copy "
                                   "it again (--no-verify skips this check)"))
     return config, state, meta
+
+
+def adapter_sha256(path: Path) -> str | None:
+    """The sha256 of the weights file `load_adapter` reads from `path` (ours or PEFT's; None if there is none): a run
+    that starts from an adapter records it, so that a resume from another adapter under the same path is refused."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    peft = not (directory / ADAPTER_CONFIG).is_file() and is_peft_adapter(directory)
+    weights = path if path.is_file() else directory / (PEFT_WEIGHTS if peft else ADAPTER_WEIGHTS)
+    return sha256_file(weights) if weights.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -37,7 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lit_lora.adapter import ADAPTER_WEIGHTS, load_checked_adapter
+from lit_lora.adapter import ADAPTER_WEIGHTS, adapter_sha256, load_checked_adapter
 from lit_lora.checkpoint import check_checkpoint_dir, load_config, load_model, stored_shapes
 from lit_lora.data.batching import concat_batches, epoch_order, make_batch, step_micro_batches
 from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset, check_tokenizer
@@ -281,6 +281,7 @@ class Run:
     no_val_noted: bool = False  # the data has no validation split and the user was told so
     reference: dict[str, torch.Tensor] | None = None  # method dpo: the trainable tensors the run started from
     pair_means: dict[str, float] = field(default_factory=dict)  # method dpo/orpo: the last step's PREFERENCE_STATS
+    init_lora_sha256: str | None = None  # recorded in every checkpoint (Plan.init_lora_sha256)
 
     @property
     def active(self) -> bool:
@@ -288,7 +289,7 @@ class Run:
 
     def save(self, directory: Path) -> None:
         save(self.fabric, directory, self.model, self.optimizer, self.progress, self.config, self.train_data.meta,
-             self.max_steps, self.name, self.rng)
+             self.max_steps, self.name, self.rng, self.init_lora_sha256)
 
 
 def low_memory_note(config: TrainConfig, done: bool) -> str:
@@ -310,6 +311,7 @@ class Plan:
     max_steps: int
     point: ResumePoint | None
     warnings: list[str]
+    init_lora_sha256: str | None  # init_lora's weights when the run was planned (before they seeded the model)
 
 
 def plan_runs(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> dict[str | None, Plan]:
@@ -350,11 +352,12 @@ def plan_run(config: TrainConfig, fabric: L.Fabric, resume: str | None, world_si
     check_inputs(config, train_data, world_size)
     max_steps = total_steps(config, len(train_data))
     point, warnings = find_resume(resume, Path(config.out_dir))  # every check here comes before any write
+    init_sha = adapter_sha256(Path(config.init_lora)) if config.init_lora is not None else None
     if point is not None:
-        check_resume_settings(point, config, train_data.meta)
+        check_resume_settings(point, config, train_data.meta, init_sha)
     if run_is_complete(fabric, Path(config.out_dir), resume, point, max_steps):
         return None
-    return Plan(config, train_data, val_data, max_steps, point, warnings)
+    return Plan(config, train_data, val_data, max_steps, point, warnings, init_sha)
 
 
 def setup(config: TrainConfig, fabric: L.Fabric, resume: str | None) -> list[Run]:
@@ -420,7 +423,7 @@ def start_run(fabric: L.Fabric, plan: Plan, name: str | None, model, optimizer, 
                          extra=PREFERENCE_COLUMNS if plan.config.method != "sft" else ())
     return Run(plan.config, fabric, model, optimizer, plan.train_data, plan.val_data, tokenizer, progress,
                plan.max_steps, metrics, recorded_prompt(plan.train_data.meta), name, rng,
-               start_step=progress.step, start_tokens=progress.tokens)
+               start_step=progress.step, start_tokens=progress.tokens, init_lora_sha256=plan.init_lora_sha256)
 
 
 def schedule_note(point: ResumePoint, config: TrainConfig, max_steps: int) -> str | None:

@@ -105,7 +105,8 @@ def _rng_states(fabric: L.Fabric, rng: AdapterRNG | None, adapter: str | None) -
 
 
 def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress, config: TrainConfig,
-         data_meta: dict[str, Any], max_steps: int, adapter: str | None = None, rng: AdapterRNG | None = None) -> None:
+         data_meta: dict[str, Any], max_steps: int, adapter: str | None = None, rng: AdapterRNG | None = None,
+         init_lora_sha256: str | None = None) -> None:
     """step-XXXXXX/ or final/: the adapter and everything --resume needs. Rank 0 writes.
 
     `data_meta` is the training data's meta.json: the adapter records its format, the training state its identity.
@@ -125,7 +126,7 @@ def save(fabric: L.Fabric, directory: Path, model, optimizer, progress: Progress
                     "progress": vars(progress), "optimizer": optim, "rng": rng_states, "world_size": fabric.world_size,
                     "global_batch_size": config.train.global_batch_size, "seed": config.seed,
                     "lora_plus_ratio": config.train.lora_plus_ratio, "max_steps": max_steps,
-                    **method_settings(config),
+                    **method_settings(config), "init_lora_sha256": init_lora_sha256,
                     "data": data_identity(data_meta),
                     "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS)})
         except Exception as e:
@@ -275,9 +276,10 @@ def method_settings(config: TrainConfig | None) -> dict[str, Any]:
             "preference.loss": p.loss if preference and p.loss != "sigmoid" else None}  # null: sigmoid, as before
 
 
-def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: dict[str, Any]) -> None:
+def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: dict[str, Any],
+                          init_lora_sha256: str | None = None) -> None:
     """A UserError naming every setting that differs from the checkpoint's and that a resume must keep, the
-    training data (`data_meta`, its meta.json) among them."""
+    training data (`data_meta`, its meta.json) and init_lora's weights (`init_lora_sha256`) among them."""
     changed = [f"{key} {point.state.get(k)} -> {new}" for key, k, new in (
         ("train.global_batch_size", "global_batch_size", config.train.global_batch_size),
         ("seed", "seed", config.seed),
@@ -294,6 +296,10 @@ def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: di
     base = load_info(Path(config.checkpoint_dir)).get("content_hash")
     if saved_base and base and saved_base != base:
         changed.append(f"checkpoint_dir {config.checkpoint_dir} is another base model than the one it was trained on")
+    saved_init = point.state.get("init_lora_sha256")  # none saved by older versions
+    if saved_init and init_lora_sha256 and saved_init != init_lora_sha256:
+        changed.append(f"init_lora {config.init_lora} now holds another adapter than the run started from, "
+                       f"weights sha256 {saved_init[:12]} -> {init_lora_sha256[:12]}")
     saved_data, data = point.state.get("data"), data_identity(data_meta)  # none saved by older versions
     if saved_data is not None and saved_data != data:
         keys = [k for k in {**saved_data, **data} if saved_data.get(k) != data.get(k)]

@@ -318,6 +318,24 @@ def test_dpo_from_an_sft_adapter_uses_it_as_the_reference(tiny_checkpoint, pairs
     assert summary["val_loss_last"] < summary["val_loss_first"]
 
 
+def test_a_resume_whose_init_lora_changed_is_refused(tiny_checkpoint, pairs_dir, prepared_sft, tmp_path, monkeypatch,
+                                                     capsys):
+    sft = tmp_path / "sft"
+    finetune(load_config(TINY, tiny_args(tiny_checkpoint, prepared_sft, sft, "--train.max_steps=2", "--lora.r=4")))
+    dpo = tiny_args(tiny_checkpoint, pairs_dir, tmp_path / "dpo", "--method=dpo", f"--init_lora={sft / 'final'}",
+                    "--train.save_interval=2")
+    finetune(load_config(TINY, [*dpo, "--train.max_steps=2"]))
+    # The same path, another adapter: the reference and the starting point would not be the run's.
+    finetune(load_config(TINY, tiny_args(tiny_checkpoint, prepared_sft, sft, "--train.max_steps=3", "--lora.r=4")),
+             resume="auto")
+    capsys.readouterr()  # the runs' progress
+    before = snapshot(tmp_path / "dpo")
+    code, _, err = run_cli(monkeypatch, capsys, "finetune-lora", "--config", TINY, *dpo, "--train.max_steps=4",
+                           "--resume", "auto")
+    assert_error(code, err, "init_lora", "another adapter than the run started from")
+    assert snapshot(tmp_path / "dpo") == before
+
+
 @pytest.fixture(scope="module")
 def prepared_sft(tiny_checkpoint, tmp_path_factory) -> Path:
     from lit_lora.data.prepare import prepare
