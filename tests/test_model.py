@@ -10,7 +10,7 @@ from lit_lora.checkpoint import load_model
 from lit_lora.fileio import iter_safetensors
 from lit_lora.errors import UserError
 from lit_lora.convert.hf import config_from_hf, config_to_hf
-from lit_lora.model import LLaMA, Config
+from lit_lora.model import ACTIVATIONS, LLaMA, Config, gated
 from lit_lora.presets import PRESETS
 
 
@@ -56,6 +56,38 @@ def test_kv_cache_decode_matches_full_forward(n_kv_heads):
         model(idx)
     model.set_kv_cache(0)
     assert model.cache_len == 0 and model.layers[0].self_attn.kv_cache is None
+
+
+def saved_bytes(fn, *inputs) -> int:
+    """Bytes autograd keeps for the backward pass of fn(*inputs) (each storage once, the inputs' own counted)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs).sum().backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_gated_product_keeps_two_tensors_and_the_same_gradients(activation):
+    act = ACTIVATIONS[activation]
+    g = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(3, 5, 32, generator=g) for _ in range(3))
+    ours = [t.clone().requires_grad_() for t in (gate, up)]
+    plain = [t.clone().requires_grad_() for t in (gate, up)]
+    y = gated(act, *ours)
+    y.backward(grad)
+    expected = act(plain[0]) * plain[1]
+    expected.backward(grad)
+    assert torch.equal(y, expected)
+    for a, b in zip(ours, plain):  # the same kernels in the same order: bit for bit
+        assert torch.equal(a.grad, b.grad)
+    one = gate.numel() * gate.element_size()
+    assert saved_bytes(lambda a, b: gated(act, a, b), *ours) == 2 * one  # gate and up; autograd keeps act(gate) too
+    assert saved_bytes(lambda a, b: act(a) * b, *plain) == 3 * one
 
 
 def test_batch_rows_are_independent():
