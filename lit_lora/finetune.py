@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import lightning_fabric as L
 import torch
-from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -132,7 +132,7 @@ def make_fabric(config: TrainConfig) -> L.Fabric:
     loggers = []
     with contextlib.suppress(ImportError, ModuleNotFoundError):
         import tensorboard  # noqa: F401  (Fabric's logger needs it)
-        from lightning.fabric.loggers import TensorBoardLogger
+        from lightning_fabric.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(root_dir=Path(config.out_dir) / "tensorboard", name="", version=""))
     return L.Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,

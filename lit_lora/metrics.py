@@ -9,7 +9,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import lightning_fabric as L
 
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_write_bytes

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 
 from lit_lora.errors import UserError
 from lit_lora.fileio import atomic_file, atomic_write_bytes, write_json, write_yaml

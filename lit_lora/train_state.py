@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import lightning_fabric as L
 import torch
 import yaml
-from lightning.fabric.strategies import ModelParallelStrategy
+from lightning_fabric.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lit_lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_adapter_files
