@@ -204,6 +204,7 @@ def main() -> None:
         n = parameters(size)
         checkpointing = n >= CHECKPOINTING_FROM
         steps = args.steps if checkpointing else 4 * args.steps  # a small model's step is short: time more of them
+        lora = None  # this size's LoRA result, for QLoRA's speed against it
         for method, quantize in [(m, "nf4" if m == "QLoRA" else "none") for m in args.methods]:
             plan_gb = planned(size, precision, quantize, checkpointing)
             fits = plan_gb * 1024**3 < 0.9 * machine_bytes()
@@ -219,6 +220,10 @@ def main() -> None:
             if isinstance(mine, dict) and isinstance(theirs, dict):
                 ratio = (f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
                          f"{mine['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}x")
+            if quantize == "none":
+                lora = mine
+            elif isinstance(mine, dict) and isinstance(lora, dict):
+                ratio += f"{'; ' if ratio else ''}{mine['tokens_per_s'] / lora['tokens_per_s']:.2f}x LoRA's speed"
             print(f"{size:16s} {n / 1e9:6.2f}B {'yes' if checkpointing else 'no':4s} {method:14s} "
                   f"{plan_gb:8.2f} GiB {cell(mine):>26s} {cell(theirs):>26s}  {ratio}", flush=True)
 

@@ -132,7 +132,7 @@ def run_hf(hf_dir: str, precision: str, batch: int, seq_len: int, warmup: int, s
 
 
 def timed_process(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one command, which must succeed."""
+    """(wall seconds, peak RSS in GiB) of one command, which must succeed."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -171,9 +171,9 @@ def compare_adapters(args) -> None:
     print(f"{args.adapters} adapters r=8 on attention+mlp, {args.steps} steps of {args.batch} examples each, "
           f"precision {precision}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"SmolLM2-135M on the extract task")
-    print(f"  together, one run:        {together[0]:7.1f} s   peak RSS {together[1]:.2f} GB")
-    print(f"  apart, one after another: {wall_apart:7.1f} s   peak RSS {max(r for _, r in apart):.2f} GB each, "
-          f"{rss_apart:.2f} GB for {args.adapters} run at once")
+    print(f"  together, one run:        {together[0]:7.1f} s   peak RSS {together[1]:.2f} GiB")
+    print(f"  apart, one after another: {wall_apart:7.1f} s   peak RSS {max(r for _, r in apart):.2f} GiB each, "
+          f"{rss_apart:.2f} GiB for {args.adapters} run at once")
     print(f"  together / apart: {together[0] / wall_apart:.2f}x wall time, "
           f"{together[1] / rss_apart:.2f}x the peak RSS of {args.adapters} processes at once; "
           f"largest difference between their adapters {diff:.1e}")
@@ -238,7 +238,7 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = r = json.loads(done.stdout.strip().splitlines()[-1])
         share = r["tokens_per_s"] / roofs[precision]
-        print(f"{name:28s} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_gb']:.2f} GB   "
+        print(f"{name:28s} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_gb']:.2f} GiB  "
               f"{share:.0%} of the roof", flush=True)
     print(f"micro-batch {args.batch} x {args.seq_len}, LoRA r={R} on q,v, {args.steps} timed steps; "
           f"ratios to the peer in the same precision:")
