@@ -40,7 +40,8 @@ def test_help_imports_neither_torch_nor_the_command():
         f"for name in {COMMANDS!r}:\n"
         "    sys.argv = [name, '--help']\n"
         "    try:\n        command_main()\n    except SystemExit as e:\n        assert not e.code, name\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'lightning_fabric', 'numpy', 'safetensors')"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'lightning', 'lightning_fabric', 'numpy', 'safetensors')"
         " or m in ('lit_lora.model', 'lit_lora.generate', 'lit_lora.finetune', 'lit_lora.data.prepare'))\n"
         "print(heavy)\n"
     )
