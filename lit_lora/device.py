@@ -120,8 +120,8 @@ def unmap_freed_memory() -> bool:
     """Have glibc map every allocation of 128 KiB or more on its own and unmap it when freed; False where the C
     library is not glibc. By default glibc raises that threshold each time it unmaps a big block (up to 32 MiB),
     then serves tensors from its heap, whose freed holes stay resident and fragment: SmolLM2 at 4 x 256 peaked
-    at 3.17 GiB of RSS that way and 2.11 with the threshold fixed, the forward's saved tensors plus the model
-    (the memory plan), at about 30% slower steps here (every new tensor's pages fault in afresh)."""
+    at 2.43 GiB of RSS that way and 1.81 with the threshold fixed, the forward's saved tensors plus the model
+    (the memory plan), at 13% slower steps (every new tensor's pages fault in afresh; 30% on another machine)."""
     try:
         libc = ctypes.CDLL(None)
         return sys.platform.startswith("linux") and libc.mallopt(M_MMAP_THRESHOLD, UNMAP_FROM) == 1

@@ -137,8 +137,8 @@ def dry_run_plan(config: TrainConfig) -> str:
         return notes[0]
     if not config.wants_low_memory():
         notes.append("train.low_memory is off: glibc may keep freed memory resident beyond this plan (SmolLM2 at "
-                     "4 x 256 peaked at 3.17 GiB, 2.11 with it on); train.low_memory true for a peak near the plan, at "
-                     "slower steps")
+                     "4 x 256 peaked at 2.43 GiB, 1.81 with it on); train.low_memory true for a peak near the plan, at "
+                     "slower steps (13% there)")
     return "\n".join([result.format(), *(f"note: {n}" for n in notes)])
 
 
