@@ -74,11 +74,10 @@ def load_adapter(path: Path, verify: bool = True) -> tuple[LoRAConfig, dict[str,
     adapter_config.yaml (adapters written before that was recorded are not checked).
     """
     path = Path(path)
-    directory = path if path.is_dir() else path.parent
-    weights = path if path.is_file() else directory / ADAPTER_WEIGHTS
+    directory, weights, peft = adapter_files(path)
     if not path.exists():
         raise UserError(f"adapter {path} does not exist")
-    if not (directory / ADAPTER_CONFIG).is_file() and is_peft_adapter(directory):
+    if peft:
         return load_peft_adapter(directory)  # an adapter trained elsewhere with Hugging Face PEFT
     if not (directory / ADAPTER_CONFIG).is_file() or not weights.is_file():
         raise UserError(f"{path} is not a LoRA adapter: expected {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
@@ -95,13 +94,19 @@ def load_adapter(path: Path, verify: bool = True) -> tuple[LoRAConfig, dict[str,
     return config, state, meta
 
 
-def adapter_sha256(path: Path) -> str | None:
-    """The sha256 of the weights file `load_adapter` reads from `path` (ours or PEFT's; None if there is none): a run
-    that starts from an adapter records it, so that a resume from another adapter under the same path is refused."""
+def adapter_files(path: Path) -> tuple[Path, Path, bool]:
+    """(directory, weights file, whether it is a PEFT adapter) of an adapter dir or its file, as load_adapter reads
+    them: a directory without our adapter_config.yaml but with PEFT's adapter_config.json is PEFT's."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     peft = not (directory / ADAPTER_CONFIG).is_file() and is_peft_adapter(directory)
-    weights = path if path.is_file() else directory / (PEFT_WEIGHTS if peft else ADAPTER_WEIGHTS)
+    return directory, path if path.is_file() else directory / (PEFT_WEIGHTS if peft else ADAPTER_WEIGHTS), peft
+
+
+def adapter_sha256(path: Path) -> str | None:
+    """The sha256 of the weights file `load_adapter` reads from `path` (ours or PEFT's; None if there is none): a run
+    that starts from an adapter records it, so that a resume from another adapter under the same path is refused."""
+    weights = adapter_files(path)[1]
     return sha256_file(weights) if weights.is_file() else None
 
 
