@@ -230,7 +230,7 @@ def validation_preference(fabric: L.Fabric, model, val_data: PreferencePairs, co
         with reference_weights(model.module, reference):
             ref = log_probs(mine).logps
             log_probs(extra)
-    losses, chosen, rejected, nll = preference_terms(config.method, rows, ref, p.beta, p.label_smoothing, p.loss)
+    losses, chosen, rejected, nll = preference_terms(config.method, rows, ref, p)
     chosen_tokens = rows.whole_counts[0::2].sum().float()
     sums = torch.cat([torch.stack([losses.sum(), nll, chosen_tokens, torch.tensor(float(len(losses)))]),
                       pair_stats(chosen, rejected)])
@@ -546,7 +546,7 @@ def micro_objective(runs: list[Run], batch: dict[str, torch.Tensor], parts: list
         with reference_weights(model.module, run.reference):
             ref = batch_log_probs(model, batch, t.loss_chunk_size, p.compare).logps
     rows = batch_log_probs(model, batch, t.loss_chunk_size, p.compare)
-    losses, chosen, rejected, nll = preference_terms(run.config.method, rows, ref, p.beta, p.label_smoothing, p.loss)
+    losses, chosen, rejected, nll = preference_terms(run.config.method, rows, ref, p)
     share = losses.sum() / t.global_batch_size
     weight = sft_weight(run.config.method, p.sft_weight)
     if weight:

@@ -11,6 +11,11 @@
                                  rejected answer's log-probability goes to minus infinity, and so takes the shared
                                  tokens down with it (the IPO paper's overfitting argument)
     RPO  (Pang et al. 2024)      DPO + w * NLL(chosen), `preference.sft_weight` w; the NLL is per chosen token
+    DPOP (Pal et al. 2024)       DPO's loss with z - beta * lambda * max(0, log ref(c) - log pi(c)), `preference.loss:
+                                 dpop`, `preference.dpop_lambda` lambda; DPO's rewards. When the two answers differ
+                                 in a token or two, DPO can widen the margin while both answers grow less likely
+                                 (DPO-Positive's argument); the penalty is paid once the chosen answer falls below
+                                 the reference, and costs nothing above it
 
 `preference.compare: first_difference` compares the two answers only up to and including their first different token
 (as Step-DPO compares only the first wrong step): after it, the rejected answer's tokens are predicted from a prefix
@@ -25,7 +30,7 @@ the same; a batch of pairs is collated as those rows in that order, so both answ
 from __future__ import annotations
 
 import contextlib
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,8 +41,12 @@ from lit_lora.data.dataset import IGNORE_INDEX, PreparedDataset
 from lit_lora.errors import UserError
 from lit_lora.loss import token_log_probs
 
+if TYPE_CHECKING:
+    from lit_lora.train_config import PreferenceSection
+
 METHODS = ("sft", "dpo", "orpo")
-LOSSES = ("sigmoid", "ipo")  # preference.loss, for method dpo: DPO's own, or IPO's squared distance to a target
+# preference.loss, for method dpo: DPO's own, IPO's squared distance to a target, or DPO with DPO-Positive's penalty
+LOSSES = ("sigmoid", "ipo", "dpop")
 COMPARE = ("whole", "first_difference")  # preference.compare: which answer tokens the preference term compares
 PREFERENCE_STATS = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")  # metrics.csv columns, per pair
 # validation's too: the chosen answers' loss per token, which DPO can raise while it widens the margin
@@ -45,15 +54,15 @@ PREFERENCE_COLUMNS = (*PREFERENCE_STATS, "chosen_loss")
 
 
 def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-               ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid",
+               dpop_lambda: float = 50.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, chosen reward, rejected reward) per pair, from summed answer log-probabilities (P,)."""
     chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected  # each answer's log-ratio
     margin = chosen - rejected
     if loss == "ipo":  # the log-ratio margin held near 1 / (2 beta), rather than pushed up forever
         losses = (margin - 1 / (2 * beta)) ** 2
     else:
-        z = beta * margin
+        z = beta * (margin - dpop_lambda * (-chosen).clamp(min=0) if loss == "dpop" else margin)
         losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
@@ -75,17 +84,18 @@ class RowLogProbs(NamedTuple):
     whole_counts: torch.Tensor
 
 
-def preference_terms(method: str, rows: RowLogProbs, ref: torch.Tensor | None, beta: float, label_smoothing: float,
-                     loss: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def preference_terms(method: str, rows: RowLogProbs, ref: torch.Tensor | None, p: PreferenceSection
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen rewards, rejected rewards, the chosen answers' summed NLL over their whole answers) from
-    the rows chosen, rejected, chosen... (`ref`: the reference's compared log-probabilities, and `loss` sigmoid or
-    ipo, for DPO). The step's loss adds the NLL per chosen token times `sft_weight`."""
+    the rows chosen, rejected, chosen... (`ref`: the reference's compared log-probabilities, for DPO; `p` the
+    config's preference section). The step's loss adds the NLL per chosen token times `sft_weight`."""
     nll = -rows.whole[0::2].sum()
     logps = rows.logps
     if method == "dpo":
-        return (*dpo_losses(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta, label_smoothing, loss), nll)
+        return (*dpo_losses(logps[0::2], logps[1::2], ref[0::2], ref[1::2], p.beta, p.label_smoothing, p.loss,
+                            p.dpop_lambda), nll)
     mean = logps / rows.counts.clamp(min=1)
-    return (*orpo_losses(mean[0::2], mean[1::2], beta), nll)
+    return (*orpo_losses(mean[0::2], mean[1::2], p.beta), nll)
 
 
 def sft_weight(method: str, weight: float | None) -> float:

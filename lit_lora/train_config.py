@@ -76,9 +76,11 @@ class PreferenceSection:
     # which answer tokens the preference term compares: whole (the papers'), or first_difference (up to and
     # including the pair's first different token; preference.py says why)
     compare: str = "whole"
-    # DPO's loss: sigmoid (the DPO paper's), or ipo (Azar et al. 2023: the squared distance of the log-ratio margin
-    # from 1 / (2 beta), which stops pushing a pair apart once it is separated)
+    # DPO's loss: sigmoid (the DPO paper's), ipo (Azar et al. 2023: the squared distance of the log-ratio margin
+    # from 1 / (2 beta), which stops pushing a pair apart once it is separated), or dpop (DPO-Positive, Pal et al.
+    # 2024: DPO with a penalty once the chosen answer grows less likely than under the reference)
     loss: str = "sigmoid"
+    dpop_lambda: float = 50.0  # preference.loss dpop: the penalty per nat the chosen answer falls (the paper's 50)
 
 
 @dataclass
@@ -236,8 +238,10 @@ class TrainConfig:
             raise UserError(f"preference.compare must be one of {', '.join(COMPARE)}, got {p.compare!r}")
         if p.loss not in LOSSES:
             raise UserError(f"preference.loss must be one of {', '.join(LOSSES)}, got {p.loss!r}")
-        if p.loss == "ipo" and self.method != "dpo":
-            raise UserError(f"preference.loss ipo is a loss for method dpo, not {self.method}; set method: dpo")
+        if p.loss != "sigmoid" and self.method != "dpo":
+            raise UserError(f"preference.loss {p.loss} is a loss for method dpo, not {self.method}; set method: dpo")
+        if not (math.isfinite(p.dpop_lambda) and p.dpop_lambda >= 0):
+            raise UserError(f"preference.dpop_lambda must be >= 0, got {p.dpop_lambda}")
         if p.loss == "ipo" and p.label_smoothing:
             raise UserError("preference.label_smoothing is for the sigmoid loss; with preference.loss ipo set it to 0")
         if self.method == "sft":

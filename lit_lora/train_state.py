@@ -266,14 +266,16 @@ def method_settings(config: TrainConfig | None) -> dict[str, Any]:
     """What a resume must keep of the training objective (None: what a checkpoint from before methods trained)."""
     if config is None:
         return {"method": "sft", "init_lora": None, "preference.beta": None, "preference.label_smoothing": None,
-                "preference.sft_weight": None, "preference.compare": None, "preference.loss": None}
+                "preference.sft_weight": None, "preference.compare": None, "preference.loss": None,
+                "preference.dpop_lambda": None}
     p, preference = config.preference, config.method != "sft"
     return {"method": config.method, "init_lora": config.init_lora,
             "preference.beta": p.beta if preference else None,
             "preference.label_smoothing": p.label_smoothing if preference else None,
             "preference.sft_weight": p.sft_weight if preference else None,  # as set: null before the field existed
             "preference.compare": p.compare if preference and p.compare != "whole" else None,  # null: whole, as before
-            "preference.loss": p.loss if preference and p.loss != "sigmoid" else None}  # null: sigmoid, as before
+            "preference.loss": p.loss if preference and p.loss != "sigmoid" else None,  # null: sigmoid, as before
+            "preference.dpop_lambda": p.dpop_lambda if preference and p.loss == "dpop" else None}
 
 
 def check_resume_settings(point: ResumePoint, config: TrainConfig, data_meta: dict[str, Any],

@@ -21,7 +21,7 @@ from lit_lora.preference import (PreferencePairs, batch_log_probs, dpo_losses, f
                                  preference_terms, reference_weights, sft_weight, snapshot as lora_snapshot)
 from lit_lora.data.batching import collate
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.train_config import load_config
+from lit_lora.train_config import PreferenceSection, load_config
 from test_finetune import TINY, assert_same_adapter, tiny_args
 from test_integrity import assert_error, assert_not_written
 
@@ -60,6 +60,14 @@ def test_dpo_and_orpo_equal_the_papers_formulas():
         assert rejected[i].item() == pytest.approx(beta * (pr[i] - rr[i]).item(), abs=1e-12)
     at_start, _, _ = dpo_losses(pc, pr, pc, pr, beta, loss="ipo")
     assert torch.allclose(at_start, torch.full_like(pc, 1 / (4 * beta ** 2)))
+    pc = torch.cat([rc[:3] + 0.7, rc[3:] - 0.7])  # three chosen answers above the reference, three below it
+    losses, chosen, _ = dpo_losses(pc, pr, rc, rr, beta, eps, loss="dpop", dpop_lambda=20.0)  # DPOP's eq. 3
+    for i in range(6):
+        z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i]) - 20.0 * max(0.0, (rc[i] - pc[i]).item())).item()
+        sig = 1 / (1 + math.exp(-z))
+        assert losses[i].item() == pytest.approx(-(1 - eps) * math.log(sig) - eps * math.log(1 - sig), abs=1e-9)
+        assert chosen[i].item() == pytest.approx(beta * (pc[i] - rc[i]).item(), abs=1e-12)
+    assert torch.equal(losses[:3], dpo_losses(pc, pr, rc, rr, beta, eps)[0][:3])  # no penalty above the reference
     mc, mr = pc / 40, pr / 40  # mean token log-probs
     terms, chosen, _ = orpo_losses(mc, mr, beta)
     for i in range(6):
@@ -100,9 +108,10 @@ def reference_log_probs(model, batch, compare: str = "whole") -> tuple[torch.Ten
                                                      ("orpo", None, "whole"), ("orpo", 0.25, "whole"),
                                                      ("dpo", 0.5, "first_difference"),
                                                      ("orpo", None, "first_difference"),
-                                                     ("ipo", None, "whole"), ("ipo", 0.5, "first_difference")])
+                                                     ("ipo", None, "whole"), ("ipo", 0.5, "first_difference"),
+                                                     ("dpop", None, "whole"), ("dpop", 0.5, "first_difference")])
 def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint, pairs_dir, method, weight, compare):
-    method, loss = ("dpo", "ipo") if method == "ipo" else (method, "sigmoid")
+    method, loss = ("dpo", method) if method in ("ipo", "dpop") else (method, "sigmoid")
     model = load_model(tiny_checkpoint, torch.float32)
     apply_lora(model, LoRAConfig(r=4, dropout=0.0, targets=["attention", "mlp"]))
     mark_only_lora_as_trainable(model)
@@ -113,12 +122,13 @@ def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint,
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     pairs = PreferencePairs(PreparedDataset(pairs_dir, "train"))
     batch = collate(pairs.rows([0, 3, 5]), pad_id=2)
-    beta, eps = 0.2, 0.05 if loss == "sigmoid" else 0.0
+    beta, eps = 0.2, 0.0 if loss == "ipo" else 0.05
+    p = PreferenceSection(beta=beta, label_smoothing=eps, loss=loss, dpop_lambda=5.0)
 
     with reference_weights(model, reference):
         ref = batch_log_probs(model, batch, chunk_size=3, compare=compare).logps
     rows = batch_log_probs(model, batch, chunk_size=3, compare=compare)  # the chunked head of training
-    losses, chosen, _, nll = preference_terms(method, rows, ref, beta, eps, loss)
+    losses, chosen, _, nll = preference_terms(method, rows, ref, p)
     ours = losses.mean() + sft_weight(method, weight) * nll / rows.whole_counts[0::2].sum()
     assert (rows.counts < rows.whole_counts).all() == (compare == "first_difference")
     ours.backward()
@@ -143,7 +153,8 @@ def test_loss_and_gradients_equal_an_independent_implementation(tiny_checkpoint,
     if loss == "ipo":  # the squared distance of the log-ratio margin from 1 / (2 beta)
         theirs = ((h - 1 / (2 * beta)) ** 2).mean() + (weight or 0) * chosen_nll
     elif method == "dpo":  # RPO with a weight: DPO plus the chosen answers' NLL per token times it
-        z = beta * h
+        below = torch.relu(ref_plain[0::2] - pc)  # DPOP: how far each chosen answer fell below the reference
+        z = beta * (h - 5.0 * below if loss == "dpop" else h)
         dpo = (-(1 - eps) * torch.log(torch.sigmoid(z)) - eps * torch.log(torch.sigmoid(-z))).mean()
         theirs = dpo + (weight or 0) * chosen_nll
     else:  # the paper's NLL + beta * odds-ratio term, the NLL reweighted when asked
@@ -355,6 +366,8 @@ def prepared_sft(tiny_checkpoint, tmp_path_factory) -> Path:
     (["--method=ipo"], ["method 'ipo'", "preference.loss ipo"]),
     (["--method=dpo", "--preference.loss=hinge"], ["preference.loss", "ipo"]),
     (["--method=orpo", "--preference.loss=ipo"], ["preference.loss ipo", "method dpo"]),
+    (["--method=orpo", "--preference.loss=dpop"], ["preference.loss dpop", "method dpo"]),
+    (["--method=dpo", "--preference.loss=dpop", "--preference.dpop_lambda=-1"], ["preference.dpop_lambda", ">= 0"]),
     (["--method=dpo", "--preference.loss=ipo", "--preference.label_smoothing=0.1"], ["label_smoothing", "ipo"]),
     (["--method=dpo", "--preference.beta=0"], ["preference.beta"]),
     (["--method=dpo", "--preference.sft_weight=-1"], ["preference.sft_weight", ">= 0"]),
